@@ -1,0 +1,136 @@
+"""Read an ML Program's ops and the weight-file blobs each op stores, straight from the proto.
+
+Byte counts come from the blob headers in ``weight.bin`` so "stored bytes" means exactly
+what the saved package holds (64-byte header + data padded to 64 bytes per blob).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BLOB_HEADER_BYTES = 64
+BLOB_ALIGNMENT = 64
+BLOB_SENTINEL = 0xDEADBEEF
+
+
+def blob_storage_bytes(data_bytes: int) -> int:
+    """Bytes one blob takes in ``weight.bin``: metadata header plus data padded to 64 bytes."""
+    padded = -(-data_bytes // BLOB_ALIGNMENT) * BLOB_ALIGNMENT
+    return BLOB_HEADER_BYTES + padded
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One tensor stored in the weight file."""
+
+    role: str  # input or attribute name, e.g. "indices", "lut", "val"
+    offset: int
+    data_bytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def storage_bytes(self) -> int:
+        return blob_storage_bytes(self.data_bytes)
+
+
+@dataclass
+class Op:
+    """One MIL operation with its named inputs and the blobs it holds inline."""
+
+    type: str
+    name: str
+    output_shape: tuple[int, ...]
+    output_dtype: str
+    inputs: dict[str, list[str]] = field(default_factory=dict)  # input -> producer var names
+    blobs: list[Blob] = field(default_factory=list)
+
+
+@dataclass
+class Program:
+    """The main function of an ML Program, indexed by output variable name."""
+
+    opset: str
+    ops: list[Op]
+    producers: dict[str, Op]
+    consumers: dict[str, list[tuple[Op, str]]]
+
+    def chain(self, var: str) -> list[Op]:
+        """All blob-holding ops feeding ``var`` (the weight's const and constexpr chain)."""
+        seen: list[Op] = []
+        stack = [var]
+        while stack:
+            op = self.producers.get(stack.pop())
+            if op is None or op in seen:
+                continue
+            if op.type != "const" and not op.type.startswith("constexpr_"):
+                continue
+            seen.append(op)
+            for names in op.inputs.values():
+                stack.extend(names)
+        return seen
+
+
+def _dtype_name(value_type) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(value_type.tensorType.dataType)
+
+
+def _shape(value_type) -> tuple[int, ...]:
+    return tuple(int(d.constant.size) for d in value_type.tensorType.dimensions)
+
+
+def _read_blob_size(weight_file: bytes, offset: int) -> int:
+    sentinel, _dtype, size, _data_offset = struct.unpack_from("<IIQQ", weight_file, offset)
+    if sentinel != BLOB_SENTINEL:
+        raise ValueError(f"no blob header at offset {offset}")
+    return int(size)
+
+
+def _blob(role: str, value, weight_file: bytes) -> Blob | None:
+    if not value.HasField("blobFileValue"):
+        return None
+    offset = int(value.blobFileValue.offset)
+    return Blob(role, offset, _read_blob_size(weight_file, offset), _shape(value.type), _dtype_name(value.type))
+
+
+def read_program(spec, weight_file: bytes) -> Program:
+    """Index the ``main`` function of ``spec`` (a Model proto) against the raw weight file bytes."""
+    function = spec.mlProgram.functions["main"]
+    opset = function.opset
+    block = function.block_specializations[opset]
+    ops: list[Op] = []
+    producers: dict[str, Op] = {}
+    consumers: dict[str, list[tuple[Op, str]]] = {}
+    for proto_op in block.operations:
+        out = proto_op.outputs[0] if proto_op.outputs else None
+        op = Op(
+            type=proto_op.type,
+            name=out.name if out is not None else "",
+            output_shape=_shape(out.type) if out is not None and out.type.HasField("tensorType") else (),
+            output_dtype=_dtype_name(out.type) if out is not None and out.type.HasField("tensorType") else "",
+        )
+        for input_name, binding in proto_op.inputs.items():
+            for argument in binding.arguments:
+                if argument.name:
+                    op.inputs.setdefault(input_name, []).append(argument.name)
+                    consumers.setdefault(argument.name, []).append((op, input_name))
+                elif argument.HasField("value"):
+                    blob = _blob(input_name, argument.value, weight_file)
+                    if blob is not None:
+                        op.blobs.append(blob)
+        for attr_name, value in proto_op.attributes.items():
+            blob = _blob(attr_name, value, weight_file)
+            if blob is not None:
+                op.blobs.append(blob)
+        ops.append(op)
+        for output in proto_op.outputs:
+            producers[output.name] = op
+    return Program(opset, ops, producers, consumers)
+
+
+def weight_file_path(package: Path) -> Path:
+    """Path of the single weight file of an ``.mlpackage``."""
+    return Path(package) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"

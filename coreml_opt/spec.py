@@ -1,0 +1,504 @@
+"""Compression specs: one validated, immutable value per compression choice for one weight.
+
+A spec knows its short string form (``int4/block32``, ``pal3/g16``, ``prune2:4+pal4``), the
+minimum deployment target it needs under coremltools 9, the coremltools op config that emits
+it, and the exact bytes Core ML stores for a weight of a given shape (see :mod:`coreml_opt.bytes`).
+
+New spec kinds extend this the way torchao configs do: subclass :class:`Spec`, decorate it with
+:func:`register_spec`, give it ``parse``/``__str__``/``coreml_config``; nothing else changes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+from .errors import SpecError
+
+QUANT_DTYPES = ("int8", "uint8", "int4", "uint4")
+PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
+PALETTE_MODES = ("kmeans", "uniform", "unique")
+
+_SPEC_TYPES: list[type["Spec"]] = []
+SPEC_HELP = (
+    "use e.g. none, int8, uint8/asym, int8/tensor, int4/block32, pal4, pal3/g16, pal4/uniform, pal6/pcs, "
+    "pal2/vec2, unique, prune50, prune75/block4, prune2:4, thresh0.001, prune50+pal4, prune2:4+int8, "
+    "pal4+lut8"
+)
+
+
+def register_spec(cls: type["Spec"]) -> type["Spec"]:
+    """Class decorator: make a spec kind known to :func:`parse_spec`."""
+    _SPEC_TYPES.append(cls)
+    return cls
+
+
+def spec_types() -> tuple[type["Spec"], ...]:
+    """All registered spec kinds."""
+    return tuple(_SPEC_TYPES)
+
+
+class Spec:
+    """Base of every compression spec (frozen dataclasses)."""
+
+    technique: ClassVar[str] = ""  # "quantize" | "palettize" | "prune" | "none" | "joint" | "lut"
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        """Parse the short form, or return None if ``text`` is not this kind."""
+        raise NotImplementedError
+
+    @property
+    def min_target(self) -> int:
+        """Minimum deployment target as an iOS major version (16, 17, 18)."""
+        raise NotImplementedError
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        """The ``coremltools.optimize.coreml`` op config that emits this spec (None = keep fp16)."""
+        raise NotImplementedError
+
+    @property
+    def parts(self) -> tuple["Spec", ...]:
+        """The single-technique steps, in the order coremltools applies them."""
+        return (self,)
+
+    @property
+    def is_none(self) -> bool:
+        return False
+
+    def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        """Why this spec cannot compress a weight of ``shape`` consumed by ``op_type``, or None."""
+        return None
+
+
+def _options(text: str, prefix_pattern: str) -> tuple[re.Match[str], list[str]] | None:
+    head, *options = text.split("/")
+    match = re.fullmatch(prefix_pattern, head)
+    return (match, options) if match else None
+
+
+def channel_axis(op_type: str) -> int:
+    """Output-channel axis coremltools uses for a weight consumed by ``op_type``."""
+    return 1 if op_type == "conv_transpose" else 0
+
+
+def input_axis(op_type: str) -> int:
+    """Input-channel axis (the axis blocks run along)."""
+    return 0 if op_type == "conv_transpose" else 1
+
+
+@register_spec
+@dataclass(frozen=True)
+class NoneSpec(Spec):
+    """Leave the weight in fp16."""
+
+    technique: ClassVar[str] = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        return cls() if text in ("none", "fp16", "skip") else None
+
+    def __str__(self) -> str:
+        return "none"
+
+    @property
+    def min_target(self) -> int:
+        return 16
+
+    @property
+    def is_none(self) -> bool:
+        return True
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        return None
+
+
+@register_spec
+@dataclass(frozen=True)
+class QuantSpec(Spec):
+    """Linear weight quantization (``OpLinearQuantizerConfig``)."""
+
+    dtype: str = "int8"
+    mode: str = "linear_symmetric"  # or "linear" (asymmetric, stores a zero point)
+    granularity: str = "per_channel"  # per_tensor | per_channel | per_block
+    block_size: int | None = None
+    technique: ClassVar[str] = "quantize"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in QUANT_DTYPES:
+            raise SpecError(f"dtype {self.dtype!r}", "is not a quantization dtype", f"use one of {QUANT_DTYPES}")
+        if self.mode not in ("linear_symmetric", "linear"):
+            raise SpecError(f"mode {self.mode!r}", "is not a quantization mode", "use linear_symmetric or linear")
+        if self.granularity not in ("per_tensor", "per_channel", "per_block"):
+            raise SpecError(f"granularity {self.granularity!r}", "is unknown", "use per_tensor, per_channel or per_block")
+        if (self.granularity == "per_block") != (self.block_size is not None):
+            raise SpecError(str(self.block_size), "block_size goes with per_block granularity only", "write e.g. int4/block32")
+        if self.block_size is not None and self.block_size < 1:
+            raise SpecError(f"block{self.block_size}", "block size must be positive", "use e.g. block32")
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        found = _options(text, r"(u?int)(8|4)")
+        if not found:
+            return None
+        match, options = found
+        kwargs: dict[str, Any] = {"dtype": match.group(0)}
+        for option in options:
+            if option == "asym":
+                kwargs["mode"] = "linear"
+            elif option == "tensor":
+                kwargs["granularity"] = "per_tensor"
+            elif option == "channel":
+                kwargs["granularity"] = "per_channel"
+            elif m := re.fullmatch(r"block(\d+)", option):
+                kwargs.update(granularity="per_block", block_size=int(m.group(1)))
+            else:
+                raise SpecError(f"spec {text!r}", f"unknown quantization option {option!r}", "use /asym, /tensor, /channel or /blockN")
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        out = self.dtype
+        if self.granularity == "per_tensor":
+            out += "/tensor"
+        elif self.granularity == "per_block":
+            out += f"/block{self.block_size}"
+        if self.mode == "linear":
+            out += "/asym"
+        return out
+
+    @property
+    def nbits(self) -> int:
+        return 8 if self.dtype.endswith("8") else 4
+
+    @property
+    def min_target(self) -> int:
+        return 18 if self.nbits == 4 or self.granularity == "per_block" else 16
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+        kwargs: dict[str, Any] = dict(mode=self.mode, dtype=self.dtype, granularity=self.granularity,
+                                      weight_threshold=weight_threshold)
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
+        return OpLinearQuantizerConfig(**kwargs)
+
+    def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        if self.granularity == "per_block":
+            axis = input_axis(op_type)
+            if len(shape) <= axis or shape[axis] % self.block_size:
+                dim = shape[axis] if len(shape) > axis else None
+                return f"block size {self.block_size} does not divide input-channel dim {dim}"
+        return None
+
+
+@register_spec
+@dataclass(frozen=True)
+class PalettizeSpec(Spec):
+    """Weight palettization to a look-up table (``OpPalettizerConfig``)."""
+
+    nbits: int | None = 4
+    mode: str = "kmeans"
+    granularity: str = "per_tensor"  # or per_grouped_channel
+    group_size: int | None = None
+    per_channel_scale: bool = False
+    cluster_dim: int = 1
+    technique: ClassVar[str] = "palettize"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PALETTE_MODES:
+            raise SpecError(f"mode {self.mode!r}", "is not a palettization mode", f"use one of {PALETTE_MODES}")
+        if self.mode == "unique":
+            if self.nbits is not None:
+                raise SpecError("unique", "unique mode infers nbits from the weight", "write plain 'unique'")
+        elif self.nbits not in PALETTE_NBITS:
+            raise SpecError(f"pal{self.nbits}", "unsupported palette size", f"use nbits in {PALETTE_NBITS}")
+        if (self.granularity == "per_grouped_channel") != (self.group_size is not None):
+            raise SpecError(str(self.group_size), "group_size goes with per_grouped_channel only", "write e.g. pal4/g16")
+        if self.group_size is not None and self.group_size < 1:
+            raise SpecError(f"g{self.group_size}", "group size must be positive", "use e.g. g16")
+        if self.cluster_dim < 1:
+            raise SpecError(f"vec{self.cluster_dim}", "cluster_dim must be positive", "use e.g. vec2")
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        found = _options(text, r"pal(\d+)|unique")
+        if not found:
+            return None
+        match, options = found
+        kwargs: dict[str, Any] = {"nbits": int(match.group(1))} if match.group(1) else {"nbits": None, "mode": "unique"}
+        for option in options:
+            if option in ("uniform", "kmeans"):
+                kwargs["mode"] = option
+            elif option == "pcs":
+                kwargs["per_channel_scale"] = True
+            elif option == "tensor":
+                kwargs["granularity"] = "per_tensor"
+            elif m := re.fullmatch(r"g(\d+)", option):
+                kwargs.update(granularity="per_grouped_channel", group_size=int(m.group(1)))
+            elif m := re.fullmatch(r"vec(\d+)", option):
+                kwargs["cluster_dim"] = int(m.group(1))
+            else:
+                raise SpecError(f"spec {text!r}", f"unknown palettization option {option!r}",
+                                "use /gN, /uniform, /pcs or /vecN")
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        out = "unique" if self.mode == "unique" else f"pal{self.nbits}"
+        if self.group_size is not None:
+            out += f"/g{self.group_size}"
+        if self.mode == "uniform":
+            out += "/uniform"
+        if self.per_channel_scale:
+            out += "/pcs"
+        if self.cluster_dim > 1:
+            out += f"/vec{self.cluster_dim}"
+        return out
+
+    @property
+    def min_target(self) -> int:
+        if (self.granularity == "per_grouped_channel" or self.nbits == 3 or self.cluster_dim > 1
+                or self.per_channel_scale):
+            return 18
+        return 16
+
+    def coreml_config(self, weight_threshold: int = 2048, lut_function: Callable | None = None) -> Any:
+        from coremltools.optimize.coreml import OpPalettizerConfig
+
+        kwargs: dict[str, Any] = dict(mode=self.mode, granularity=self.granularity,
+                                      enable_per_channel_scale=self.per_channel_scale,
+                                      cluster_dim=self.cluster_dim, weight_threshold=weight_threshold)
+        if lut_function is not None:
+            kwargs.update(mode="custom", lut_function=lut_function)
+        elif self.nbits is not None:
+            kwargs["nbits"] = self.nbits
+        if self.group_size is not None:
+            kwargs["group_size"] = self.group_size
+        return OpPalettizerConfig(**kwargs)
+
+    def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        axis = channel_axis(op_type)
+        channels = shape[axis] if len(shape) > axis else 1
+        if self.group_size is not None and channels % self.group_size:
+            return f"group size {self.group_size} does not divide output-channel dim {channels}"
+        if self.cluster_dim > 1 and channels % self.cluster_dim:
+            return f"cluster_dim {self.cluster_dim} does not divide output-channel dim {channels}"
+        if self.cluster_dim > 1 and self.group_size is not None and self.group_size % self.cluster_dim:
+            return f"cluster_dim {self.cluster_dim} does not divide group size {self.group_size}"
+        return None
+
+
+@register_spec
+@dataclass(frozen=True)
+class PruneSpec(Spec):
+    """Magnitude pruning to a target sparsity, in blocks, or n:m (``OpMagnitudePrunerConfig``)."""
+
+    target_sparsity: float | None = 0.5
+    n_m: tuple[int, int] | None = None
+    block_size: int | None = None
+    technique: ClassVar[str] = "prune"
+
+    def __post_init__(self) -> None:
+        if (self.target_sparsity is None) == (self.n_m is None):
+            raise SpecError("prune", "give exactly one of a target sparsity and an n:m ratio", "write prune50 or prune2:4")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:
+            raise SpecError(f"prune{self.target_sparsity * 100:g}", "sparsity must be 0..100 %", "use e.g. prune50")
+        if self.n_m is not None and not 0 < self.n_m[0] <= self.n_m[1]:
+            raise SpecError(f"prune{self.n_m[0]}:{self.n_m[1]}", "n must be in 1..m", "use e.g. prune2:4")
+        if self.n_m is not None and self.block_size is not None:
+            raise SpecError(str(self), "block size and n:m cannot be combined", "drop one of them")
+        if self.block_size is not None and self.block_size < 2:
+            raise SpecError(f"block{self.block_size}", "pruning block size must be at least 2", "use e.g. block4")
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        found = _options(text, r"prune(?:(\d+(?:\.\d+)?)|(\d+):(\d+))")
+        if not found:
+            return None
+        match, options = found
+        kwargs: dict[str, Any] = {}
+        if match.group(1) is not None:
+            kwargs["target_sparsity"] = float(match.group(1)) / 100.0
+        else:
+            kwargs.update(target_sparsity=None, n_m=(int(match.group(2)), int(match.group(3))))
+        for option in options:
+            if m := re.fullmatch(r"block(\d+)", option):
+                kwargs["block_size"] = int(m.group(1))
+            else:
+                raise SpecError(f"spec {text!r}", f"unknown pruning option {option!r}", "use /blockN")
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        if self.n_m is not None:
+            return f"prune{self.n_m[0]}:{self.n_m[1]}"
+        out = f"prune{self.target_sparsity * 100:g}"
+        return out + (f"/block{self.block_size}" if self.block_size else "")
+
+    @property
+    def sparsity(self) -> float:
+        return self.target_sparsity if self.n_m is None else self.n_m[0] / self.n_m[1]
+
+    @property
+    def min_target(self) -> int:
+        return 16
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        from coremltools.optimize.coreml import OpMagnitudePrunerConfig
+
+        if self.n_m is not None:
+            return OpMagnitudePrunerConfig(n_m_ratio=self.n_m, weight_threshold=weight_threshold)
+        return OpMagnitudePrunerConfig(target_sparsity=self.target_sparsity, block_size=self.block_size,
+                                       weight_threshold=weight_threshold)
+
+    def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        if (self.block_size or self.n_m) and op_type not in ("conv", "linear"):
+            return f"block and n:m pruning apply to conv and linear weights only, not {op_type}"
+        if self.n_m is not None and len(shape) > 1 and shape[1] < self.n_m[1]:
+            return f"n:m with m={self.n_m[1]} needs an input dim of at least {self.n_m[1]}, got {shape[1]}"
+        if self.block_size is not None and len(shape) > 1 and shape[1] % self.block_size:
+            return f"pruning block size {self.block_size} does not divide input dim {shape[1]}"
+        return None
+
+
+@register_spec
+@dataclass(frozen=True)
+class ThresholdPruneSpec(Spec):
+    """Zero every weight with |w| below a threshold (``OpThresholdPrunerConfig``)."""
+
+    threshold: float = 1e-3
+    minimum_sparsity_percentile: float = 0.5
+    technique: ClassVar[str] = "prune"
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise SpecError(f"thresh{self.threshold:g}", "threshold must be non-negative", "use e.g. thresh0.001")
+        if not 0.0 <= self.minimum_sparsity_percentile <= 1.0:
+            raise SpecError(f"min{self.minimum_sparsity_percentile * 100:g}", "must be 0..100 %", "use e.g. /min50")
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        found = _options(text, r"thresh(\d+(?:\.\d*)?(?:e-?\d+)?)")
+        if not found:
+            return None
+        match, options = found
+        kwargs: dict[str, Any] = {"threshold": float(match.group(1))}
+        for option in options:
+            if m := re.fullmatch(r"min(\d+(?:\.\d+)?)", option):
+                kwargs["minimum_sparsity_percentile"] = float(m.group(1)) / 100.0
+            else:
+                raise SpecError(f"spec {text!r}", f"unknown threshold-pruning option {option!r}", "use /minN")
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        out = f"thresh{self.threshold:g}"
+        return out if self.minimum_sparsity_percentile == 0.5 else out + f"/min{self.minimum_sparsity_percentile * 100:g}"
+
+    @property
+    def min_target(self) -> int:
+        return 16
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        from coremltools.optimize.coreml import OpThresholdPrunerConfig
+
+        return OpThresholdPrunerConfig(threshold=self.threshold,
+                                       minimum_sparsity_percentile=self.minimum_sparsity_percentile,
+                                       weight_threshold=weight_threshold)
+
+
+@register_spec
+@dataclass(frozen=True)
+class LutQuantSpec(Spec):
+    """Quantize a palettization LUT to 8 bits (joint only: ``pal4+lut8``), per tensor."""
+
+    dtype: str = "int8"
+    technique: ClassVar[str] = "lut"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("int8", "uint8"):
+            raise SpecError(f"lut dtype {self.dtype!r}", "LUTs quantize to 8 bits only", "use lut8 or lutu8")
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec | None":
+        return {"lut8": cls("int8"), "lutu8": cls("uint8")}.get(text)
+
+    def __str__(self) -> str:
+        return "lut8" if self.dtype == "int8" else "lutu8"
+
+    @property
+    def min_target(self) -> int:
+        return 18
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+        # The LUT is tiny, so it must never fall under the weight threshold.
+        return OpLinearQuantizerConfig(mode="linear_symmetric", dtype=self.dtype, granularity="per_tensor",
+                                       weight_threshold=0)
+
+
+_JOINT_ORDER = {"prune": 0, "palettize": 1, "quantize": 1, "lut": 2}
+_JOINT_FORMS = {("prune", "palettize"), ("prune", "quantize"), ("palettize", "lut"), ("prune", "palettize", "lut")}
+
+
+@dataclass(frozen=True)
+class JointSpec(Spec):
+    """Joint compression: coremltools passes chained with ``joint_compression=True`` (iOS18)."""
+
+    steps: tuple[Spec, ...] = field(default_factory=tuple)
+    technique: ClassVar[str] = "joint"
+
+    def __post_init__(self) -> None:
+        kinds = tuple(step.technique for step in self.steps)
+        if kinds not in _JOINT_FORMS:
+            raise SpecError(f"spec {str(self)!r}", "is not a joint form coremltools supports",
+                            "use prune+palN, prune+intN, palN+lut8 or prune+palN+lut8")
+        for step in self.steps:
+            if isinstance(step, PalettizeSpec) and step.per_channel_scale:
+                raise SpecError(f"spec {str(self)!r}", "per-channel scale cannot be combined in joint compression",
+                                "drop /pcs")
+
+    def __str__(self) -> str:
+        return "+".join(str(step) for step in self.steps)
+
+    @property
+    def parts(self) -> tuple[Spec, ...]:
+        return self.steps
+
+    @property
+    def min_target(self) -> int:
+        return 18
+
+    def coreml_config(self, weight_threshold: int = 2048) -> Any:
+        raise SpecError(str(self), "joint specs are a sequence of passes, not one config", "use parts")
+
+    def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        for step in self.steps:
+            if problem := step.shape_problem(shape, op_type):
+                return problem
+        return None
+
+
+def parse_spec(text: str | Spec) -> Spec:
+    """Parse a short spec string (``int4/block32``, ``prune2:4+pal4``) into a validated spec."""
+    if isinstance(text, Spec):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"spec {text!r}", "is empty or not a string", SPEC_HELP)
+    cleaned = text.strip().lower()
+    pieces = cleaned.split("+")
+    steps = [_parse_one(piece, text) for piece in pieces]
+    if len(steps) == 1:
+        if isinstance(steps[0], LutQuantSpec):
+            raise SpecError(f"spec {text!r}", "lut8 only quantizes a palette", "write it after a palette, e.g. pal4+lut8")
+        return steps[0]
+    if any(step.is_none for step in steps):
+        raise SpecError(f"spec {text!r}", "'none' cannot be combined", "write none alone")
+    return JointSpec(tuple(steps))
+
+
+def _parse_one(piece: str, whole: str) -> Spec:
+    for spec_type in _SPEC_TYPES:
+        spec = spec_type.parse(piece)
+        if spec is not None:
+            return spec
+    raise SpecError(f"spec {whole!r}", f"{piece!r} is not a known compression", SPEC_HELP)
