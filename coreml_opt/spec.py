@@ -453,6 +453,9 @@ class JointSpec(Spec):
             raise SpecError(f"spec {str(self)!r}", "is not a joint form coremltools supports",
                             "use prune+palN, prune+intN, palN+lut8 or prune+palN+lut8")
         for step in self.steps:
+            if isinstance(step, PalettizeSpec) and step.cluster_dim > 1 and kinds[0] == "prune":
+                raise SpecError(f"spec {str(self)!r}", "coremltools 9 fails to palettize a pruned weight with vectors "
+                                "(IndexError in constexpr_lut_to_sparse)", "drop /vecN or the pruning step")
             if isinstance(step, PalettizeSpec) and step.per_channel_scale:
                 raise SpecError(f"spec {str(self)!r}", "per-channel scale cannot be combined in joint compression",
                                 "drop /pcs")

@@ -40,7 +40,8 @@ class Op:
     """One MIL operation with its named inputs and the blobs it holds inline."""
 
     type: str
-    name: str
+    name: str  # the op's own name (what OptimizationConfig.op_name_configs matches)
+    output: str  # its first output variable (what other ops read)
     output_shape: tuple[int, ...]
     output_dtype: str
     inputs: dict[str, list[str]] = field(default_factory=dict)  # input -> producer var names
@@ -106,9 +107,14 @@ def read_program(spec, weight_file: bytes) -> Program:
     consumers: dict[str, list[tuple[Op, str]]] = {}
     for proto_op in block.operations:
         out = proto_op.outputs[0] if proto_op.outputs else None
+        op_name = ""
+        if "name" in proto_op.attributes:
+            names = proto_op.attributes["name"].immediateValue.tensor.strings.values
+            op_name = names[0] if names else ""
         op = Op(
             type=proto_op.type,
-            name=out.name if out is not None else "",
+            name=op_name or (out.name if out is not None else ""),
+            output=out.name if out is not None else "",
             output_shape=_shape(out.type) if out is not None and out.type.HasField("tensorType") else (),
             output_dtype=_dtype_name(out.type) if out is not None and out.type.HasField("tensorType") else "",
         )

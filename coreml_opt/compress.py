@@ -1,0 +1,98 @@
+"""Data-free compression: apply a plan to an ``.mlpackage`` with coremltools' post-training passes."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import PlanError
+from .model.inventory import Inventory
+from .model.package import atomic_output, load_package
+from .plan import Plan
+from .spec import Spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightResult:
+    """Before/after bytes of one weight, next to the plan's prediction."""
+
+    name: str
+    torch_name: str | None
+    spec: str
+    bytes_before: int
+    bytes_after: int
+    bytes_predicted: int
+    compression: str
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress`` did, measured from the saved package."""
+
+    output: Path
+    weights: list[WeightResult]
+    inventory_after: Inventory
+    passes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(w.bytes_before for w in self.weights)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(w.bytes_after for w in self.weights)
+
+    @property
+    def bytes_predicted(self) -> int:
+        return sum(w.bytes_predicted for w in self.weights)
+
+
+def _fast_lut_function(spec: Spec) -> Callable:
+    from .simulate import fast_lut_function
+
+    return fast_lut_function(spec)
+
+
+def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) -> CompressionReport:
+    """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed."""
+    loaded = load_package(model)
+    before = loaded.inventory
+    resolved = plan.resolve(before)
+    predicted = plan.predicted_bytes(before)
+    passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None)
+    if Path(output).resolve() == Path(model).resolve():
+        raise PlanError(str(output), "is the input model", "write the compressed model to a new path")
+    mlmodel = loaded.mlmodel
+    for compression_pass in passes:
+        logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
+        mlmodel = compression_pass.apply(mlmodel)
+    with atomic_output(output) as tmp:
+        mlmodel.save(str(tmp))
+        after = load_package(tmp, load_weights=False).inventory
+        _check_applied(resolved, after)
+    after_by_name = after.by_name()
+    rows = [
+        WeightResult(w.name, w.torch_name, str(resolved[w.name]), w.bytes, after_by_name[w.name].bytes,
+                     predicted[w.name], after_by_name[w.name].compression)
+        for w in before.weights
+    ]
+    return CompressionReport(Path(output), rows, after, [p.function for p in passes])
+
+
+def _check_applied(resolved: dict[str, Spec], after: Inventory) -> None:
+    """coremltools skips weights with only a log warning; refuse to ship such a package."""
+    after_by_name = after.by_name()
+    for name, spec in resolved.items():
+        weight = after_by_name.get(name)
+        if weight is None:
+            raise PlanError(f"weight {name!r}", "disappeared from the compressed model", "report this as a bug")
+        if not spec.is_none and weight.compression == "fp16":
+            raise PlanError(f"weight {name!r} (spec {spec})", "was skipped by coremltools",
+                            "choose another spec for this layer or skip it in the plan")
+        if spec.is_none and weight.compression != "fp16":
+            raise PlanError(f"weight {name!r}", f"was compressed ({weight.compression}) though the plan skips it",
+                            "report this as a bug")

@@ -1,0 +1,337 @@
+"""Plans: a global spec, op-type overrides, per-layer overrides and skips, plus a deployment target.
+
+A plan is the one file users edit and commit. ``resolve`` turns it into one spec per weight of a
+concrete model and refuses invalid plans before any work (unknown layer names with suggestions,
+specs the target cannot run, block or group sizes that do not divide a weight); ``to_coreml``
+turns it into the ``OptimizationConfig`` passes coremltools runs.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import PlanError, SpecError
+from .model.inventory import Inventory, WeightInfo
+from .spec import JointSpec, NoneSpec, Spec, parse_spec
+from .storage import predicted_bytes
+from .targets import target_rank
+
+DEFAULT_WEIGHT_THRESHOLD = 2048
+# Pass order for chained (joint or mixed) compression, and the coremltools function of each.
+PASS_ORDER = (("prune", "prune_weights"), ("palettize", "palettize_weights"), ("quantize", "linear_quantize_weights"))
+_PASS_OF_TECHNIQUE = {"prune": "prune", "palettize": "palettize", "quantize": "quantize", "lut": "quantize"}
+_PLAN_KEYS = {"target", "weight_threshold", "global", "op_types", "layers", "skip", "kmeans"}
+
+
+@dataclass(frozen=True)
+class CoreMLPass:
+    """One coremltools compression pass: function name, its config, and whether it chains."""
+
+    function: str  # "prune_weights" | "palettize_weights" | "linear_quantize_weights"
+    config: Any  # coremltools.optimize.coreml.OptimizationConfig
+    joint_compression: bool = False
+
+    def apply(self, mlmodel):
+        """Run this pass on ``mlmodel`` and return the compressed model."""
+        import coremltools.optimize.coreml as cto
+
+        return getattr(cto, self.function)(mlmodel, self.config, joint_compression=self.joint_compression)
+
+
+@dataclass
+class Plan:
+    """Compression choices for a model; ``None`` global means compress only what is named."""
+
+    global_spec: Spec | None = None
+    op_types: dict[str, Spec] = field(default_factory=dict)
+    layers: dict[str, Spec] = field(default_factory=dict)  # NoneSpec = explicit skip
+    target: str | None = None  # None: the model's own deployment target
+    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
+    kmeans: str = "exact"  # "fast": emit palettes from the simulation engine's fast k-means
+
+    def __post_init__(self) -> None:
+        if self.target is not None:
+            target_rank(self.target)
+        if not isinstance(self.weight_threshold, int) or self.weight_threshold < 0:
+            raise PlanError(f"weight_threshold {self.weight_threshold!r}", "must be a non-negative integer",
+                            "use e.g. 2048 (coremltools' default)")
+        if self.kmeans not in ("exact", "fast"):
+            raise PlanError(f"kmeans {self.kmeans!r}", "is not a k-means mode", "use exact or fast")
+
+    # ---- construction and YAML -------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: str | Spec, target: str | None = None, **kwargs: Any) -> "Plan":
+        """A plan that applies one spec to every weight above the threshold."""
+        return cls(global_spec=parse_spec(spec), target=target, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
+        """Build a plan from its YAML mapping (see ``to_dict``)."""
+        if not isinstance(data, dict):
+            raise PlanError(source, "is not a mapping of plan fields", "start from `coreml-opt plan --example`")
+        unknown = set(data) - _PLAN_KEYS
+        if unknown:
+            raise PlanError(source, f"has unknown field(s) {sorted(unknown)}", f"use only {sorted(_PLAN_KEYS)}")
+
+        def specs(section: str) -> dict[str, Spec]:
+            entries = data.get(section) or {}
+            if not isinstance(entries, dict):
+                raise PlanError(f"{source}: {section}", "must be a mapping of name: spec", "e.g. `conv: pal4`")
+            return {str(k): _parse_in(v, f"{source}: {section}.{k}") for k, v in entries.items()}
+
+        layers = specs("layers")
+        skip = data.get("skip") or []
+        if not isinstance(skip, list):
+            raise PlanError(f"{source}: skip", "must be a list of layer names", "e.g. `skip: [classifier.2]`")
+        layers.update({str(name): NoneSpec() for name in skip})
+        glob = data.get("global")
+        return cls(global_spec=_parse_in(glob, f"{source}: global") if glob not in (None, "") else None,
+                   op_types=specs("op_types"), layers=layers, target=data.get("target"),
+                   weight_threshold=data.get("weight_threshold", DEFAULT_WEIGHT_THRESHOLD),
+                   kmeans=data.get("kmeans", "exact"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read a plan YAML file, with one-line errors for missing or malformed files."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(str(path), "does not exist", "check the path of the plan file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise PlanError(str(path), f"is not valid YAML{where}", "fix the syntax") from None
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML mapping; ``Plan.from_dict(plan.to_dict()) == plan``."""
+        out: dict[str, Any] = {}
+        if self.target is not None:
+            out["target"] = self.target
+        if self.weight_threshold != DEFAULT_WEIGHT_THRESHOLD:
+            out["weight_threshold"] = self.weight_threshold
+        if self.kmeans != "exact":
+            out["kmeans"] = self.kmeans
+        out["global"] = str(self.global_spec) if self.global_spec is not None else None
+        if self.op_types:
+            out["op_types"] = {k: str(v) for k, v in self.op_types.items()}
+        layers = {k: str(v) for k, v in self.layers.items() if not v.is_none}
+        if layers:
+            out["layers"] = layers
+        skip = [k for k, v in self.layers.items() if v.is_none]
+        if skip:
+            out["skip"] = skip
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan YAML atomically."""
+        from .model.package import atomic_output
+
+        with atomic_output(path) as tmp:
+            tmp.write_text(self.to_yaml())
+        return Path(path)
+
+    # ---- resolution against a model -----------------------------------------------------------
+    def effective_target(self, inventory: Inventory) -> int:
+        return target_rank(self.target) if self.target is not None else inventory.deployment_target
+
+    def resolve(self, inventory: Inventory) -> dict[str, Spec]:
+        """One spec per weight (by Core ML const name); raises PlanError for any invalid choice."""
+        index = _name_index(inventory)
+        named: dict[str, tuple[str, Spec]] = {}
+        for key, spec in self.layers.items():
+            weight = index.get(key)
+            if weight is None:
+                raise PlanError(f"layer {key!r}", "matches no weight in the model",
+                                f"did you mean {_suggest(key, index)}? (`coreml-opt inspect MODEL` lists names)")
+            if weight in named and named[weight][1] != spec:
+                raise PlanError(f"layer {key!r}", f"names the same weight as {named[weight][0]!r} with another spec",
+                                "keep one entry per weight")
+            named[weight] = (key, spec)
+        target = self.effective_target(inventory)
+        resolved: dict[str, Spec] = {}
+        for w in inventory.weights:
+            if w.name in named:
+                key, spec = named[w.name]
+            else:
+                key, spec = self._default_for(w)
+            self._check(w, key, spec, target, inventory)
+            resolved[w.name] = spec
+        return resolved
+
+    def _default_for(self, w: WeightInfo) -> tuple[str, Spec]:
+        specs = {(t, self.op_types[t]) for t, _ in w.consumers if t in self.op_types}
+        if len({s for _, s in specs}) > 1:
+            raise PlanError(f"weight {w.name!r}", f"is shared by ops with different specs {sorted(map(str, dict(specs).values()))}",
+                            "name the weight under `layers:` to give it one spec (tied weights need one config)")
+        if specs:
+            op_type, spec = next(iter(specs))
+            return f"op_types.{op_type}", spec
+        if self.global_spec is not None and w.params > self.weight_threshold:
+            return "global", self.global_spec
+        return "default", NoneSpec()
+
+    def _check(self, w: WeightInfo, key: str, spec: Spec, target: int, inventory: Inventory) -> None:
+        if spec.is_none:
+            return
+        where = f"{key} ({w.name}, shape {list(w.shape)})"
+        if spec.min_target > target:
+            raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the target is iOS{target}",
+                            f"set `target: iOS{spec.min_target}` or pick a spec that runs on iOS{target} (e.g. int8, pal4)")
+        if spec.min_target > inventory.deployment_target:
+            raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the model was converted for "
+                            f"iOS{inventory.deployment_target}",
+                            f"reconvert with `coreml-opt convert --target iOS{spec.min_target}`")
+        if w.compression != "fp16":
+            raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
+        problem = spec.shape_problem(w.shape, w.op_type)
+        if problem:
+            raise PlanError(where, f"spec {spec}: {problem} (coremltools would silently skip it)",
+                            f"override this layer under `layers:` with a size that divides, or skip it")
+
+    def predicted_bytes(self, inventory: Inventory) -> dict[str, int]:
+        """Bytes each weight will take in the saved package under this plan."""
+        resolved = self.resolve(inventory)
+        ios18 = inventory.deployment_target >= 18
+        return {w.name: predicted_bytes(resolved[w.name], w.shape, w.op_type, ios18_ops=ios18) for w in inventory.weights}
+
+    # ---- coremltools configs ------------------------------------------------------------------
+    def single_technique(self) -> str | None:
+        """The one technique every spec of this plan uses, or None when mixed or joint."""
+        kinds = {s.technique for s in self._all_specs() if not s.is_none}
+        return next(iter(kinds)) if len(kinds) == 1 and kinds <= {"quantize", "palettize", "prune"} else None
+
+    def _all_specs(self) -> list[Spec]:
+        return [s for s in [self.global_spec, *self.op_types.values(), *self.layers.values()] if s is not None]
+
+    def to_coreml(self, inventory: Inventory, lut_function: Callable[[Spec], Callable] | None = None) -> list[CoreMLPass]:
+        """The coremltools passes, in order, that apply this plan to the model of ``inventory``."""
+        import coremltools.optimize.coreml as cto
+
+        resolved = self.resolve(inventory)
+        technique = self.single_technique()
+        if technique is not None and lut_function is None:
+            return [CoreMLPass(dict(PASS_ORDER)[technique], self._mirrored_config(inventory))]
+        consumers = {w.name: [op_name for _, op_name in w.consumers] for w in inventory.weights}
+        passes: list[CoreMLPass] = []
+        for stage, function in PASS_ORDER:
+            configs: dict[str, Any] = {}
+            joint = False
+            for name, spec in resolved.items():
+                for position, part in enumerate(spec.parts):
+                    if not part.is_none and _PASS_OF_TECHNIQUE[part.technique] == stage:
+                        # Keyed by consumer op: after an earlier pass the const is renamed, and
+                        # coremltools then looks the config up by the op reading the weight.
+                        config = _op_config(part, 0, lut_function)
+                        configs.update({op_name: config for op_name in consumers[name]})
+                        joint = joint or (isinstance(spec, JointSpec) and position > 0)
+            if configs:
+                passes.append(CoreMLPass(function, cto.OptimizationConfig(op_name_configs=configs), joint))
+        return passes
+
+    def _mirrored_config(self, inventory: Inventory):
+        """A single-technique OptimizationConfig with the plan's own global/op-type/layer structure."""
+        import coremltools.optimize.coreml as cto
+
+        index = _name_index(inventory)
+        self.resolve(inventory)  # validate first
+        return cto.OptimizationConfig(
+            global_config=self.global_spec.coreml_config(self.weight_threshold)
+            if self.global_spec is not None else None,
+            op_type_configs={t: s.coreml_config(self.weight_threshold) for t, s in self.op_types.items()},
+            op_name_configs={index[k]: s.coreml_config(0) for k, s in self.layers.items()},
+        )
+
+    def coreml_yaml(self, inventory: Inventory) -> str:
+        """The plan as an ``OptimizationConfig.from_yaml`` document (single-technique plans only)."""
+        if self.single_technique() is None:
+            raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
+                            "export each pass with to_coreml(), or use a single-technique plan")
+        return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory)), sort_keys=False)
+
+
+def _op_config(spec: Spec, weight_threshold: int, lut_function: Callable[[Spec], Callable] | None) -> Any:
+    if lut_function is not None and spec.technique == "palettize" and getattr(spec, "mode", "") == "kmeans":
+        return spec.coreml_config(weight_threshold, lut_function=lut_function(spec))
+    return spec.coreml_config(weight_threshold)
+
+
+def optimization_config_dict(config) -> dict[str, Any]:
+    """An OptimizationConfig as the nested dict ``OptimizationConfig.from_dict`` reads."""
+    import attrs
+
+    def entry(op_config, default_type: str | None) -> dict[str, Any] | None:
+        if op_config is None:
+            return None
+        values = {k: v for k, v in attrs.asdict(op_config).items() if v is not None and k != "lut_function"}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        values = {k: (v.__name__ if isinstance(v, type) else v) for k, v in values.items()}
+        if type(op_config).__name__ != default_type:
+            values["config_type"] = type(op_config).__name__
+        return values
+
+    all_configs = [config.global_config, *config.op_type_configs.values(), *config.op_name_configs.values()]
+    first = next((c for c in all_configs if c is not None), None)
+    default_type = type(first).__name__ if first is not None else "OpLinearQuantizerConfig"
+    return {
+        "config_type": default_type,
+        "global_config": entry(config.global_config, default_type),
+        "op_type_configs": {k: entry(v, default_type) for k, v in config.op_type_configs.items()},
+        "op_name_configs": {k: entry(v, default_type) for k, v in config.op_name_configs.items()},
+    }
+
+
+def _parse_in(value: Any, where: str) -> Spec:
+    try:
+        return parse_spec(str(value) if value is not None else "none")
+    except SpecError as exc:
+        raise PlanError(where, f"{exc.problem} ({value!r})", exc.fix) from None
+
+
+def _name_index(inventory: Inventory) -> dict[str, str]:
+    """Every name a plan may use for a weight -> the weight's Core ML const name."""
+    index: dict[str, str] = {}
+    for w in inventory.weights:
+        index[w.name] = w.name
+        index[w.var] = w.name
+        for _, op_name in w.consumers:
+            index.setdefault(op_name, w.name)
+        if w.torch_name:
+            index[w.torch_name] = w.name
+            module, _, leaf = w.torch_name.rpartition(".")
+            if module and leaf == "weight":
+                index.setdefault(module, w.name)
+    return index
+
+
+def _suggest(key: str, index: dict[str, str]) -> str:
+    close = difflib.get_close_matches(key, list(index), n=3, cutoff=0.4)
+    return ", ".join(repr(c) for c in close) if close else "one of " + ", ".join(repr(k) for k in list(index)[:5])
+
+
+def load_plan(source: str | os.PathLike | Plan | None = None, *, spec: str | None = None,
+              target: str | None = None) -> Plan:
+    """A plan from a YAML path, a spec string, or a Plan; ``target`` overrides the plan's target."""
+    if isinstance(source, Plan):
+        plan = source
+    elif source is not None:
+        plan = Plan.load(source)
+    elif spec is not None:
+        plan = Plan.from_spec(spec)
+    else:
+        raise PlanError("plan", "no plan or spec given", "pass -c plan.yaml or --spec int8")
+    if target is not None:
+        target_rank(target)
+        plan.target = target
+    return plan
+
+
