@@ -1,0 +1,70 @@
+"""Put simulated weights into a torch model for a trial, and restore it bit-identically after."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..spec import Spec, parse_spec
+from .cache import SimCache, default_cache
+from .core import SimResult
+
+_OP_TYPES: tuple[tuple[type, str], ...] = (
+    (nn.modules.conv._ConvTransposeNd, "conv_transpose"),
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Linear, "linear"),
+    (nn.Embedding, "gather"),
+)
+
+
+def infer_op_type(module: nn.Module) -> str:
+    """The Core ML op that consumes a module's weight after conversion (Linear -> linear, ...)."""
+    for cls, op_type in _OP_TYPES:
+        if isinstance(module, cls):
+            return op_type
+    return "linear"
+
+
+def _parameter(model: nn.Module, path: str) -> tuple[nn.Parameter, nn.Module]:
+    module_path, _, _ = path.rpartition(".")
+    try:
+        return model.get_parameter(path), model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        raise PlanError(f"layer {path!r}", "is not a parameter of the model",
+                        "use a path from model.named_parameters(), e.g. 'features.0.weight'") from None
+
+
+@contextlib.contextmanager
+def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types: Mapping[str, str] | None = None,
+               kmeans: str = "exact", cache: SimCache | None = None) -> Iterator[dict[str, SimResult]]:
+    """Within the block, each ``{param path: spec}`` weight holds its simulated value; restored after."""
+    cache = cache or default_cache()
+    saved: dict[str, torch.Tensor] = {}
+    results: dict[str, SimResult] = {}
+    try:
+        for path, spec in assignments.items():
+            spec = parse_spec(spec)
+            param, module = _parameter(model, path)
+            op_type = (op_types or {}).get(path) or infer_op_type(module)
+            result = cache.get(spec, param.detach(), op_type, kmeans)
+            results[path] = result
+            if path not in saved:
+                saved[path] = param.detach().clone()
+            with torch.no_grad():
+                param.copy_(result.weight.to(device=param.device, dtype=param.dtype))
+        yield results
+    finally:
+        with torch.no_grad():
+            for path, original in saved.items():
+                model.get_parameter(path).copy_(original)
+
+
+@contextlib.contextmanager
+def apply_spec(model: nn.Module, param_path: str, spec: Spec | str, op_type: str | None = None,
+               kmeans: str = "exact", cache: SimCache | None = None) -> Iterator[SimResult]:
+    """One layer with its simulated weight for the duration of the block (a sensitivity trial)."""
+    with apply_plan(model, {param_path: spec}, {param_path: op_type} if op_type else None, kmeans, cache) as res:
+        yield res[param_path]

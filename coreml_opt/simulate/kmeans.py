@@ -1,0 +1,207 @@
+"""k-means for palettization: coremltools' own routine (exact) and a batched optimal-quality one (fast).
+
+Exact mode calls ``_get_kmeans_lookup_table_and_weight`` per group, as coremltools does: the
+vendored optimal 1-D ``kmeans1d`` for fp16 groups of >= 10,000 values, else scikit-learn KMeans
+(k-means++, n_init=1, tol=1e-2, random_state=0).
+
+Fast mode clusters all groups at once. Scalars: a histogram over the fp16 values each group holds
+(at most 65,536 distinct), prefix sums of counts and sums, then Lloyd iterations that cost
+O(groups x k) each (a cluster is an interval of sorted values, its sum two prefix-sum lookups),
+run to a fixed point from quantile seeds. Vectors: batched k-means++ seeding then Lloyd.
+Indices are the nearest fp16 palette entry, so the emitted weight is the best for its palette.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .numerics import h
+
+MAX_LLOYD_ITERS = 500
+KMEANS1D_MIN_VALUES = 10_000  # coremltools' switch from scikit-learn to the optimal kmeans1d
+
+
+def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """coremltools' k-means on one group (fp16, channel axis first): (lut fp16, indices)."""
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    lut, indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False,
+                                                       cluster_dim=cluster_dim, vector_axis=0)
+    return lut.astype(values.dtype), np.asarray(indices).astype(np.int64)
+
+
+def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
+    """fp16 values -> int32 keys with the same order (bit trick on the sign-magnitude pattern)."""
+    bits = x.to(torch.float16).view(torch.int16).to(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFF, bits)
+
+
+def _key_values(keys: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(keys < 0, keys ^ 0x7FFF, keys).to(torch.int16)
+    return bits.view(torch.float16).to(torch.float64)
+
+
+def _interval_stats(cum: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    return cum.gather(1, bounds[:, 1:]) - cum.gather(1, bounds[:, :-1])
+
+
+def _seeds(counts: torch.Tensor, cum_n: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """Seed sets per group (seeds, groups, k): quantiles of the values, of the distinct values, of
+    the Panter-Dite density p^(1/3) (the high-resolution optimum), and a uniform grid."""
+    groups, span = counts.shape
+    q = (torch.arange(k, device=counts.device, dtype=torch.float64) + 0.5) / k
+
+    def at_quantiles(cum: torch.Tensor) -> torch.Tensor:
+        targets = (q[None, :] * cum[:, -1:]).contiguous()
+        bins = torch.searchsorted(cum[:, 1:].contiguous(), targets, right=False)
+        return values[bins.clamp(max=span - 1)]
+
+    zero = torch.zeros(groups, 1, dtype=torch.float64, device=counts.device)
+    width = torch.cat([values[1:] - values[:-1], values[-1:] - values[-2:-1] if span > 1 else values[:1] * 0 + 1])
+    width = width.clamp(min=1e-12)
+    density = (counts / width) ** (1.0 / 3.0) * width
+    present = (counts > 0).to(torch.float64)
+    lo = values[(counts > 0).to(torch.int8).argmax(1)]
+    hi = values[span - 1 - (counts > 0).to(torch.int8).flip(1).argmax(1)]
+    uniform = lo[:, None] + (hi - lo)[:, None] * q[None, :]
+    return torch.stack([at_quantiles(cum_n), at_quantiles(torch.cat([zero, present.cumsum(1)], 1)),
+                        at_quantiles(torch.cat([zero, density.cumsum(1)], 1)), uniform])
+
+
+def _kmeanspp_seeds(counts: torch.Tensor, values: torch.Tensor, k: int, runs: int = 3) -> torch.Tensor:
+    """Greedy k-means++ seeding on the histogram (as scikit-learn does, 2 + log k trials per step).
+
+    The random draws are one fixed sequence shared by every group, so a group's seeds never
+    depend on which other groups are in the batch. Returns (runs, groups, k).
+    """
+    groups, span = counts.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    trials = 2 + int(math.log(k))
+    cum = counts.cumsum(1)
+    out = []
+    for _ in range(runs):
+        draws = torch.rand(k, trials, generator=gen, dtype=torch.float64).to(counts.device)
+        first = torch.searchsorted(cum, (draws[0, 0] * cum[:, -1:]).contiguous()).clamp(max=span - 1)
+        chosen = [values[first[:, 0]]]
+        closest = counts * (values[None, :] - chosen[0][:, None]) ** 2
+        for step in range(1, k):
+            pot = closest.cumsum(1)
+            targets = (draws[step][None, :] * pot[:, -1:]).contiguous()
+            cand = values[torch.searchsorted(pot, targets).clamp(max=span - 1)]  # (groups, trials)
+            dist = torch.minimum(closest[:, None, :], counts[:, None, :] * (values[None, None, :] - cand[..., None]) ** 2)
+            best = dist.sum(2).argmin(1)
+            chosen.append(cand.gather(1, best[:, None])[:, 0])
+            closest = dist[torch.arange(groups, device=counts.device), best]
+        out.append(torch.stack(chosen, 1))
+    return torch.stack(out)
+
+
+def _lloyd(centroids: torch.Tensor, values: torch.Tensor, cum_n: torch.Tensor, cum_s: torch.Tensor) -> torch.Tensor:
+    """Lloyd iterations on interval clusters until no boundary moves (each group independently)."""
+    rows, span = cum_n.shape[0], cum_n.shape[1] - 1
+    edges = torch.full((rows, 1), span, device=values.device, dtype=torch.int64)
+    start = torch.zeros((rows, 1), device=values.device, dtype=torch.int64)
+    previous = None
+    for _ in range(MAX_LLOYD_ITERS):
+        centroids = centroids.sort(1).values
+        mids = ((centroids[:, :-1] + centroids[:, 1:]) / 2).contiguous()
+        bounds = torch.cat([start, torch.searchsorted(values, mids, right=True), edges], 1)
+        if previous is not None and torch.equal(bounds, previous):
+            break
+        previous = bounds
+        count = _interval_stats(cum_n, bounds)
+        total = _interval_stats(cum_s, bounds)
+        centroids = torch.where(count > 0, total / count.clamp(min=1), centroids)
+    return centroids
+
+
+def _sse(centroids: torch.Tensor, values: torch.Tensor, cum_n, cum_s, cum_q) -> torch.Tensor:
+    """Squared error of nearest-centroid assignment, from prefix sums (O(groups x k))."""
+    rows, span = cum_n.shape[0], cum_n.shape[1] - 1
+    mids = ((centroids[:, :-1] + centroids[:, 1:]) / 2).contiguous()
+    bounds = torch.cat([torch.zeros((rows, 1), dtype=torch.int64, device=values.device),
+                        torch.searchsorted(values, mids, right=True),
+                        torch.full((rows, 1), span, dtype=torch.int64, device=values.device)], 1)
+    n, s, q = (_interval_stats(c, bounds) for c in (cum_n, cum_s, cum_q))
+    return (q - 2 * centroids * s + centroids * centroids * n).sum(1)
+
+
+def kmeans_scalar_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster each row of ``x`` (groups, n) fp16 values into ``k`` levels: (lut (groups,k), indices).
+
+    Lloyd runs from several seed sets at once and each group keeps its best; groups with at most
+    ``k`` distinct values get exactly those. The result of a group never depends on the others.
+    """
+    groups, n = x.shape
+    keys = _ordered_keys(x)
+    kmin, kmax = int(keys.min()), int(keys.max())
+    span = kmax - kmin + 1
+    values = _key_values(torch.arange(kmin, kmax + 1, device=x.device, dtype=torch.int32))
+    flat = (keys - kmin) + torch.arange(groups, device=x.device, dtype=torch.int32)[:, None] * span
+    counts = torch.bincount(flat.reshape(-1).to(torch.int64), minlength=groups * span)
+    counts = counts.view(groups, span).to(torch.float64)
+    zero = torch.zeros(groups, 1, dtype=torch.float64, device=x.device)
+    cum_n = torch.cat([zero, counts.cumsum(1)], 1)
+    cum_s = torch.cat([zero, (counts * values).cumsum(1)], 1)
+    cum_q = torch.cat([zero, (counts * values * values).cumsum(1)], 1)
+
+    seeds = _seeds(counts, cum_n, values, k)  # (seeds, groups, k)
+    if n < KMEANS1D_MIN_VALUES:  # a sparse histogram traps Lloyd: add k-means++ seeds
+        seeds = torch.cat([seeds, _kmeanspp_seeds(counts, values, k)])
+    runs = seeds.shape[0]
+    rep = lambda t: t.repeat(runs, 1)  # noqa: E731
+    centroids = _lloyd(seeds.reshape(runs * groups, k), values, rep(cum_n), rep(cum_s))
+    sse = _sse(centroids, values, rep(cum_n), rep(cum_s), rep(cum_q)).view(runs, groups)
+    best = sse.argmin(0)
+    centroids = centroids.view(runs, groups, k)[best, torch.arange(groups, device=x.device)]
+
+    distinct = (counts > 0).sum(1)
+    few = distinct <= k
+    if bool(few.any()):
+        order = torch.argsort((counts[few] <= 0).to(torch.int8), dim=1, stable=True)[:, :k]
+        taken = values[order]
+        last = taken.gather(1, (distinct[few] - 1).clamp(min=0)[:, None]).expand(-1, k)
+        slot = torch.arange(k, device=x.device)[None, :] < distinct[few][:, None]
+        centroids[few] = torch.where(slot, taken, last)
+    lut = h(centroids.sort(1).values.to(torch.float32))
+    return lut, nearest_indices(x, lut)
+
+
+def nearest_indices(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of each row's sorted ``lut`` (ties go to the lower entry)."""
+    mids = ((lut[:, :-1].to(torch.float64) + lut[:, 1:].to(torch.float64)) / 2).contiguous()
+    return torch.searchsorted(mids, x.to(torch.float64).contiguous(), right=False)
+
+
+def kmeans_vector_fast(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster vectors ``x`` (groups, n, d) into ``k`` centroids per group: (lut (groups,k,d), indices)."""
+    groups, n, d = x.shape
+    x64 = x.to(torch.float64)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows = torch.arange(groups, device=x.device)
+    first = torch.randint(n, (groups,), generator=gen).to(x.device)
+    centroids = [x64[rows, first]]
+    closest = ((x64 - centroids[0][:, None]) ** 2).sum(-1)
+    for _ in range(1, min(k, n)):  # k-means++ seeding, batched over groups
+        weights = closest / closest.sum(1, keepdim=True).clamp(min=1e-300)
+        weights = torch.where(closest.sum(1, keepdim=True) > 0, weights, torch.full_like(weights, 1.0 / n))
+        pick = torch.multinomial(weights.cpu().to(torch.float32) + 1e-30, 1, generator=gen)[:, 0].to(x.device)
+        centroids.append(x64[rows, pick])
+        closest = torch.minimum(closest, ((x64 - centroids[-1][:, None]) ** 2).sum(-1))
+    while len(centroids) < k:
+        centroids.append(centroids[-1])
+    c = torch.stack(centroids, 1)
+    assign = None
+    for _ in range(iters):
+        new_assign = torch.cdist(x64, c).argmin(-1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand(-1, -1, d), x64)
+        count = torch.zeros(groups, k, dtype=torch.float64, device=x.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=torch.float64))
+        c = torch.where(count[..., None] > 0, sums / count.clamp(min=1)[..., None], c)
+    lut = h(c.to(torch.float32))
+    return lut, torch.cdist(x.to(torch.float64), lut.to(torch.float64)).argmin(-1)

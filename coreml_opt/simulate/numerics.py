@@ -1,0 +1,87 @@
+"""fp16 arithmetic as numpy performs it, in torch: the building blocks of coremltools-exact numerics.
+
+coremltools runs its passes on the fp16 const, so numpy evaluates every step in float16: each
+binary op is computed in float32 and rounded to float16 once (exact for +, -, *, /, sqrt, since
+float32 has more than 2*11+2 bits). Tensors here are float32 holding fp16-representable values.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+FP16_MAX_INT_EXACT = 2048
+
+
+def h(x: torch.Tensor) -> torch.Tensor:
+    """Round a float32 tensor to the nearest fp16 value (ties to even), kept as float32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def to_fp16_values(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as Core ML stores it after conversion (cast to fp16), as float32."""
+    return h(weight.detach().to(torch.float32))
+
+
+def fp16_scalar(value: float) -> float:
+    """A Python float rounded to fp16 the way numpy does (one rounding from double)."""
+    return float(np.float16(value))
+
+
+def numpy_percentile_fp16(sorted_at, n: int, q_percent: float) -> float:
+    """``np.percentile(fp16_array, q_percent)`` for an fp16 array of ``n`` values (numpy 2.x).
+
+    numpy divides ``q`` by ``float16(100)`` and computes the virtual index ``(n - 1) * q`` in fp16,
+    so it rounds coarsely and overflows to inf (result NaN) once ``n - 1`` exceeds 65,519.
+    ``sorted_at(i)`` returns the i-th smallest value (``-1`` = the largest) as a float.
+    """
+    with np.errstate(all="ignore"):
+        q = np.true_divide(np.asarray(q_percent), np.float16(100))  # python float is weak: fp16
+        q = np.asarray(q, dtype=np.float16)
+        virtual = np.asarray((n - 1) * q)  # (n - 1) becomes fp16 (inf above 65,519)
+        previous = np.asarray(np.floor(virtual))
+        nxt = np.asarray(previous + 1)
+        if bool(virtual >= n - 1):
+            previous = np.asarray(np.float16(-1))
+            nxt = np.asarray(np.float16(-1))
+        elif bool(virtual < 0):
+            previous = np.asarray(np.float16(0))
+            nxt = np.asarray(np.float16(0))
+        if bool(np.isnan(virtual)):
+            previous = np.asarray(np.float16(-1))
+            nxt = np.asarray(np.float16(-1))
+        prev_i = previous.astype(np.intp)
+        next_i = nxt.astype(np.intp)
+        gamma = np.asarray(virtual - prev_i, dtype=np.float16)
+        a = np.asarray(sorted_at(int(prev_i)), dtype=np.float16)
+        b = np.asarray(sorted_at(int(next_i)), dtype=np.float16)
+        diff = np.subtract(b, a)
+        lerp = np.asarray(np.add(a, diff * gamma))
+        if bool(gamma >= 0.5):
+            lerp = np.asarray(np.subtract(b, diff * (1 - gamma)), dtype=np.float16)
+    return float(lerp)
+
+
+def kth_smallest_getter(values: torch.Tensor):
+    """A ``sorted_at`` callback over a flat tensor, using kthvalue (no full sort)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+
+    def sorted_at(i: int) -> float:
+        k = n if i < 0 else min(i, n - 1) + 1
+        return float(torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, k).values)
+
+    return sorted_at
+
+
+def nbits_for_count(count: int, allowed: tuple[int, ...] = (1, 2, 3, 4, 6, 8)) -> int | None:
+    """Smallest palette size in ``allowed`` holding ``count`` entries, or None."""
+    for nbits in allowed:
+        if count <= 1 << nbits:
+            return nbits
+    return None
+
+
+def ceil_log2(x: int) -> int:
+    return int(math.ceil(math.log2(x))) if x > 1 else 0
