@@ -62,7 +62,7 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
-    predicted = plan.predicted_bytes(before)
+    predicted = plan.predicted_bytes(before, loaded.weight_values)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None)
     if Path(output).resolve() == Path(model).resolve():
         raise PlanError(str(output), "is the input model", "write the compressed model to a new path")

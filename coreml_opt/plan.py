@@ -169,6 +169,9 @@ class Plan:
         return resolved
 
     def _default_for(self, w: WeightInfo) -> tuple[str, Spec]:
+        """Op-type then global spec; like coremltools, both apply only above the weight threshold."""
+        if w.params <= self.weight_threshold:
+            return "below weight_threshold", NoneSpec()
         specs = {(t, self.op_types[t]) for t, _ in w.consumers if t in self.op_types}
         if len({s for _, s in specs}) > 1:
             raise PlanError(f"weight {w.name!r}", f"is shared by ops with different specs {sorted(map(str, dict(specs).values()))}",
@@ -176,7 +179,7 @@ class Plan:
         if specs:
             op_type, spec = next(iter(specs))
             return f"op_types.{op_type}", spec
-        if self.global_spec is not None and w.params > self.weight_threshold:
+        if self.global_spec is not None:
             return "global", self.global_spec
         return "default", NoneSpec()
 
@@ -198,11 +201,20 @@ class Plan:
             raise PlanError(where, f"spec {spec}: {problem} (coremltools would silently skip it)",
                             f"override this layer under `layers:` with a size that divides, or skip it")
 
-    def predicted_bytes(self, inventory: Inventory) -> dict[str, int]:
-        """Bytes each weight will take in the saved package under this plan."""
+    def predicted_bytes(self, inventory: Inventory,
+                        weight_values: Callable[[str], Any] | None = None) -> dict[str, int]:
+        """Bytes each weight will take in the saved package under this plan.
+
+        ``weight_values(name)`` gives a weight's values, making data-dependent counts exact
+        (non-zeros after pruning, unique values); without it they are estimated from the spec."""
         resolved = self.resolve(inventory)
         ios18 = inventory.deployment_target >= 18
-        return {w.name: predicted_bytes(resolved[w.name], w.shape, w.op_type, ios18_ops=ios18) for w in inventory.weights}
+        out = {}
+        for w in inventory.weights:
+            spec = resolved[w.name]
+            values = weight_values(w.name) if weight_values is not None and _data_dependent(spec) else None
+            out[w.name] = predicted_bytes(spec, w.shape, w.op_type, ios18_ops=ios18, weight=values)
+        return out
 
     # ---- coremltools configs ------------------------------------------------------------------
     def single_technique(self) -> str | None:
@@ -259,6 +271,10 @@ class Plan:
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory)), sort_keys=False)
 
 
+def _data_dependent(spec: Spec) -> bool:
+    return any(part.technique == "prune" or getattr(part, "mode", "") == "unique" for part in spec.parts)
+
+
 def _op_config(spec: Spec, weight_threshold: int, lut_function: Callable[[Spec], Callable] | None) -> Any:
     if lut_function is not None and spec.technique == "palettize" and getattr(spec, "mode", "") == "kmeans":
         return spec.coreml_config(weight_threshold, lut_function=lut_function(spec))
@@ -274,7 +290,7 @@ def optimization_config_dict(config) -> dict[str, Any]:
             return None
         values = {k: v for k, v in attrs.asdict(op_config).items() if v is not None and k != "lut_function"}
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        values = {k: (v.__name__ if isinstance(v, type) else v) for k, v in values.items()}
+        values = {k: _plain(v) for k, v in values.items()}
         if type(op_config).__name__ != default_type:
             values["config_type"] = type(op_config).__name__
         return values
@@ -288,6 +304,21 @@ def optimization_config_dict(config) -> dict[str, Any]:
         "op_type_configs": {k: entry(v, default_type) for k, v in config.op_type_configs.items()},
         "op_name_configs": {k: entry(v, default_type) for k, v in config.op_name_configs.items()},
     }
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-safe value: enums become their lower-case names, numpy dtypes their names."""
+    import enum
+
+    import numpy as np
+
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    if isinstance(value, type):
+        return np.dtype(value).name if issubclass(value, np.generic) else value.__name__
+    if isinstance(value, np.dtype):
+        return value.name
+    return value
 
 
 def _parse_in(value: Any, where: str) -> Spec:

@@ -46,3 +46,26 @@ def example_conversion(tmp_path_factory, digits_model) -> ConvertedExample:
 def example_mlpackage(example_conversion) -> Path:
     """Path of the saved example .mlpackage (treat as read-only; copy before changing)."""
     return example_conversion.path
+
+
+@pytest.fixture(scope="session")
+def example_iOS16_mlpackage(tmp_path_factory, digits_model) -> Path:
+    """The digits CNN converted for iOS16 (iOS16 constexpr op formats)."""
+    from coreml_opt.model.convert import convert
+
+    path = tmp_path_factory.mktemp("example16") / "digits_cnn16.mlpackage"
+    convert(digits_model, zoo.EXAMPLE_INPUT_SHAPE, target="iOS16", output_path=path)
+    return path
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Run the `coreml-opt` CLI in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from coreml_opt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()

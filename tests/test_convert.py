@@ -157,7 +157,7 @@ def test_interrupted_save_leaves_no_temp_files(tmp_path, example_conversion, mon
 
     monkeypatch.setattr(ct.models.MLModel, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cv.save_mlpackage(example_conversion.mlmodel, tmp_path / "x.mlpackage")
+        cv.save_package(example_conversion.mlmodel, tmp_path / "x.mlpackage")
     assert list(tmp_path.iterdir()) == []
 
 

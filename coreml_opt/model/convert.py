@@ -12,9 +12,6 @@ import copy
 import importlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,11 +20,11 @@ import torch
 from torch import nn
 
 from coreml_opt.errors import ModelError
+from coreml_opt.model.package import TORCH_NAMES_KEY, read_torch_names, save_package
 from coreml_opt.targets import DEFAULT_TARGET, TargetLike, parse_target
 
 logger = logging.getLogger(__name__)
 
-TORCH_NAMES_KEY = "coreml_opt.torch_names"
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -217,36 +214,6 @@ def torch_name_mapping(model: nn.Module, mlmodel: ct.models.MLModel) -> dict[str
     return mapping
 
 
-def read_torch_names(mlmodel: ct.models.MLModel) -> dict[str, str]:
-    """The {Core ML const name: torch path} mapping stored by ``convert`` ({} if absent)."""
-    raw = mlmodel.user_defined_metadata.get(TORCH_NAMES_KEY)
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelError(TORCH_NAMES_KEY, f"metadata is not valid JSON ({exc})",
-                         "re-run the conversion with coreml_opt") from exc
-    return {str(k): str(v) for k, v in data.items()}
-
-
-def save_mlpackage(mlmodel: ct.models.MLModel, output_path: Union[str, Path]) -> Path:
-    """Save to ``output_path`` atomically: write beside it in a temp dir, then rename."""
-    dest = Path(output_path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        staged = tmp_dir / dest.name
-        mlmodel.save(str(staged))
-        if dest.exists():
-            old = tmp_dir / "previous"
-            os.replace(dest, old)
-        os.replace(staged, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return dest
-
-
 def convert(model: Union[nn.Module, str], input_shape: tuple[int, ...], *,
             target: TargetLike = DEFAULT_TARGET, output_path: Union[str, Path, None] = None,
             input_name: str = "x") -> tuple[ct.models.MLModel, dict[str, str]]:
@@ -290,6 +257,6 @@ def convert(model: Union[nn.Module, str], input_shape: tuple[int, ...], *,
     mapping = torch_name_mapping(folded, mlmodel)
     mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
     if output_path is not None:
-        save_mlpackage(mlmodel, output_path)
+        save_package(mlmodel, output_path)
         logger.info("saved %s", output_path)
     return mlmodel, mapping

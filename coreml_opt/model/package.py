@@ -38,6 +38,21 @@ class LoadedModel:
     def torch_names(self) -> dict[str, str]:
         return {w.name: w.torch_name for w in self.inventory.weights if w.torch_name}
 
+    def weight_values(self, name: str):
+        """The stored value of an uncompressed (fp16/fp32) weight, read from the weight file."""
+        import numpy as np
+
+        weight = self.inventory.by_name()[name]
+        op = self.program.producers[weight.var]
+        if op.type != "const" or len(op.blobs) != 1 or op.blobs[0].dtype not in ("FLOAT16", "FLOAT32"):
+            raise ValueError(f"{name} is compressed; only fp16/fp32 weights can be read back")
+        blob = op.blobs[0]
+        dtype = np.float16 if blob.dtype == "FLOAT16" else np.float32
+        with open(weight_file_path(self.path), "rb") as handle:
+            handle.seek(blob.offset + BLOB_HEADER_BYTES)
+            data = handle.read(blob.data_bytes)
+        return np.frombuffer(data, dtype=dtype).reshape(blob.shape)
+
 
 def read_torch_names(model) -> dict[str, str]:
     """Core ML const name -> PyTorch parameter path, stored by ``coreml-opt convert``.
@@ -110,7 +125,8 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
     try:
         program = read_program(spec, weights)
     except (ValueError, struct.error) as exc:
-        raise ModelError(str(weights_path), f"is corrupt or truncated ({exc})", "re-export the model") from None
+        raise ModelError(str(weights_path), f"is truncated or corrupt: {exc}",
+                         "re-export the model; the package was cut short or damaged when copied or saved") from None
     _check_blobs(path, program, weights)
     mlmodel = MLModel(str(path), skip_model_load=True) if load_weights else None
     inventory = build_inventory(program, spec.specificationVersion, read_torch_names(spec))

@@ -84,6 +84,8 @@ def _shape(value_type) -> tuple[int, ...]:
 
 
 def _read_blob_size(weight_file: bytes, offset: int) -> int:
+    if offset + BLOB_HEADER_BYTES > len(weight_file):
+        raise ValueError(f"blob at offset {offset} lies past the end of the file ({len(weight_file)} bytes)")
     sentinel, _dtype, size, _data_offset = struct.unpack_from("<IIQQ", weight_file, offset)
     if sentinel != BLOB_SENTINEL:
         raise ValueError(f"no blob header at offset {offset}")

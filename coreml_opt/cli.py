@@ -1,0 +1,189 @@
+"""`coreml-opt` command line: thin subcommands over the library, one call plus printing each."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Sequence
+
+from .errors import CoreMLOptError
+
+logger = logging.getLogger("coreml_opt")
+
+
+def _quiet_coremltools(verbose: bool) -> None:
+    """coremltools logs import noise on Linux (no libcoremlpython) and per-pass chatter; hide it."""
+    warnings.filterwarnings("ignore")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
+        logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: not comma-separated integers; use e.g. 1,1,8,8")
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: dimensions must be positive; use e.g. 1,1,8,8")
+    return shape
+
+
+# ---- subcommands ----------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .model.convert import convert
+
+    mlmodel, mapping = convert(args.model, args.input_shape, target=args.target, output_path=args.output)
+    print(f"wrote {args.output}: ML Program for {args.target}, {len(mapping)} weights mapped to PyTorch names")
+    return 0
+
+
+def inventory_rows(inventory) -> tuple[list[str], list[list]]:
+    """Table headers and rows for an inventory (shared by inspect and the example job)."""
+    headers = ["weight", "torch name", "op type", "op name", "shape", "params", "bytes", "bits/w", "compression"]
+    rows = [[w.name, w.torch_name, w.op_type, w.op_name, w.shape, w.params, w.bytes,
+             f"{8 * w.bytes / w.params:.2f}", w.compression] for w in inventory.weights]
+    return headers, rows
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .model.package import load_package
+    from .report.tables import format_table, human_bytes
+
+    inventory = load_package(args.model).inventory
+    if args.json:
+        print(json.dumps(inventory.to_dict(), indent=2))
+        return 0
+    headers, rows = inventory_rows(inventory)
+    if args.csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["name", "torch_name", "op_type", "op_name", "shape", "params", "bytes", "bits_per_weight",
+                         "compression"])
+        writer.writerows([[*r[:4], "x".join(map(str, r[4])), *r[5:]] for r in rows])
+        print(buffer.getvalue(), end="")
+        return 0
+    footer = [["total", "", "", "", "", inventory.total_params, inventory.total_bytes,
+               f"{inventory.bits_per_weight:.2f}", human_bytes(inventory.total_bytes)]]
+    print(f"{args.model}: ML Program, deployment target iOS{inventory.deployment_target}")
+    print(format_table(headers, rows, footer))
+    return 0
+
+
+def compression_table(report) -> str:
+    """Per-weight before/after/predicted bytes of a compression report."""
+    from .report.tables import format_table, human_bytes
+
+    rows = [[w.name, w.torch_name, w.spec, w.bytes_before, w.bytes_after, w.bytes_predicted,
+             f"{100 * (w.bytes_after - w.bytes_predicted) / max(w.bytes_predicted, 1):+.2f}%", w.compression]
+            for w in report.weights]
+    footer = [["total", "", "", report.bytes_before, report.bytes_after, report.bytes_predicted,
+               f"{100 * (report.bytes_after - report.bytes_predicted) / max(report.bytes_predicted, 1):+.2f}%",
+               f"{human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
+               f"({report.bytes_before / max(report.bytes_after, 1):.2f}x)"]]
+    headers = ["weight", "torch name", "spec", "bytes before", "bytes after", "predicted", "after vs pred", "compression"]
+    return format_table(headers, rows, footer)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress
+    from .plan import load_plan
+
+    plan = load_plan(args.config, spec=args.spec, target=args.target)
+    if args.kmeans:
+        plan.kmeans = args.kmeans
+    report = compress(args.model, plan, args.output)
+    if args.json:
+        print(json.dumps({"output": str(report.output), "passes": report.passes,
+                          "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+                          "bytes_predicted": report.bytes_predicted,
+                          "weights": [w.__dict__ for w in report.weights]}, indent=2))
+        return 0
+    print(compression_table(report))
+    print(f"wrote {report.output} ({', '.join(report.passes) or 'no compression'})")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from .example import run_example
+
+    result = run_example(args.out, spec=args.spec, plan_path=args.config)
+    print(result.summary())
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coreml-opt", description=__doc__.splitlines()[0] if __doc__ else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and coremltools' own messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a PyTorch model to an ML Program, keeping PyTorch weight names",
+                       description="example: coreml-opt convert coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 "
+                                   "-o digits.mlpackage")
+    p.add_argument("model", help="PyTorch model factory, package.module:function")
+    p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("-o", "--output", required=True, help="output .mlpackage path")
+    p.add_argument("--target", default="iOS18", help="minimum deployment target (iOS16, iOS17, iOS18, macOS13..15)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="list every compressible weight with shape, bytes and compression",
+                       description="example: coreml-opt inspect digits.mlpackage --json")
+    p.add_argument("model", help=".mlpackage to inspect")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print one JSON object")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compress", help="data-free compression of an .mlpackage by a plan or one spec",
+                       description="example: coreml-opt compress digits.mlpackage --spec int4/block32 "
+                                   "-o digits-int4.mlpackage --target iOS18")
+    p.add_argument("model", help="input .mlpackage (uncompressed ML Program)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("-c", "--config", help="plan YAML (global, op_types, layers, skip, target)")
+    how.add_argument("--spec", help="one spec for every weight, e.g. int8, int4/block32, pal4/g16, prune50")
+    p.add_argument("-o", "--output", required=True, help="output .mlpackage (written atomically)")
+    p.add_argument("--target", help="deployment target; overrides the plan's")
+    p.add_argument("--kmeans", choices=["exact", "fast"], help="k-means for palettes: coremltools' (exact) or ours")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("example", help="the main job on the bundled digits model: build, convert, compress, report",
+                       description="example: coreml-opt example --out out/example")
+    p.add_argument("--out", default="out/example", help="folder for the packages and reports")
+    p.add_argument("--spec", help="compress with one spec instead of the example plan")
+    p.add_argument("-c", "--config", help="plan YAML instead of the example plan")
+    p.set_defaults(func=cmd_example)
+    return parser
+
+
+def run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the subcommand; user errors become one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_coremltools(args.verbose)
+    try:
+        return args.func(args)
+    except CoreMLOptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point."""
+    return run(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
