@@ -1,0 +1,101 @@
+"""`coreml-opt plan DIR`: the planner's subcommand (parser and handler), kept beside the library it wraps."""
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = """\
+Solve the optimal mixed-precision plan from a sensitivity output folder (python -m coreml_opt.sensitivity).
+
+examples:
+  coreml-opt plan out/sens --bpw 4 -o plan.yaml
+  coreml-opt plan out/sens --size 12MB --emit model-plan.mlpackage
+  coreml-opt plan out/sens --max-drop 0.5 -o plan.yaml        # at most 0.5 %% accuracy lost
+  coreml-opt plan out/sens --front front.png --bits 2,3,4,5,6,8
+
+Sizes count every weight Core ML stores (layers outside the sweep stay fp16), so --bpw 4 is the
+whole model's bits per weight. --max-drop is in percent points for accuracy-like metrics (accuracy,
+top1, top5: 0.5 = 0.005 in metric units) and in metric units otherwise (PSNR dB, loss). Plans are
+measured with every layer compressed together (simulated, equal to Core ML's weights) and repaired
+until they meet --max-drop.
+"""
+
+
+def _bits(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits {text!r}: not comma-separated numbers; use e.g. 2,3,4,6,8")
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plan` on the `coreml-opt` subparsers; returns the new parser."""
+    p = subparsers.add_parser("plan", help="optimal per-layer plan under a size or accuracy budget",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", metavar="DIR", help="sensitivity output folder (sweep.json + trials.json)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bpw", type=float, help="average bits per weight over all weights, e.g. 4")
+    size.add_argument("--size", help="total weight bytes, e.g. 12MB (10^6), 11.5MiB (2^20), 52000")
+    size.add_argument("--ratio", type=float, help="compression ratio against fp16, e.g. 4")
+    p.add_argument("--max-drop", type=float, help="accuracy budget: percent points for accuracy-like metrics")
+    p.add_argument("-o", "--output", help="write the plan YAML here")
+    p.add_argument("--emit", metavar="MLPACKAGE", help="write the swept model compressed by the plan")
+    p.add_argument("--model-package", help="uncompressed .mlpackage to compress for --emit (default: convert the "
+                                           "sweep's model)")
+    p.add_argument("--no-validate", action="store_true", help="do not measure the plan (prediction only)")
+    p.add_argument("--rounds", type=int, default=10, help="most repair rounds for --max-drop (default 10)")
+    p.add_argument("--front", metavar="PNG", help="also plot solved/greedy/uniform plans over --bits")
+    p.add_argument("--bits", type=_bits, default=[2, 3, 4, 5, 6, 8], help="bits per weight for --front")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Solve, validate, save and emit; prints the per-layer plan and predicted vs measured figures."""
+    from ..errors import PlanError
+    from ..report.tables import format_table
+    from .session import PlanningSession, user_drop
+
+    has_size = any(v is not None for v in (args.bpw, args.size, args.ratio))
+    if not has_size and args.max_drop is None and not args.front:
+        raise PlanError("coreml-opt plan", "no budget given", "pass --bpw 4, --size 12MB, --ratio 4 or --max-drop 0.5")
+    session = PlanningSession.open(args.sweep, measure=not args.no_validate)
+    problem = session.problem
+    out: dict = {}
+    if has_size or args.max_drop is not None:
+        max_drop = user_drop(args.max_drop, problem) if args.max_drop is not None else None
+        result = session.plan(size=args.size, bpw=args.bpw, ratio=args.ratio, max_drop=max_drop,
+                              validate=not args.no_validate, max_rounds=args.rounds)
+        if args.output:
+            result.plan.save(args.output)
+        report = session.emit(result, args.emit, model_package=args.model_package) if args.emit else None
+        out = {"budget": result.budget, "bytes": result.bytes, "bits_per_weight": round(result.bits_per_weight, 4),
+               "predicted_drop": result.predicted_drop, "measured_metric": result.measured_metric,
+               "measured_drop": result.measured_drop, "baseline": problem.baseline, "layers": result.specs,
+               "repair_rounds": len(result.attempts) - 1, "plan": args.output,
+               "emitted": str(args.emit) if args.emit else None,
+               "emitted_bytes": report.bytes_after if report else None}
+        if not args.json:
+            drops = {c.layer: {o.spec: o for o in c.options} for c in problem.choices}
+            rows = [[info.layer, info.shape, result.specs[info.layer], drops[info.layer][result.specs[info.layer]].bytes,
+                     info.fp16_bytes, drops[info.layer][result.specs[info.layer]].drop] for info in problem.layers]
+            rows += [[path, "", "none (not swept)", size, size, 0.0] for path, size in problem.fixed.items()]
+            print(format_table(["layer", "shape", "spec", "bytes", "fp16 bytes", "drop alone"], rows))
+            print(result.summary())
+            if args.output:
+                print(f"wrote {args.output}")
+            if report is not None:
+                print(f"wrote {args.emit}: {report.bytes_after:,} weight bytes (plan predicted {result.bytes:,})")
+    if args.front:
+        points = session.front(args.bits, plot=args.front, validate=not args.no_validate)
+        out["front"] = [{"kind": p.kind, "label": p.label, "bytes": p.bytes, "bits_per_weight": p.bits_per_weight,
+                         "predicted_drop": p.predicted_drop, "measured_metric": p.measured_metric} for p in points]
+        if not args.json:
+            print(format_table(["kind", "budget/spec", "bytes", "bits/w", "pred drop", f"measured {problem.metric}"],
+                               [[p.kind, p.label, p.bytes, p.bits_per_weight, p.predicted_drop, p.measured_metric]
+                                for p in points]))
+            print(f"wrote {args.front}")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,173 @@
+"""Cost model: each (layer, spec) costs the exact bytes Core ML stores for it and the accuracy drop the
+sensitivity sweep measured for it alone; weights outside the sweep stay fp16 as a fixed cost.
+
+Budgets (bytes, ``12MB``, ``4x``, bits per weight) become one byte capacity over *all* weights, so
+"4 bits per weight" means the whole model's weights, as ``coreml-opt inspect`` counts them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import PlanError
+from ..storage import predicted_bytes
+from .solver import Choices, Option
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "k": 10**3, "m": 10**6, "g": 10**9}
+ACCURACY_LIKE = ("accuracy", "acc", "top1", "top5", "top-1", "top-5", "agreement", "top1_agreement")
+
+
+def parse_size(text: str | int | float) -> int:
+    """``12MB`` (10^6), ``1.5MiB`` (2^20), ``800kB``, ``52000`` -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise PlanError(f"size {text!r}", "is not a size", "write e.g. 12MB, 1.5MiB, 800kB or 52000 (bytes)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def drop_unit(metric: str, unit: str | None = None) -> float:
+    """Metric units per user 'point' of drop: 0.01 for fractions such as accuracy (0.5 -> 0.5 %), else 1."""
+    return 0.01 if unit == "fraction" or metric.lower() in ACCURACY_LIKE or "accuracy" in metric.lower() else 1.0
+
+
+def _get(trial: Any, name: str) -> Any:
+    """A trial field from a dict (trials.json row) or a Trial object."""
+    return trial.get(name) if isinstance(trial, Mapping) else getattr(trial, name, None)
+
+
+@dataclass
+class LayerInfo:
+    """A swept layer as the sweep describes it."""
+
+    layer: str
+    coreml_name: str | None
+    op_type: str
+    shape: tuple[int, ...]
+    params: int
+    fp16_bytes: int
+
+
+@dataclass
+class Problem:
+    """Everything the planner needs: per-layer options, fixed weights, and the sweep's context."""
+
+    layers: list[LayerInfo]
+    choices: list[Choices]
+    fixed: dict[str, int] = field(default_factory=dict)  # weights not swept: torch path -> fp16 bytes
+    fixed_params: int = 0
+    metric: str = "accuracy"
+    baseline: float = float("nan")
+    higher_is_better: bool = True
+    target: str = "iOS18"
+    candidates: list[str] = field(default_factory=list)
+    sweep: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(self.fixed.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(info.params for info in self.layers) + self.fixed_params
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(info.fp16_bytes for info in self.layers) + self.fixed_bytes
+
+    def bits_per_weight(self, total_bytes: int) -> float:
+        return 8.0 * total_bytes / self.total_params if self.total_params else 0.0
+
+    def budget_bytes(self, *, size: str | int | None = None, bpw: float | None = None,
+                     ratio: float | None = None) -> int:
+        """The byte capacity for all weights of one size budget (exactly one of the three)."""
+        given = [v for v in (size, bpw, ratio) if v is not None]
+        if len(given) != 1:
+            raise PlanError("budget", "give exactly one of a size, bits per weight and a compression ratio",
+                            "e.g. --bpw 4, --size 12MB or --ratio 4")
+        if bpw is not None:
+            if bpw <= 0:
+                raise PlanError(f"bits per weight {bpw}", "must be positive", "use e.g. --bpw 4")
+            return math.floor(bpw * self.total_params / 8)
+        if ratio is not None:
+            if ratio <= 0:
+                raise PlanError(f"ratio {ratio}", "must be positive", "use e.g. --ratio 4 (4x smaller than fp16)")
+            return math.floor(self.fp16_bytes / ratio)
+        return parse_size(size)
+
+    def describe_bytes(self, total_bytes: int) -> str:
+        return (f"{total_bytes:,} bytes ({total_bytes / 1e6:.3f} MB, {self.bits_per_weight(total_bytes):.3f} bits per "
+                f"weight, {self.fp16_bytes / max(total_bytes, 1):.2f}x smaller than fp16)")
+
+
+def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
+                  fixed: Mapping[str, int] | None = None, fixed_params: int = 0,
+                  candidates: Sequence[str] | None = None) -> Problem:
+    """Options per swept layer from the trials (mean drop when a spec was tried more than once)."""
+    layers = [LayerInfo(str(row["layer"]), row.get("coreml_name"), str(row.get("op_type", "linear")),
+                        tuple(int(d) for d in row.get("shape", ())), int(row["params"]), int(row["fp16_bytes"]))
+              for row in sweep.get("layers", [])]
+    if not layers:
+        raise PlanError("sweep", "lists no layers", "run the sensitivity analyser on a model with compressible weights")
+    allowed = set(candidates) if candidates is not None else None
+    drops: dict[tuple[str, str], list[float]] = defaultdict(list)
+    sizes: dict[tuple[str, str], int] = {}
+    for trial in trials:
+        drop, size = _get(trial, "drop"), _get(trial, "bytes")
+        spec = str(_get(trial, "spec"))
+        if drop is None or size is None or not math.isfinite(float(drop)) or (allowed and spec not in allowed):
+            continue
+        key = (str(_get(trial, "layer")), spec)
+        drops[key].append(float(drop))
+        sizes[key] = int(size)
+    known = {info.layer for info in layers}
+    strays = {layer for layer, _ in drops} - known
+    if strays:
+        logger.warning("trials for layers not in the sweep are ignored: %s", ", ".join(sorted(strays)))
+    choices = []
+    for info in layers:
+        options = [Option("none", info.fp16_bytes, 0.0)]
+        options += [Option(spec, sizes[(layer, spec)], math.fsum(d) / len(d))
+                    for (layer, spec), d in drops.items() if layer == info.layer and spec != "none"]
+        choices.append(Choices(info.layer, tuple(options)))
+    return Problem(layers, choices, dict(fixed or {}), fixed_params, str(sweep.get("metric", "accuracy")),
+                   float(sweep.get("baseline", float("nan"))), bool(sweep.get("higher_is_better", True)),
+                   str(sweep.get("target") or "iOS18"), list(candidates or sweep.get("candidates", [])), dict(sweep))
+
+
+def fixed_weights(model, swept: Sequence[str], ios18_ops: bool = True) -> tuple[dict[str, int], int]:
+    """fp16 bytes of every weight Core ML stores (rank >= 2) that the sweep did not cover, and their count."""
+    from ..simulate import infer_op_type
+
+    out: dict[str, int] = {}
+    params = 0
+    swept_set = set(swept)
+    for path, param in model.named_parameters():
+        if param.ndim < 2 or path in swept_set:
+            continue
+        module = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        out[path] = predicted_bytes("none", tuple(param.shape), infer_op_type(module), ios18_ops=ios18_ops)
+        params += param.numel()
+    return out, params
+
+
+def load_problem(sweep_dir: str | Path, model=None, candidates: Sequence[str] | None = None) -> Problem:
+    """The planning problem of a sensitivity output folder; ``model`` (folded) supplies the fixed weights."""
+    from ..sensitivity import load_sweep
+
+    sweep, trials = load_sweep(sweep_dir)
+    swept = [row["layer"] for row in sweep.get("layers", [])]
+    fixed, fixed_params = fixed_weights(model, swept) if model is not None else ({}, 0)
+    if model is None:
+        logger.warning("no model for %s: weights outside the sweep are not counted in sizes", sweep_dir)
+    return build_problem(sweep, trials, fixed, fixed_params, candidates)

@@ -1,0 +1,135 @@
+"""Baselines and the Pareto front: uniform compression, the greedy planner, solved plans over a budget sweep.
+
+Greedy is the obvious heuristic the exact solver must beat: apply the least harmful (layer, spec)
+pairs in order until the budget is met. Uniform applies one spec to every swept layer.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import PlanError
+from .costs import Problem
+from .planner import Measure, plan_budget, plan_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Point:
+    """One plan on the size/metric plane."""
+
+    kind: str  # "solved" | "greedy" | "uniform"
+    label: str
+    bytes: int
+    bits_per_weight: float
+    predicted_drop: float
+    measured_metric: float | None = None
+    specs: dict[str, str] = field(default_factory=dict)
+
+
+def greedy(problem: Problem, max_bytes: int) -> dict[str, str]:
+    """Least predicted drop first: switch a layer to a pair whenever it makes the layer smaller, until it fits."""
+    current = {c.layer: c.options[0] for c in problem.choices}  # options[0] is fp16
+    total = sum(o.bytes for o in current.values()) + problem.fixed_bytes
+    pairs = sorted(((o.drop, o.bytes, ci, oi) for ci, c in enumerate(problem.choices)
+                    for oi, o in enumerate(c.options) if o.spec != "none"))
+    for _, size, ci, oi in pairs:
+        if total <= max_bytes:
+            break
+        layer = problem.choices[ci].layer
+        if size < current[layer].bytes:
+            total += size - current[layer].bytes
+            current[layer] = problem.choices[ci].options[oi]
+    if total > max_bytes:
+        raise PlanError(f"size budget {max_bytes:,} bytes", "greedy cannot reach it",
+                        f"the smallest size greedy reaches is {problem.describe_bytes(total)}")
+    return {layer: o.spec for layer, o in current.items()}
+
+
+def uniform_specs(problem: Problem) -> dict[str, dict[str, str]]:
+    """Each candidate spec that every swept layer has a trial for, applied to all of them."""
+    available = [{o.spec for o in c.options} for c in problem.choices]
+    specs = [s for s in dict.fromkeys(problem.candidates or [o.spec for c in problem.choices for o in c.options])
+             if s != "none" and all(s in a for a in available)]
+    return {s: {c.layer: s for c in problem.choices} for s in specs}
+
+
+def uniform_at_least(problem: Problem, size: int) -> tuple[str, dict[str, str]] | None:
+    """The smallest uniform plan whose size is at least ``size`` (None when every uniform plan is smaller)."""
+    sized = sorted((plan_bytes(problem, specs), name, specs) for name, specs in uniform_specs(problem).items())
+    return next(((name, specs) for b, name, specs in sized if b >= size), None)
+
+
+def point(problem: Problem, kind: str, label: str, specs: Mapping[str, str], measure: Measure | None) -> Point:
+    """Size, predicted drop and (with ``measure``) measured metric of one plan."""
+    from .planner import _predicted
+
+    size = plan_bytes(problem, specs)
+    return Point(kind, label, size, problem.bits_per_weight(size), _predicted(problem, specs),
+                 measure(specs) if measure is not None else None, dict(specs))
+
+
+def front(problem: Problem, bits: Sequence[float], measure: Measure | None = None) -> list[Point]:
+    """Solved and greedy plans at each bits-per-weight budget, plus every uniform plan."""
+    points: list[Point] = []
+    for bpw in bits:
+        max_bytes = problem.budget_bytes(bpw=bpw)
+        try:
+            solved = plan_budget(problem, max_bytes=max_bytes, label=f"{bpw:g} bpw")
+        except PlanError as exc:
+            logger.info("skipping %g bits per weight: %s", bpw, exc)
+            continue
+        points.append(point(problem, "solved", f"{bpw:g}", solved.specs, measure))
+        points.append(point(problem, "greedy", f"{bpw:g}", greedy(problem, max_bytes), measure))
+    for name, specs in uniform_specs(problem).items():
+        points.append(point(problem, "uniform", name, specs, measure))
+    return points
+
+
+def plot_front(problem: Problem, points: Sequence[Point], path: str | Path) -> Path:
+    """PNG: measured (else predicted) metric against bits per weight, solved vs greedy vs uniform."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..model.package import atomic_output
+
+    def y(p: Point) -> float:
+        if p.measured_metric is not None:
+            return p.measured_metric
+        return problem.baseline - p.predicted_drop if problem.higher_is_better else problem.baseline + p.predicted_drop
+
+    measured = all(p.measured_metric is not None for p in points)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for kind, style in (("solved", dict(marker="o", color="C0", lw=2)), ("greedy", dict(marker="s", color="C1", ls="--"))):
+        pts = sorted((p for p in points if p.kind == kind), key=lambda p: p.bits_per_weight)
+        if pts:
+            ax.plot([p.bits_per_weight for p in pts], [y(p) for p in pts], label=f"{kind} plan", **style)
+    uni = [p for p in points if p.kind == "uniform"]
+    if uni:
+        ax.scatter([p.bits_per_weight for p in uni], [y(p) for p in uni], marker="^", color="C2", zorder=3,
+                   label="uniform")
+        for p in uni:
+            ax.annotate(p.label, (p.bits_per_weight, y(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if problem.baseline == problem.baseline:
+        ax.axhline(problem.baseline, color="gray", ls=":", lw=1, label="fp16 baseline")
+    ax.set_xlabel("bits per weight (all weights, as stored by Core ML)")
+    ax.set_ylabel(f"{problem.metric} ({'measured, all layers compressed' if measured else 'predicted'})")
+    ax.set_title("size vs accuracy: solved plans, greedy baseline, uniform compression")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def points_json(points: Sequence[Point]) -> list[dict]:
+    """Points as plain dicts (for a JSON file next to the plot)."""
+    return [asdict(p) for p in points]

@@ -1,0 +1,166 @@
+"""Solve a budget, validate the plan with every layer compressed together, repair it, and emit it.
+
+Per-layer drops are measured one layer at a time, but drops do not add up exactly. Validation
+measures the whole plan; when it misses an accuracy budget, the measured excess is charged to the
+plan's compressed layers (in proportion to the bytes each saves) and the problem is re-solved. The
+failed plan is then predicted at its measured loss, so it can never come back, and the fp16 plan
+(no loss) is always feasible: repair ends with a plan that meets the budget or says it cannot.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from ..errors import PlanError
+from ..plan import Plan
+from ..spec import parse_spec
+from .costs import Problem
+from .solver import Choices, Option, Solution, smallest, solve
+
+logger = logging.getLogger(__name__)
+
+Measure = Callable[[Mapping[str, str]], float]  # {layer: spec} -> metric with all of them compressed
+
+
+@dataclass
+class Attempt:
+    """One solved plan and, when validated, its measured metric."""
+
+    specs: dict[str, str]
+    bytes: int  # all weights, fixed ones included
+    predicted_drop: float
+    measured_metric: float | None = None
+    measured_drop: float | None = None
+
+
+@dataclass
+class PlanResult:
+    """The chosen plan with its predicted and measured figures and the repair history."""
+
+    problem: Problem
+    specs: dict[str, str]
+    bytes: int
+    predicted_drop: float
+    budget: str
+    measured_metric: float | None = None
+    measured_drop: float | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.problem.bits_per_weight(self.bytes)
+
+    @property
+    def plan(self) -> Plan:
+        return make_plan(self.problem, self.specs)
+
+    def summary(self) -> str:
+        p = self.problem
+        lines = [f"budget: {self.budget}", f"size:   {p.describe_bytes(self.bytes)}",
+                 f"{p.metric}: baseline {p.baseline:.4f}, predicted drop {self.predicted_drop:.4f}"
+                 + (f", measured {self.measured_metric:.4f} (drop {self.measured_drop:.4f})"
+                    if self.measured_metric is not None else " (not measured)")]
+        if len(self.attempts) > 1:
+            lines.append(f"repaired in {len(self.attempts) - 1} round(s): "
+                         + "; ".join(f"pred {a.predicted_drop:.4f} -> measured {a.measured_drop:.4f}"
+                                     for a in self.attempts if a.measured_drop is not None))
+        return "\n".join(lines)
+
+
+def make_plan(problem: Problem, specs: Mapping[str, str]) -> Plan:
+    """A plan YAML in the foundation's format: per-layer overrides by torch path, the sweep's target."""
+    layers = {layer: parse_spec(spec) for layer, spec in specs.items()}
+    return Plan(global_spec=None, layers=layers, target=problem.target)
+
+
+def solve_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: float | None = None,
+                 choices: list[Choices] | None = None) -> Solution:
+    """Optimal plan: least predicted drop under ``max_bytes`` (all weights), or least bytes under ``max_drop``."""
+    choices = choices or problem.choices
+    room = None if max_bytes is None else max_bytes - problem.fixed_bytes
+    if room is not None:
+        least = smallest(choices).bytes + problem.fixed_bytes
+        if max_bytes < least:
+            raise PlanError(f"size budget {max_bytes:,} bytes", "is smaller than the most compressed plan",
+                            f"the smallest size reachable with these candidates is {problem.describe_bytes(least)}")
+    minimise = "drop" if max_bytes is not None else "bytes"
+    solution = solve(choices, max_bytes=room, max_drop=max_drop, minimise=minimise)
+    if solution is None:
+        what = f"predicted drop {max_drop:g}" + (f" within {max_bytes:,} bytes" if max_bytes is not None else "")
+        raise PlanError(f"budget {what}", "no plan meets it", "raise the drop budget or the size budget")
+    return solution
+
+
+def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: float | None = None,
+                measure: Measure | None = None, max_rounds: int = 10, label: str = "") -> PlanResult:
+    """Solve, then (with ``measure``) validate and repair against ``max_drop`` (metric units)."""
+    if max_bytes is None and max_drop is None:
+        raise PlanError("budget", "none given", "give a size budget (--bpw, --size, --ratio) or --max-drop")
+    if max_drop is not None and max_drop < 0:
+        raise PlanError(f"max drop {max_drop:g}", "is negative", "give a drop of 0 or more")
+    label = label or (problem.describe_bytes(max_bytes) if max_bytes is not None else f"drop <= {max_drop:g}")
+    choices = list(problem.choices)
+    attempts: list[Attempt] = []
+    rounds = max_rounds if measure is not None and max_drop is not None else 1
+    for round_no in range(rounds):
+        solution = solve_budget(problem, max_bytes=max_bytes, max_drop=max_drop, choices=choices)
+        specs = solution.specs(problem.choices)
+        attempt = Attempt(specs, solution.bytes + problem.fixed_bytes, _predicted(problem, specs))
+        attempts.append(attempt)
+        if measure is None:
+            return _result(problem, attempt, label, attempts)
+        attempt.measured_metric = measure(specs)
+        attempt.measured_drop = _drop(problem, attempt.measured_metric)
+        logger.info("plan of %d bytes: predicted drop %.5f, measured %.5f", attempt.bytes,
+                    attempt.predicted_drop, attempt.measured_drop)
+        if max_drop is None or attempt.measured_drop <= max_drop + 1e-12:
+            return _result(problem, attempt, label, attempts)
+        if round_no + 1 < rounds:
+            choices = _charge_excess(choices, solution, attempt.measured_drop - solution.drop)
+    best = min(attempts, key=lambda a: a.measured_drop if a.measured_drop is not None else math.inf)
+    raise PlanError(f"max drop {max_drop:g}", f"no plan met it in {len(attempts)} measured round(s) "
+                    f"(best measured drop {best.measured_drop:.4f} at {best.bytes:,} bytes)",
+                    "raise the drop budget, or allow more repair rounds")
+
+
+def _charge_excess(choices: list[Choices], solution: Solution, excess: float) -> list[Choices]:
+    """Add the measured excess loss to the plan's compressed options, weighted by bytes saved."""
+    saved = [max(c.options[0].bytes - c.options[i].bytes, 0) if c.options[i].spec != "none" else 0
+             for c, i in zip(choices, solution.picks)]
+    total = sum(saved)
+    if total == 0 or excess <= 0:
+        raise PlanError("plan validation", f"the fp16 plan itself measures {excess:+.4f} beyond its prediction",
+                        "check that the sweep's baseline was measured on this data and model")
+    out = []
+    for c, i, s in zip(choices, solution.picks, saved):
+        if s == 0:
+            out.append(c)
+            continue
+        options = list(c.options)
+        o = options[i]
+        options[i] = Option(o.spec, o.bytes, o.drop + excess * s / total)
+        out.append(Choices(c.layer, tuple(options)))
+    return out
+
+
+def _predicted(problem: Problem, specs: Mapping[str, str]) -> float:
+    """Sum of the sweep's single-layer drops (the additive prediction, before any repair charges)."""
+    by_layer = {c.layer: {o.spec: o.drop for o in c.options} for c in problem.choices}
+    return math.fsum(by_layer[layer][spec] for layer, spec in specs.items())
+
+
+def _drop(problem: Problem, metric: float) -> float:
+    return problem.baseline - metric if problem.higher_is_better else metric - problem.baseline
+
+
+def _result(problem: Problem, attempt: Attempt, label: str, attempts: list[Attempt]) -> PlanResult:
+    return PlanResult(problem, attempt.specs, attempt.bytes, attempt.predicted_drop, label, attempt.measured_metric,
+                      attempt.measured_drop, attempts)
+
+
+def plan_bytes(problem: Problem, specs: Mapping[str, str]) -> int:
+    """Predicted bytes of all weights for ``specs`` (swept layers) plus the fixed fp16 weights."""
+    by_layer = {c.layer: {o.spec: o.bytes for o in c.options} for c in problem.choices}
+    return sum(by_layer[layer][spec] for layer, spec in specs.items()) + problem.fixed_bytes

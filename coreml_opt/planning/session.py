@@ -1,0 +1,141 @@
+"""Planning from a sensitivity output folder: load it, solve budgets, measure plans, emit the package.
+
+``PlanningSession.open(DIR)`` rebuilds the swept model (BN folded, as Core ML sees it) and its
+evaluator from ``sweep.json``; plans are measured in PyTorch with every layer compressed together
+by the simulation engine, which equals the weights Core ML stores.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import PlanError
+from .costs import Problem, build_problem, drop_unit, fixed_weights
+from .pareto import Point, front, plot_front
+from .planner import PlanResult, plan_budget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanningSession:
+    """A sweep's planning problem plus (when the sweep names a model) its model and evaluator."""
+
+    problem: Problem
+    model: Any = None  # the BN-folded torch model, or None (sizes only, no measurement)
+    evaluator: Callable[[Any], float] | None = None
+    kmeans: str = "exact"
+    _cache: dict[frozenset, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, sweep_dir: str | os.PathLike, *, model: Any = None, evaluator: Callable[[Any], float] | None = None,
+             data: Any = None, candidates: Sequence[str] | None = None, measure: bool = True) -> "PlanningSession":
+        """Load ``sweep_dir``; the model and data default to the ones the sweep recorded."""
+        from ..model.convert import fold_batchnorm, load_factory
+        from ..sensitivity import load_sweep
+        from ..sensitivity.layers import fp16_copy
+
+        sweep, trials = load_sweep(sweep_dir)
+        source = model if model is not None else sweep.get("model")
+        original = load_factory(source) if isinstance(source, str) else source
+        # Folded and fp16 everywhere (biases too), exactly as the analyser measured its baseline.
+        folded = fp16_copy(fold_batchnorm(original)) if original is not None else None
+        swept = [p for row in sweep.get("layers", []) for p in [row["layer"], *row.get("aliases", [])]]
+        fixed, fixed_params = fixed_weights(folded, swept) if folded is not None else ({}, 0)
+        if folded is None:
+            logger.warning("%s names no model: weights outside the sweep are not counted, plans are not measured",
+                           sweep_dir)
+        problem = build_problem(sweep, trials, fixed, fixed_params, candidates)
+        if measure and evaluator is None and folded is not None:
+            if data is None and sweep.get("data") is None:
+                logger.warning("sweep.json records no data (it was not a path or factory): measuring on what the "
+                               "analyser uses without data; pass data= if the sweep used other data")
+            from ..sensitivity import make_evaluator
+
+            shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
+            evaluator = make_evaluator(original, data if data is not None else sweep.get("data"), problem.metric,
+                                       input_shape=shape)
+        return cls(problem, folded, evaluator if measure else None)
+
+    @property
+    def can_measure(self) -> bool:
+        return self.model is not None and self.evaluator is not None
+
+    def measure(self, specs: Mapping[str, str]) -> float:
+        """The metric with every layer of ``specs`` compressed together (fixed weights fp16)."""
+        from ..simulate import apply_plan
+
+        if not self.can_measure:
+            raise PlanError("plan validation", "the sweep names no model or data to measure with",
+                            "pass model= and data= to PlanningSession.open, or skip validation")
+        key = frozenset(specs.items())
+        if key not in self._cache:
+            assignment = {path: "none" for path in self.problem.fixed}
+            assignment.update(specs)
+            with apply_plan(self.model, assignment, kmeans=self.kmeans):
+                self._cache[key] = float(self.evaluator(self.model))
+        return self._cache[key]
+
+    def plan(self, *, size: str | int | None = None, bpw: float | None = None, ratio: float | None = None,
+             max_drop: float | None = None, validate: bool = True, max_rounds: int = 10) -> PlanResult:
+        """The optimal plan for a size budget and/or a drop budget (metric units), validated when possible."""
+        max_bytes = None
+        if any(v is not None for v in (size, bpw, ratio)):
+            max_bytes = self.problem.budget_bytes(size=size, bpw=bpw, ratio=ratio)
+        label = " and ".join(x for x in (
+            f"{bpw:g} bits per weight" if bpw is not None else "",
+            f"{ratio:g}x" if ratio is not None else "",
+            f"{max_bytes:,} bytes" if size is not None else "",
+            f"drop <= {max_drop:g} {self.problem.metric}" if max_drop is not None else "") if x)
+        measure = self.measure if validate and self.can_measure else None
+        if validate and max_drop is not None and measure is None:
+            logger.warning("cannot measure: the plan meets the drop budget by prediction only")
+        return plan_budget(self.problem, max_bytes=max_bytes, max_drop=max_drop, measure=measure,
+                           max_rounds=max_rounds, label=label)
+
+    def front(self, bits: Sequence[float] = (2, 3, 4, 5, 6, 8), plot: str | os.PathLike | None = None,
+              validate: bool = True) -> list[Point]:
+        """Solved, greedy and uniform plans over a bits-per-weight sweep; optionally a PNG plot."""
+        points = front(self.problem, bits, self.measure if validate and self.can_measure else None)
+        if plot is not None:
+            plot_front(self.problem, points, plot)
+        return points
+
+    def emit(self, result: PlanResult, output: str | os.PathLike, *, model_package: str | os.PathLike | None = None):
+        """Write the swept model compressed by the plan (data-free path); returns the CompressionReport."""
+        from ..compress import compress
+        from ..model.convert import convert
+
+        if model_package is not None:
+            return compress(model_package, result.plan, output)
+        sweep = self.problem.sweep
+        if self.model is None or not sweep.get("input_shape"):
+            raise PlanError("emit", "the sweep names no model and input shape to convert",
+                            "convert the model yourself and pass model_package=")
+        with tempfile.TemporaryDirectory(prefix="coreml-opt-plan-") as tmp:
+            package = Path(tmp) / "swept.mlpackage"
+            convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
+            return compress(package, result.plan, output)
+
+
+def plan_from_sweep(sweep_dir: str | os.PathLike, *, size: str | int | None = None, bpw: float | None = None,
+                    ratio: float | None = None, max_drop: float | None = None, validate: bool = True,
+                    output: str | os.PathLike | None = None, emit: str | os.PathLike | None = None,
+                    **open_kwargs: Any) -> PlanResult:
+    """One call: solve (and validate) a budget on a sweep, save the plan YAML, optionally emit the package."""
+    session = PlanningSession.open(sweep_dir, measure=validate, **open_kwargs)
+    result = session.plan(size=size, bpw=bpw, ratio=ratio, max_drop=max_drop, validate=validate)
+    if output is not None:
+        result.plan.save(output)
+    if emit is not None:
+        session.emit(result, emit)
+    return result
+
+
+def user_drop(points: float, problem: Problem) -> float:
+    """A drop the user gave in points (percent points for fraction metrics such as accuracy) -> metric units."""
+    return points * drop_unit(problem.metric, problem.sweep.get("unit"))
