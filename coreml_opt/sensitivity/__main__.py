@@ -1,0 +1,135 @@
+"""``python -m coreml_opt.sensitivity``: rank layers by accuracy drop; flags or one sweep YAML file."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import CoreMLOptError, DataError
+
+EPILOG = """examples:
+  python -m coreml_opt.sensitivity --model coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 \\
+      --data coreml_opt.sensitivity.examples:digits_heldout --metric accuracy --out sensitivity_out/digits
+  python -m coreml_opt.sensitivity --model coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 \\
+      --data calibration_data/digits --metric kl --candidates int8,pal4,pal2 --target iOS16 --out out/kl
+  python -m coreml_opt.sensitivity sensitivity/digits.yaml
+
+A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
+candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans).
+Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
+drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
+"""
+SWEEP_KEYS = {"model", "input_shape", "data", "metric", "candidates", "target", "out", "max_trials", "time_budget",
+              "weight_threshold", "all_layers", "batch_size", "kmeans"}
+
+
+def _shape(text: Any) -> tuple[int, ...]:
+    try:
+        values = text if isinstance(text, (list, tuple)) else str(text).replace("x", ",").split(",")
+        shape = tuple(int(v) for v in values)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: not comma-separated integers; use e.g. 1,1,8,8")
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: dimensions must be positive; use e.g. 1,1,8,8")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m coreml_opt.sensitivity", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Compress one layer at a time (simulated exactly as coremltools would) "
+                                            "and rank layers by the metric drop.")
+    p.add_argument("sweep", nargs="?", help="sweep YAML file (e.g. sensitivity/digits.yaml) instead of the options")
+    p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn")
+    p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--data", help="evaluation data: calibration folder, .npz (x, y) or package.module:fn "
+                                  "returning data, e.g. calibration_data/digits; omitted: seeded random inputs")
+    p.add_argument("--metric", default="top1", help="accuracy (needs labels), psnr, sqnr, kl, top1, cosine "
+                                                    "or package.module:fn (model -> float, higher is better); "
+                                                    "default top1 (agreement with the fp32 model)")
+    p.add_argument("--candidates", help="comma-separated specs, e.g. int8,int4/block32,pal4,pal2,prune50; "
+                                        "default int8,int4/block32,pal6,pal4,pal2,prune50 filtered to --target")
+    p.add_argument("--target", default="iOS18", help="deployment target, e.g. iOS16, iOS17, iOS18 (default)")
+    p.add_argument("--out", help="output directory, e.g. sensitivity_out/digits (holds the resumable store)")
+    p.add_argument("--max-trials", type=int, help="run at most N new trials, then save partial results, e.g. 10")
+    p.add_argument("--time-budget", type=float, help="stop starting trials after S seconds, e.g. 120")
+    p.add_argument("--weight-threshold", type=int, default=2048,
+                   help="only weights with more elements are layers (coremltools' default 2048)")
+    p.add_argument("--all-layers", action="store_true", help="include every conv/linear/embedding weight")
+    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
+    p.add_argument("--kmeans", choices=("exact", "fast"), default="exact",
+                   help="exact: coremltools' own k-means (default); fast: the batched k-means a plan with "
+                        "`kmeans: fast` emits")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
+    return p
+
+
+def _from_yaml(path: str, args: argparse.Namespace) -> argparse.Namespace:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(path, "does not exist", "pass a sweep YAML file such as sensitivity/digits.yaml")
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        raise DataError(path, "is not valid YAML", "fix the syntax") from None
+    if not isinstance(doc, dict):
+        raise DataError(path, "is not a mapping of sweep fields", "see sensitivity/digits.yaml")
+    unknown = set(doc) - SWEEP_KEYS
+    if unknown:
+        raise DataError(path, f"has unknown field(s) {sorted(unknown)}", f"use only {sorted(SWEEP_KEYS)}")
+    for key, value in doc.items():
+        if key == "input_shape":
+            try:
+                value = _shape(value)
+            except argparse.ArgumentTypeError as exc:
+                raise DataError(path, str(exc), "write e.g. input_shape: [1, 1, 8, 8]") from None
+        if key == "candidates" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        setattr(args, key, value)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        if args.sweep:
+            args = _from_yaml(args.sweep, args)
+        if not args.model or not args.input_shape:
+            parser.error("--model and --input-shape are required (or pass a sweep YAML file)")
+        from . import analyse
+        from .outputs import bytes_table, header_lines, ranked_table, timing_lines
+
+        result = analyse(args.model, args.input_shape, args.data, metric=args.metric, candidates=args.candidates,
+                         target=args.target, out_dir=args.out, max_trials=args.max_trials,
+                         time_budget=args.time_budget, progress=not args.no_progress,
+                         weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
+                         batch_size=args.batch_size, kmeans=args.kmeans)
+    except CoreMLOptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(header_lines(result)))
+    print()
+    print(ranked_table(result))
+    print()
+    print(bytes_table(result))
+    print()
+    print("\n".join(timing_lines(result)))
+    if args.out:
+        print(f"wrote {os.path.join(args.out, '')}{{trials.csv,trials.json,sweep.json,summary.md,heatmap.png}}")
+    return 0 if result.complete else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The layers a sweep compresses: the compressible weights of the BN-folded model, named both ways.
+
+A layer is one weight tensor, named by its torch parameter path and by the Core ML const that
+conversion gives it (``features.3.weight`` -> ``features_3_weight_to_fp16``). Weights shared by
+several modules (tied embeddings) are one layer whose ``aliases`` list the other paths: Core ML
+stores them once, so they must take one spec.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..simulate import infer_op_type
+from ..storage import predicted_bytes
+
+DEFAULT_WEIGHT_THRESHOLD = 2048
+_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One compressible weight (or a group of tied ones) of the folded model."""
+
+    layer: str  # torch parameter path, e.g. "features.3.weight"
+    coreml_name: str  # e.g. "features_3_weight_to_fp16"
+    op_type: str  # "conv" | "conv_transpose" | "linear" | "gather"
+    shape: tuple[int, ...]
+    params: int
+    fp16_bytes: int
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        out = {"layer": self.layer, "coreml_name": self.coreml_name, "op_type": self.op_type,
+               "shape": list(self.shape), "params": self.params, "fp16_bytes": self.fp16_bytes}
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        return out
+
+
+def coreml_const_name(param_path: str) -> str:
+    """The Core ML const a traced torch parameter becomes (see model/convert.py)."""
+    return param_path.replace(".", "_") + "_to_fp16"
+
+
+def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
+                include_all: bool = False, ios18_ops: bool = True) -> list[Layer]:
+    """Compressible conv/linear/embedding weights (ndim >= 2, > ``weight_threshold`` elements), in model order."""
+    by_tensor: dict[int, list[tuple[str, nn.Module]]] = {}
+    order: list[int] = []
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, _WEIGHT_MODULES):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+            continue
+        key = id(weight)
+        if key not in by_tensor:
+            by_tensor[key] = []
+            order.append(key)
+        path = f"{module_path}.weight" if module_path else "weight"
+        if path not in [p for p, _ in by_tensor[key]]:
+            by_tensor[key].append((path, module))
+    layers = []
+    for key in order:
+        (path, module), *rest = by_tensor[key]
+        weight = module.weight
+        if not include_all and weight.numel() <= weight_threshold:
+            continue
+        op_type = infer_op_type(module)
+        shape = tuple(int(d) for d in weight.shape)
+        layers.append(Layer(path, coreml_const_name(path), op_type, shape, int(weight.numel()),
+                            predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),
+                            tuple(p for p, _ in rest)))
+    return layers
+
+
+def fp16_copy(model: nn.Module) -> nn.Module:
+    """Deep copy whose floating parameters and buffers hold fp16 values (what Core ML stores)."""
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for tensor in [*out.parameters(), *out.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.float16).to(tensor.dtype))
+    return out
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 of the model class and every parameter/buffer (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__};".encode())
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{list(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

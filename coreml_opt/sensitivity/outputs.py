@@ -1,0 +1,193 @@
+"""Sweep outputs: ranked tables, trials.csv/json, sweep.json, summary.md and heatmap.png.
+
+Layers are ranked most sensitive first (largest worst-case drop). Accuracy-like metrics (unit
+"fraction") are shown as percentage points in tables and the heatmap; files keep raw values.
+Every file is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from ..report.tables import format_table, human_bytes, markdown_table
+from .layers import Layer
+
+CSV_COLUMNS = ("layer", "coreml_name", "op_type", "spec", "params", "bytes", "fp16_bytes", "metric",
+               "baseline_metric", "drop", "seconds")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON with NaN written as null, atomically."""
+    _atomic_write(path, (json.dumps(_no_nan(obj), indent=2) + "\n").encode())
+
+
+def _no_nan(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
+def fmt_drop(value: Optional[float], unit: str) -> str:
+    """A drop in display units: percentage points for fractions, else the metric's own unit."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:+.2f}" if unit == "fraction" else f"{value:+.4g}"
+
+
+def drop_label(result) -> str:
+    unit = {"fraction": "points", "dB": "dB", "nats": "nats"}.get(result.unit, "")
+    return f"{result.metric} drop" + (f" ({unit})" if unit else "")
+
+
+def ranked_layers(result) -> list[Layer]:
+    """Layers, most sensitive (largest worst-case drop) first."""
+    worst = {layer.layer: -math.inf for layer in result.layers}
+    for t in result.trials:
+        if not math.isnan(t.drop):
+            worst[t.layer] = max(worst[t.layer], t.drop)
+    return sorted(result.layers, key=lambda layer: -worst[layer.layer])
+
+
+def _grid(result) -> dict[tuple[str, str], Any]:
+    return {(t.layer, t.spec): t for t in result.trials}
+
+
+def ranked_table(result, markdown: bool = False) -> str:
+    """Layers x candidates table of drops, most sensitive layer first."""
+    grid = _grid(result)
+    headers = ["rank", "layer", "op", "params", *result.candidates]
+    rows = []
+    for rank, layer in enumerate(ranked_layers(result), 1):
+        cells = [fmt_drop(grid[(layer.layer, s)].drop, result.unit) if (layer.layer, s) in grid else "n/a"
+                 for s in result.candidates]
+        rows.append([rank, layer.layer, layer.op_type, layer.params, *cells])
+    return markdown_table(headers, rows) if markdown else format_table(headers, rows)
+
+
+def bytes_table(result, markdown: bool = False) -> str:
+    """Bytes each candidate would store per layer, next to fp16."""
+    grid = _grid(result)
+    headers = ["layer", "fp16", *result.candidates]
+    rows = [[layer.layer, human_bytes(layer.fp16_bytes),
+             *[human_bytes(grid[(layer.layer, s)].bytes) if (layer.layer, s) in grid else "n/a"
+               for s in result.candidates]] for layer in result.layers]
+    return markdown_table(headers, rows) if markdown else format_table(headers, rows)
+
+
+def timing_lines(result) -> list[str]:
+    t = result.timing
+    total = t.get("total") or sum(v for k, v in t.items() if k != "total")
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in t.items() if k != "total")
+    return [f"sweep time {total:.2f} s: {parts}",
+            f"trials: {result.ran} run now, {result.reused} from the store, {result.pending} pending"]
+
+
+def header_lines(result) -> list[str]:
+    unit = result.unit if result.unit != "fraction" else ""
+    val = (lambda v: f"{100 * v:.2f} %") if result.unit == "fraction" else (lambda v: f"{v:.4g} {unit}".strip())
+    lines = [f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
+             f"fp16 baseline {val(result.baseline)}, fp32 {val(result.fp32_metric)} "
+             f"(fp32 -> fp16 drop {fmt_drop(result.fp16_drop, result.unit)})"]
+    for item in result.skipped_candidates:
+        lines.append(f"skipped candidate {item['spec']}: {item['reason']}")
+    for item in result.skipped_trials:
+        lines.append(f"skipped {item['layer']} x {item['spec']}: {item['reason']}")
+    if not result.complete:
+        lines.append(f"PARTIAL: {result.pending} trial(s) not run yet; rerun the same command to resume")
+    return lines
+
+
+def summary_markdown(result) -> str:
+    """The Markdown summary: setup, ranked drops, bytes, time split."""
+    out = ["# Sensitivity sweep", ""]
+    out += [f"- model: `{result.model or 'in-memory module'}`, input {result.input_shape}, target {result.target}",
+            f"- data: `{result.data or 'in-memory'}`", *[f"- {line}" for line in header_lines(result)],
+            f"- drop = how much worse than the fp16 baseline with only that layer compressed "
+            f"({'percentage points' if result.unit == 'fraction' else result.unit or 'metric units'})", ""]
+    out += [f"## {drop_label(result)}, most sensitive layer first", "", ranked_table(result, markdown=True), ""]
+    out += ["## Bytes per layer", "", bytes_table(result, markdown=True), ""]
+    out += ["## Time", "", *[f"- {line}" for line in timing_lines(result)], ""]
+    out += ["Files: `trials.csv`, `trials.json`, `sweep.json`, `heatmap.png`, `sensitivity.sqlite`.", ""]
+    return "\n".join(out)
+
+
+def trials_csv(result) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for t in result.trials:
+        row = t.to_dict()
+        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def write_heatmap(result, path: Path) -> None:
+    """Layers x candidates, colour = drop; each cell annotated, n/a cells grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = ranked_layers(result)
+    grid = _grid(result)
+    scale = 100.0 if result.unit == "fraction" else 1.0
+    values = np.full((len(layers), len(result.candidates)), np.nan)
+    for i, layer in enumerate(layers):
+        for j, spec in enumerate(result.candidates):
+            if (layer.layer, spec) in grid:
+                values[i, j] = grid[(layer.layer, spec)].drop * scale
+    finite = values[np.isfinite(values)]
+    vmax = max(float(finite.max()) if finite.size else 0.0, 1e-9)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(result.candidates), 1.2 + 0.45 * len(layers)))
+    cmap = plt.get_cmap("Reds").copy()
+    cmap.set_bad("#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=min(0.0, float(finite.min()) if finite.size
+                                                                          else 0.0), vmax=vmax, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            text = "n/a" if np.isnan(v) else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(v) and v > 0.6 * vmax else "black")
+    ax.set_xticks(range(len(result.candidates)), result.candidates, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [layer.layer for layer in layers])
+    ax.set_title(f"{drop_label(result)} vs fp16 baseline", fontsize=10)
+    fig.colorbar(image, ax=ax, label=drop_label(result))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buffer.getvalue())
+
+
+def write_outputs(result, out_dir: Path) -> None:
+    """trials.csv, trials.json, sweep.json, summary.md and heatmap.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    _atomic_write(out_dir / "trials.csv", trials_csv(result).encode())
+    write_json(out_dir / "trials.json", [t.to_dict() for t in result.trials])
+    write_json(out_dir / "sweep.json", result.sweep_dict())
+    _atomic_write(out_dir / "summary.md", summary_markdown(result).encode())
+    write_heatmap(result, out_dir / "heatmap.png")

@@ -1,0 +1,86 @@
+"""The straightforward trial, measured with coremltools itself: the yardstick for the fast sweep.
+
+One trial: coremltools compresses the ``.mlpackage`` with an op_name config for that one layer,
+``decompress_weights`` expands it back to fp16, every const is copied into the BN-folded torch
+model, and the model is evaluated in full. Slow (two MIL pipelines per trial) but independent of
+the simulation engine, so tests and the benchmark use it to check and time the sweep.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..spec import Spec, parse_spec
+from .layers import Layer, coreml_const_name
+
+logger = logging.getLogger(__name__)
+
+_PASSES = {"quantize": "linear_quantize_weights", "palettize": "palettize_weights", "prune": "prune_weights"}
+
+
+def compress_one_layer(mlmodel, layer: Layer, spec: Spec | str, lut_function: Optional[Callable] = None):
+    """The MLModel with only ``layer`` compressed by ``spec`` (op_name config keyed by its const name)."""
+    import coremltools.optimize.coreml as cto
+
+    spec = parse_spec(spec)
+    out = mlmodel
+    for position, part in enumerate(spec.parts):
+        if part.technique == "palettize" and lut_function is not None:
+            config = part.coreml_config(0, lut_function=lut_function)
+        else:
+            config = part.coreml_config(0)
+        technique = "quantize" if part.technique == "lut" else part.technique
+        # After a first pass the const is renamed; later passes find the weight by its consumer op.
+        name = layer.coreml_name if position == 0 else _consumer_op(out, layer.coreml_name)
+        opt = cto.OptimizationConfig(op_name_configs={name: config})
+        out = getattr(cto, _PASSES[technique])(out, opt, joint_compression=position > 0)
+    return out
+
+
+def _consumer_op(mlmodel, const_name: str) -> str:
+    for op in mlmodel._mil_program.functions["main"].operations:
+        if any(const_name in (getattr(v, "name", "") or "") for v in op.inputs.values()
+               if not isinstance(v, (list, tuple))) and not op.op_type.startswith("constexpr"):
+            return op.name
+    raise KeyError(const_name)
+
+
+def decompressed_consts(mlmodel) -> dict[str, np.ndarray]:
+    """Const name -> value of every tensor const after ``decompress_weights``."""
+    import coremltools.optimize.coreml as cto
+
+    program = cto.decompress_weights(mlmodel)._mil_program
+    out = {}
+    for op in program.functions["main"].operations:
+        value = op.outputs[0].val if op.op_type == "const" else None
+        if isinstance(value, np.ndarray) and value.dtype in (np.float16, np.float32):
+            out[op.outputs[0].name] = value
+    return out
+
+
+def load_consts(model: nn.Module, consts: dict[str, np.ndarray]) -> nn.Module:
+    """A copy of ``model`` whose parameters hold the Core ML consts (decompressed names included)."""
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for path, param in out.named_parameters():
+            base = coreml_const_name(path)
+            value = next((v for name, v in consts.items()
+                          if (name == base or name.startswith(base + "_")) and v.shape == tuple(param.shape)), None)
+            if value is None:
+                logger.debug("no Core ML const for %s; using its fp16 rounding", path)
+                param.copy_(param.to(torch.float16).to(param.dtype))
+            else:
+                param.copy_(torch.from_numpy(value.astype(np.float32)))
+    return out
+
+
+def coreml_trial(mlmodel, folded: nn.Module, layer: Layer, spec: Spec | str,
+                 evaluate: Callable[[nn.Module], float], lut_function: Optional[Callable] = None) -> float:
+    """The metric of ``folded`` with the weights coremltools emits when it compresses only ``layer``."""
+    compressed = compress_one_layer(mlmodel, layer, spec, lut_function)
+    return evaluate(load_consts(folded, decompressed_consts(compressed)))

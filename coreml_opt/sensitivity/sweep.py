@@ -1,0 +1,324 @@
+"""``analyse``: compress one layer at a time with the simulation engine and measure the metric drop.
+
+The baseline is the whole BN-folded model with fp16 weights (what Core ML stores); each trial
+swaps one layer's weight for its simulated compressed value, evaluates, and restores it. Trials
+are stored as they finish (see store.py), so sweeps resume, and evaluated from cached activations
+where the model allows (see suffix.py), which changes no result.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelError, SpecError
+from ..metrics import get_metric
+from ..model.convert import fold_batchnorm
+from ..simulate import SimCache, apply_spec
+from ..spec import Spec, parse_spec
+from ..storage import predicted_bytes
+from ..targets import target_name, target_rank
+from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
+from .store import STORE_NAME, ResultStore
+from .suffix import SuffixRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LADDER: tuple[str, ...] = ("int8", "int4/block32", "pal6", "pal4", "pal2", "prune50")
+
+
+@dataclass
+class Trial:
+    """One (layer, spec) measurement; ``drop`` > 0 means worse than the fp16 baseline."""
+
+    layer: str
+    coreml_name: str
+    op_type: str
+    spec: str
+    params: int
+    bytes: int
+    fp16_bytes: int
+    metric: float
+    baseline_metric: float
+    drop: float
+    seconds: float
+    from_store: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class SweepResult:
+    """Every trial of a sweep plus what it was measured against."""
+
+    trials: list[Trial]
+    baseline: float
+    fp32_metric: float
+    layers: list[Layer]
+    skipped_candidates: list[dict[str, str]]
+    skipped_trials: list[dict[str, str]]
+    metric: str
+    higher_is_better: bool
+    unit: str
+    candidates: list[str]
+    target: str
+    model: Optional[str] = None
+    data: Optional[str] = None
+    input_shape: list[int] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    ran: int = 0
+    reused: int = 0
+    pending: int = 0
+    out_dir: Optional[Path] = None
+
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0
+
+    @property
+    def fp16_drop(self) -> float:
+        """How much worse the fp16 model is than fp32 (positive = worse)."""
+        diff = self.fp32_metric - self.baseline
+        return diff if self.higher_is_better else -diff
+
+    def sweep_dict(self) -> dict[str, Any]:
+        """The ``sweep.json`` document the planner reads."""
+        return {"model": self.model, "input_shape": self.input_shape, "data": self.data, "metric": self.metric,
+                "target": self.target, "candidates": self.candidates, "baseline": self.baseline,
+                "fp32_metric": self.fp32_metric, "fp16_drop": self.fp16_drop,
+                "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
+                "unit": self.unit, "skipped_candidates": self.skipped_candidates,
+                "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
+                "ran": self.ran, "reused": self.reused, "timing": self.timing}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.sweep_dict(), "trials": [t.to_dict() for t in self.trials]}
+
+
+def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
+                       target: str) -> tuple[list[Spec], list[dict[str, str]]]:
+    """Parsed candidates; the default ladder drops (and reports) specs the target cannot run."""
+    rank = target_rank(target)
+    if candidates is None:
+        specs = [parse_spec(s) for s in DEFAULT_LADDER]
+        kept = [s for s in specs if s.min_target <= rank]
+        skipped = [{"spec": str(s), "reason": f"needs iOS{s.min_target}, target is {target}"}
+                   for s in specs if s.min_target > rank]
+        return kept, skipped
+    items = [c for c in candidates.split(",")] if isinstance(candidates, str) else list(candidates)
+    out: list[Spec] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        spec = parse_spec(item)
+        if spec.is_none:
+            raise SpecError(f"candidate {item!r}", "leaves the layer uncompressed, which is the baseline",
+                            "list only compression specs, e.g. int8,pal4")
+        if spec.min_target > rank:
+            raise SpecError(f"candidate {spec}", f"needs iOS{spec.min_target} but the target is {target}",
+                            f"drop it or pass --target iOS{spec.min_target}")
+        if str(spec) not in map(str, out):
+            out.append(spec)
+    if not out:
+        raise SpecError("candidates", "is empty", "list specs, e.g. int8,pal4,pal2")
+    return out, []
+
+
+def _check_runs(model: nn.Module, shape: tuple[int, ...], label: str, evaluator: Evaluator) -> None:
+    for what, x in (("an example input of shape " + str(list(shape)), torch.rand(shape)),
+                    ("the evaluation data", evaluator.batches[0][:1] if evaluator.batches else None)):
+        if x is None:
+            continue
+        try:
+            with torch.no_grad():
+                run_batches(model, [x])
+        except Exception as exc:
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ModelError(label, f"fails on {what} ({type(exc).__name__}: {line})",
+                             "pass the input shape and data the model expects") from None
+
+
+def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], data: Any = None,
+            metric: Union[str, Callable[[nn.Module], float]] = "top1",
+            candidates: Union[str, Sequence[Union[str, Spec]], None] = None, target: str = "iOS18",
+            out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
+            time_budget: Optional[float] = None, progress: bool = True, *,
+            weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
+            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
+    """Rank layers by the metric drop each candidate spec causes when only that layer is compressed."""
+    start = time.perf_counter()
+    timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
+              "store": 0.0, "outputs": 0.0}
+    shape = tuple(int(d) for d in example_input_shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise ModelError(f"input shape {list(shape)}", "must be positive integers", "use e.g. 1,1,8,8")
+    target = target_name(target)
+    specs, skipped_candidates = resolve_candidates(candidates, target)
+    module, factory = resolve_model(model)
+    label = factory or type(module).__name__
+    if callable(metric) or ":" in str(metric):
+        evaluator = Evaluator(metric, None)
+    else:
+        get_metric(str(metric))  # a bad name fails before any data is read
+        evaluator = Evaluator(metric, resolve_data(data, shape), None, batch_size)
+    folded = fold_batchnorm(module)
+    _check_runs(folded, shape, label, evaluator)
+    base = fp16_copy(folded)
+    layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
+    if not layers:
+        raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
+                         "pass --all-layers or a lower --weight-threshold")
+    timing["setup"] = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    if evaluator.user_fn is None:
+        evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+        fp32_metric = evaluator.score([evaluator.reference])
+        baseline_outputs = run_batches(base, evaluator.batches)
+        baseline = evaluator.score(baseline_outputs)
+    else:
+        fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
+    timing["baseline"] = time.perf_counter() - t0
+    del folded
+    logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
+                label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
+
+    t0 = time.perf_counter()
+    runner = None
+    if use_suffix and evaluator.user_fn is None:
+        runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
+        runner.prepare(evaluator.batches, baseline_outputs)
+        logger.info("cached activations: %d of %d layers evaluate only their suffix",
+                    len(runner.available), len(layers))
+    timing["activation_cache"] = time.perf_counter() - t0
+
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out_path / STORE_NAME if out_path else None, model_hash(base), evaluator.data_hash,
+                        evaluator.name)
+    done = store.finished()
+    ios18 = target_rank(target) >= 18
+    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
+    plan: list[tuple[Layer, Spec]] = []
+    skipped_trials: list[dict[str, str]] = []
+    for layer in layers:
+        for spec in specs:
+            problem = spec.shape_problem(layer.shape, layer.op_type)
+            if problem:
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
+            else:
+                plan.append((layer, spec))
+    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    reused = len(plan) - len(pending)
+    ran = 0
+    new_keys: set[tuple[str, str]] = set()
+    cache = SimCache()
+    runnable = pending[:max_trials] if max_trials is not None else pending
+    prefetch = _Prefetcher(runnable, weights, cache, kmeans)
+    bar = _progress(len(runnable), progress)
+    try:
+        for i, (layer, spec) in enumerate(runnable):
+            if time_budget is not None and time.perf_counter() - start >= time_budget:
+                logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
+                break
+            t0 = time.perf_counter()
+            prefetch.wait(i)
+            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+                t1 = time.perf_counter()
+                if evaluator.user_fn is not None:
+                    value = evaluator(base)
+                else:
+                    outputs = runner.outputs(layer.layer) if runner is not None else None
+                    value = evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches))
+            t2 = time.perf_counter()
+            store.add(layer.layer, str(spec), value, t2 - t0)
+            timing["compression"] += t1 - t0
+            timing["evaluation"] += t2 - t1
+            timing["store"] += time.perf_counter() - t2
+            done[(layer.layer, str(spec))] = (value, t2 - t0)
+            new_keys.add((layer.layer, str(spec)))
+            ran += 1
+            bar.update(1)
+    finally:
+        prefetch.close()
+        bar.close()
+        store.close()
+
+    trials = []
+    for layer, spec in plan:
+        found = done.get((layer.layer, str(spec)))
+        if found is None:
+            continue
+        value, seconds = found
+        nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18,
+                                 weight=weights[layer.layer].to(torch.float16).cpu().numpy())
+        trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
+                            layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
+                            from_store=(layer.layer, str(spec)) not in new_keys))
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
+                         evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target, factory,
+                         data if isinstance(data, str) else None, list(shape), timing, ran, reused,
+                         len(plan) - len(trials), out_path)
+    if out_path is not None:
+        from .outputs import write_outputs
+
+        t0 = time.perf_counter()
+        write_outputs(result, out_path)
+        timing["outputs"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - start
+    if out_path is not None:  # sweep.json carries the final timing
+        from .outputs import write_json
+
+        write_json(out_path / "sweep.json", result.sweep_dict())
+    return result
+
+
+class _Prefetcher:
+    """Simulates upcoming trials' weights on worker threads while the main thread evaluates.
+
+    Workers read private copies of the fp16 weights (the model's own are swapped during trials)
+    and fill the simulation cache, which ``apply_spec`` then hits: results are unchanged."""
+
+    def __init__(self, trials: list[tuple[Layer, Spec]], weights: dict[str, torch.Tensor], cache: SimCache,
+                 kmeans: str) -> None:
+        self.trials, self.weights, self.cache, self.kmeans = trials, weights, cache, kmeans
+        # Exact k-means (coremltools' own) dominates a trial; fast k-means is cheaper than the threads.
+        workers = min(4, torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
+        self.window = 2 * workers
+        self.futures: dict[int, Future] = {}
+        self.submitted = 0
+
+    def wait(self, i: int) -> None:
+        """Block until trial ``i``'s simulated weight is cached (raising its error, if any)."""
+        if self.pool is None:
+            return
+        while self.submitted < min(len(self.trials), i + 1 + self.window):
+            layer, spec = self.trials[self.submitted]
+            self.futures[self.submitted] = self.pool.submit(self.cache.get, spec, self.weights[layer.layer],
+                                                            layer.op_type, self.kmeans)
+            self.submitted += 1
+        self.futures.pop(i).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar with ETA on a terminal, a no-op otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sensitivity", unit="trial", disable=not enabled or not sys.stderr.isatty(),
+                leave=False)
