@@ -162,8 +162,7 @@ def write_heatmap(result, path: Path) -> None:
     finite = values[np.isfinite(values)]
     vmax = max(float(finite.max()) if finite.size else 0.0, 1e-9)
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(result.candidates), 1.2 + 0.45 * len(layers)))
-    cmap = plt.get_cmap("Reds").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("Reds").with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=min(0.0, float(finite.min()) if finite.size
                                                                           else 0.0), vmax=vmax, aspect="auto")
     for i in range(values.shape[0]):
