@@ -31,12 +31,15 @@ class Point:
 
 
 def greedy(problem: Problem, max_bytes: int) -> dict[str, str]:
-    """Least predicted drop first: switch a layer to a pair whenever it makes the layer smaller, until it fits."""
+    """Least predicted drop first (milder spec first among equal drops): switch a layer to a pair whenever it
+    makes the layer smaller, until the plan fits."""
     current = {c.layer: c.options[0] for c in problem.choices}  # options[0] is fp16
     total = sum(o.bytes for o in current.values()) + problem.fixed_bytes
-    pairs = sorted(((o.drop, o.bytes, ci, oi) for ci, c in enumerate(problem.choices)
+    # Equal drops: the larger (milder) spec is the less harmful, so it goes first.
+    pairs = sorted(((o.drop, -o.bytes, ci, oi) for ci, c in enumerate(problem.choices)
                     for oi, o in enumerate(c.options) if o.spec != "none"))
-    for _, size, ci, oi in pairs:
+    for _, neg_size, ci, oi in pairs:
+        size = -neg_size
         if total <= max_bytes:
             break
         layer = problem.choices[ci].layer
@@ -73,12 +76,12 @@ def point(problem: Problem, kind: str, label: str, specs: Mapping[str, str], mea
 
 
 def front(problem: Problem, bits: Sequence[float], measure: Measure | None = None) -> list[Point]:
-    """Solved and greedy plans at each bits-per-weight budget, plus every uniform plan."""
+    """Solved and greedy plans at each bits-per-weight budget, plus every uniform plan (measured with ``measure``)."""
     points: list[Point] = []
     for bpw in bits:
         max_bytes = problem.budget_bytes(bpw=bpw)
-        try:
-            solved = plan_budget(problem, max_bytes=max_bytes, label=f"{bpw:g} bpw")
+        try:  # the planner's own output: validated and repaired when it can measure
+            solved = plan_budget(problem, max_bytes=max_bytes, measure=measure, label=f"{bpw:g} bpw")
         except PlanError as exc:
             logger.info("skipping %g bits per weight: %s", bpw, exc)
             continue
@@ -109,12 +112,21 @@ def plot_front(problem: Problem, points: Sequence[Point], path: str | Path) -> P
         pts = sorted((p for p in points if p.kind == kind), key=lambda p: p.bits_per_weight)
         if pts:
             ax.plot([p.bits_per_weight for p in pts], [y(p) for p in pts], label=f"{kind} plan", **style)
+    planned = [y(p) for p in points if p.kind != "uniform"] + [problem.baseline]
+    planned = [v for v in planned if v == v]
+    bottom = None
+    if planned:  # zoom on the plans; uniform points far below are drawn on the bottom edge
+        low, high = min(planned), max(planned)
+        span = max(high - low, 1e-3 * max(abs(high), 1.0))
+        bottom = low - 0.3 * span
+        ax.set_ylim(bottom, high + 0.15 * span)
     uni = [p for p in points if p.kind == "uniform"]
     if uni:
-        ax.scatter([p.bits_per_weight for p in uni], [y(p) for p in uni], marker="^", color="C2", zorder=3,
-                   label="uniform")
-        for p in uni:
-            ax.annotate(p.label, (p.bits_per_weight, y(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        shown = [max(y(p), bottom) if bottom is not None else y(p) for p in uni]
+        ax.scatter([p.bits_per_weight for p in uni], shown, marker="^", color="C2", zorder=3, label="uniform")
+        for p, v in zip(uni, shown):
+            text = p.label if v == y(p) else f"{p.label} ({y(p):.3g}, off scale)"
+            ax.annotate(text, (p.bits_per_weight, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if problem.baseline == problem.baseline:
         ax.axhline(problem.baseline, color="gray", ls=":", lw=1, label="fp16 baseline")
     ax.set_xlabel("bits per weight (all weights, as stored by Core ML)")

@@ -94,8 +94,13 @@ def solve_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: fl
 
 
 def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: float | None = None,
-                measure: Measure | None = None, max_rounds: int = 10, label: str = "") -> PlanResult:
-    """Solve, then (with ``measure``) validate and repair against ``max_drop`` (metric units)."""
+                measure: Measure | None = None, max_rounds: int = 10, refine_rounds: int = 3,
+                label: str = "") -> PlanResult:
+    """Solve, then (with ``measure``) validate and repair.
+
+    With ``max_drop`` (metric units) repair runs until a plan measures within it, up to ``max_rounds``.
+    With a size budget alone, a plan that measures worse than predicted is repaired up to
+    ``refine_rounds`` times, and the best measured plan within the budget is returned."""
     if max_bytes is None and max_drop is None:
         raise PlanError("budget", "none given", "give a size budget (--bpw, --size, --ratio) or --max-drop")
     if max_drop is not None and max_drop < 0:
@@ -103,9 +108,14 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
     label = label or (problem.describe_bytes(max_bytes) if max_bytes is not None else f"drop <= {max_drop:g}")
     choices = list(problem.choices)
     attempts: list[Attempt] = []
-    rounds = max_rounds if measure is not None and max_drop is not None else 1
+    rounds = 1 if measure is None else max_rounds if max_drop is not None else max(refine_rounds, 1)
     for round_no in range(rounds):
-        solution = solve_budget(problem, max_bytes=max_bytes, max_drop=max_drop, choices=choices)
+        try:
+            solution = solve_budget(problem, max_bytes=max_bytes, max_drop=max_drop, choices=choices)
+        except PlanError:
+            if not attempts:
+                raise
+            break  # repair charges left no plan within both budgets
         specs = solution.specs(problem.choices)
         attempt = Attempt(specs, solution.bytes + problem.fixed_bytes, _predicted(problem, specs))
         attempts.append(attempt)
@@ -115,24 +125,31 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
         attempt.measured_drop = _drop(problem, attempt.measured_metric)
         logger.info("plan of %d bytes: predicted drop %.5f, measured %.5f", attempt.bytes,
                     attempt.predicted_drop, attempt.measured_drop)
-        if max_drop is None or attempt.measured_drop <= max_drop + 1e-12:
+        if max_drop is not None and attempt.measured_drop <= max_drop + 1e-12:
             return _result(problem, attempt, label, attempts)
+        if max_drop is None and attempt.measured_drop <= solution.drop + 1e-12:
+            break  # the prediction held
         if round_no + 1 < rounds:
-            choices = _charge_excess(choices, solution, attempt.measured_drop - solution.drop)
-    best = min(attempts, key=lambda a: a.measured_drop if a.measured_drop is not None else math.inf)
+            charged = _charge_excess(choices, solution, attempt.measured_drop - solution.drop)
+            if charged is None:
+                break
+            choices = charged
+    best = min(attempts, key=lambda a: a.measured_drop)  # the first (least repaired) among equals
+    if max_drop is None:
+        return _result(problem, best, label, attempts)
     raise PlanError(f"max drop {max_drop:g}", f"no plan met it in {len(attempts)} measured round(s) "
                     f"(best measured drop {best.measured_drop:.4f} at {best.bytes:,} bytes)",
-                    "raise the drop budget, or allow more repair rounds")
+                    "raise the drop budget (or the size budget), or allow more repair rounds")
 
 
-def _charge_excess(choices: list[Choices], solution: Solution, excess: float) -> list[Choices]:
-    """Add the measured excess loss to the plan's compressed options, weighted by bytes saved."""
+def _charge_excess(choices: list[Choices], solution: Solution, excess: float) -> list[Choices] | None:
+    """Add the measured excess loss to the plan's compressed options, weighted by bytes saved (None: nothing to charge)."""
     saved = [max(c.options[0].bytes - c.options[i].bytes, 0) if c.options[i].spec != "none" else 0
              for c, i in zip(choices, solution.picks)]
     total = sum(saved)
     if total == 0 or excess <= 0:
-        raise PlanError("plan validation", f"the fp16 plan itself measures {excess:+.4f} beyond its prediction",
-                        "check that the sweep's baseline was measured on this data and model")
+        logger.warning("plan measured %+.5f beyond its prediction with nothing compressed to charge it to", excess)
+        return None
     out = []
     for c, i, s in zip(choices, solution.picks, saved):
         if s == 0:

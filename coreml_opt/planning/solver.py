@@ -56,15 +56,20 @@ def totals(layers: Sequence[Choices], picks: Sequence[int]) -> tuple[int, float]
             math.fsum(c.options[i].drop for c, i in zip(layers, picks)))
 
 
-def pareto_options(options: Iterable[Option]) -> list[int]:
-    """Indices of options no other option beats on both bytes and loss (ties keep the first)."""
+def pareto_options(options: Iterable[Option], keep_equal_loss: bool = False) -> list[int]:
+    """Indices of options no other option beats on both bytes and loss (exact duplicates keep the first).
+
+    ``keep_equal_loss`` keeps larger options whose loss equals a smaller one's, for the most-bytes tie-break."""
     indexed = sorted(enumerate(options), key=lambda t: (t[1].bytes, t[1].drop, t[0]))
     kept: list[int] = []
     best_drop = math.inf
+    seen: set[tuple[int, float]] = set()
     for i, option in indexed:
-        if option.drop < best_drop:
+        if option.drop < best_drop or (keep_equal_loss and option.drop == best_drop
+                                       and (option.bytes, option.drop) not in seen):
             kept.append(i)
-            best_drop = option.drop
+            best_drop = min(best_drop, option.drop)
+            seen.add((option.bytes, option.drop))
     return kept
 
 
@@ -89,7 +94,7 @@ def solve(layers: Sequence[Choices], *, max_bytes: int | None = None, max_drop: 
         if not c.options:
             raise PlanError(f"layer {c.layer!r}", "has no options", "give every layer at least its fp16 option")
     # Dominated options can never be needed: drop them (exactness is unchanged, the program shrinks).
-    kept = [pareto_options(c.options) for c in layers]
+    kept = [pareto_options(c.options, keep_equal_loss=minimise == "drop") for c in layers]
     sub = [Choices(c.layer, tuple(c.options[i] for i in k)) for c, k in zip(layers, kept)]
     first = _milp(sub, minimise, max_bytes, max_drop, time_limit)
     if first is None:

@@ -1,0 +1,93 @@
+"""Planner benchmark on the example digits CNN: solved plan vs uniform compression vs greedy, measured.
+
+Runs (or reuses) a sensitivity sweep of the example model, then at 3, 4 and 5 bits per weight
+(all weights, as Core ML stores them) prints the measured held-out accuracy, with every layer
+compressed together by the simulation engine, of:
+  solved   the planner's plan (exact knapsack, validated),
+  uniform  one spec for every swept layer: the smallest uniform plan at least as large as the solved one,
+  greedy   least-harmful (layer, spec) pairs applied in order until the budget is met.
+The last line is a JSON object of the measured accuracies. It asserts nothing.
+
+usage: python bench/planner.py [--out out/bench-planner] [--plot front.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+CANDIDATES = ["int8", "pal6", "pal4", "pal3", "pal2", "pal1", "int4/block32", "pal4/g16", "pal3/g16", "pal2/g16"]
+BITS = (3, 4, 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/bench-planner", help="folder for the sweep and the plot")
+    parser.add_argument("--plot", help="Pareto plot PNG (default OUT/front.png)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+    from coreml_opt.planning import PlanningSession, greedy, plan_bytes, uniform_at_least
+    from coreml_opt.report.tables import format_table
+    from coreml_opt.sensitivity import analyse
+
+    out = Path(args.out)
+    sweep_dir = out / "sweep"
+    analyse("coreml_opt.zoo:digits_cnn", (1, 1, 8, 8), "coreml_opt.sensitivity.examples:digits_heldout", "accuracy",
+            candidates=CANDIDATES, out_dir=sweep_dir, progress=False)  # resumes from its store when present
+    session = PlanningSession.open(sweep_dir)
+    problem = session.problem
+    print(f"digits CNN: {len(problem.layers)} swept layers + {len(problem.fixed)} fixed fp16 weights, "
+          f"{problem.total_params:,} weights, fp16 {problem.fp16_bytes:,} bytes; baseline accuracy "
+          f"{problem.baseline:.4f}; candidates {', '.join(CANDIDATES)}")
+    rows, results = [], {}
+    for bits in BITS:
+        max_bytes = problem.budget_bytes(bpw=bits)
+        solved = session.plan(bpw=bits)
+        uniform = uniform_at_least(problem, solved.bytes)
+        greedy_specs = greedy(problem, max_bytes)
+        entry = {"solved": solved.measured_metric}
+        rows.append([f"{bits}", "solved", solved.bytes, solved.bits_per_weight, solved.predicted_drop,
+                     solved.measured_metric, _specs(problem, solved.specs)])
+        if uniform is not None:
+            name, specs = uniform
+            size = plan_bytes(problem, specs)
+            entry["uniform"] = session.measure(specs)
+            rows.append(["", f"uniform {name}", size, problem.bits_per_weight(size), _pred(problem, specs),
+                         entry["uniform"], name])
+        else:
+            entry["uniform"] = None
+            rows.append(["", "uniform", None, None, None, None, "no uniform plan is as large"])
+        size = plan_bytes(problem, greedy_specs)
+        entry["greedy"] = session.measure(greedy_specs)
+        rows.append(["", "greedy", size, problem.bits_per_weight(size), _pred(problem, greedy_specs),
+                     entry["greedy"], _specs(problem, greedy_specs)])
+        results[str(bits)] = entry
+    print(format_table(["bpw", "plan", "bytes", "bits/w", "pred drop", "measured acc", "specs (swept layers)"], rows))
+    plot = Path(args.plot) if args.plot else out / "front.png"
+    session.front((2, 2.5, 3, 3.5, 4, 5, 6, 8), plot=plot)
+    never_worse = all(r["solved"] >= max(v for v in (r["uniform"], r["greedy"]) if v is not None) - 1e-12
+                      for r in results.values())
+    better = any(r["solved"] > min(v for v in (r["uniform"], r["greedy"]) if v is not None) + 1e-12
+                 for r in results.values())
+    print(f"solved never worse than uniform and greedy: {never_worse}; better somewhere: {better}; plot: {plot}")
+    print(json.dumps(results))
+    return 0
+
+
+def _specs(problem, specs: dict[str, str]) -> str:
+    return " ".join(specs[info.layer] for info in problem.layers)
+
+
+def _pred(problem, specs: dict[str, str]) -> float:
+    from coreml_opt.planning.planner import _predicted
+
+    return _predicted(problem, specs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
