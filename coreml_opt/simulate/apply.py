@@ -41,7 +41,7 @@ def _parameter(model: nn.Module, path: str) -> tuple[nn.Parameter, nn.Module]:
 def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types: Mapping[str, str] | None = None,
                kmeans: str = "exact", cache: SimCache | None = None) -> Iterator[dict[str, SimResult]]:
     """Within the block, each ``{param path: spec}`` weight holds its simulated value; restored after."""
-    cache = cache or default_cache()
+    cache = cache if cache is not None else default_cache()
     saved: dict[str, torch.Tensor] = {}
     results: dict[str, SimResult] = {}
     try:

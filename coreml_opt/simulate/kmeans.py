@@ -43,10 +43,6 @@ def _key_values(keys: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float16).to(torch.float64)
 
 
-def _interval_stats(cum: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    return cum.gather(1, bounds[:, 1:]) - cum.gather(1, bounds[:, :-1])
-
-
 def _seeds(counts: torch.Tensor, cum_n: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
     """Seed sets per group (seeds, groups, k): quantiles of the values, of the distinct values, of
     the Panter-Dite density p^(1/3) (the high-resolution optimum), and a uniform grid."""
@@ -98,34 +94,47 @@ def _kmeanspp_seeds(counts: torch.Tensor, values: torch.Tensor, k: int, runs: in
     return torch.stack(out)
 
 
-def _lloyd(centroids: torch.Tensor, values: torch.Tensor, cum_n: torch.Tensor, cum_s: torch.Tensor) -> torch.Tensor:
-    """Lloyd iterations on interval clusters until no boundary moves (each group independently)."""
-    rows, span = cum_n.shape[0], cum_n.shape[1] - 1
-    edges = torch.full((rows, 1), span, device=values.device, dtype=torch.int64)
-    start = torch.zeros((rows, 1), device=values.device, dtype=torch.int64)
+def _bounds(centroids: torch.Tensor, kmin: int, span: int) -> torch.Tensor:
+    """Bin boundaries (groups, runs, k+1) of nearest-centroid cells: bins with value <= a midpoint
+    go left. Works on fp16 keys directly (the bins are all fp16 values from kmin on)."""
+    mids = (centroids[..., :-1] + centroids[..., 1:]) / 2
+    near = mids.to(torch.float32).to(torch.float16)  # within one fp16 step of the midpoint
+    keys = _ordered_keys(near) - (near.to(torch.float64) > mids).to(torch.int32)
+    inner = (keys - kmin + 1).clamp(0, span).to(torch.int64)
+    shape = (*centroids.shape[:-1], 1)
+    return torch.cat([inner.new_zeros(shape), inner, inner.new_full(shape, span)], -1)
+
+
+def _stats(cum: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Per-cell totals from a prefix sum (groups, span+1) and bounds (groups, runs, k+1)."""
+    groups, runs, edges = bounds.shape
+    at = cum.gather(1, bounds.reshape(groups, -1)).view(groups, runs, edges)
+    return at[..., 1:] - at[..., :-1]
+
+
+def _lloyd(centroids: torch.Tensor, kmin: int, span: int, cum_n: torch.Tensor, cum_s: torch.Tensor) -> torch.Tensor:
+    """Lloyd iterations on interval cells (groups, runs, k) until no boundary moves in any run.
+
+    A run whose boundaries repeat is at a fixed point and stays there, so a group's result never
+    depends on when the other groups converge.
+    """
     previous = None
     for _ in range(MAX_LLOYD_ITERS):
-        centroids = centroids.sort(1).values
-        mids = ((centroids[:, :-1] + centroids[:, 1:]) / 2).contiguous()
-        bounds = torch.cat([start, torch.searchsorted(values, mids, right=True), edges], 1)
+        centroids = centroids.sort(-1).values
+        bounds = _bounds(centroids, kmin, span)
         if previous is not None and torch.equal(bounds, previous):
             break
         previous = bounds
-        count = _interval_stats(cum_n, bounds)
-        total = _interval_stats(cum_s, bounds)
-        centroids = torch.where(count > 0, total / count.clamp(min=1), centroids)
+        count = _stats(cum_n, bounds)
+        centroids = torch.where(count > 0, _stats(cum_s, bounds) / count.clamp(min=1), centroids)
     return centroids
 
 
-def _sse(centroids: torch.Tensor, values: torch.Tensor, cum_n, cum_s, cum_q) -> torch.Tensor:
-    """Squared error of nearest-centroid assignment, from prefix sums (O(groups x k))."""
-    rows, span = cum_n.shape[0], cum_n.shape[1] - 1
-    mids = ((centroids[:, :-1] + centroids[:, 1:]) / 2).contiguous()
-    bounds = torch.cat([torch.zeros((rows, 1), dtype=torch.int64, device=values.device),
-                        torch.searchsorted(values, mids, right=True),
-                        torch.full((rows, 1), span, dtype=torch.int64, device=values.device)], 1)
-    n, s, q = (_interval_stats(c, bounds) for c in (cum_n, cum_s, cum_q))
-    return (q - 2 * centroids * s + centroids * centroids * n).sum(1)
+def _sse(centroids: torch.Tensor, kmin: int, span: int, cum_n, cum_s, cum_q) -> torch.Tensor:
+    """Squared error of nearest-centroid assignment from prefix sums: (groups, runs)."""
+    bounds = _bounds(centroids, kmin, span)
+    n, s, q = (_stats(c, bounds) for c in (cum_n, cum_s, cum_q))
+    return (q - 2 * centroids * s + centroids * centroids * n).sum(-1)
 
 
 def kmeans_scalar_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,23 +148,22 @@ def kmeans_scalar_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     kmin, kmax = int(keys.min()), int(keys.max())
     span = kmax - kmin + 1
     values = _key_values(torch.arange(kmin, kmax + 1, device=x.device, dtype=torch.int32))
-    flat = (keys - kmin) + torch.arange(groups, device=x.device, dtype=torch.int32)[:, None] * span
-    counts = torch.bincount(flat.reshape(-1).to(torch.int64), minlength=groups * span)
-    counts = counts.view(groups, span).to(torch.float64)
+    flat = (keys - kmin).to(torch.int64)
+    flat += torch.arange(0, groups * span, span, device=x.device, dtype=torch.int64)[:, None]
+    flat = flat.reshape(-1)
+    del keys
+    counts = torch.bincount(flat, minlength=groups * span).view(groups, span).to(torch.float64)
     zero = torch.zeros(groups, 1, dtype=torch.float64, device=x.device)
     cum_n = torch.cat([zero, counts.cumsum(1)], 1)
     cum_s = torch.cat([zero, (counts * values).cumsum(1)], 1)
     cum_q = torch.cat([zero, (counts * values * values).cumsum(1)], 1)
 
-    seeds = _seeds(counts, cum_n, values, k)  # (seeds, groups, k)
+    seeds = _seeds(counts, cum_n, values, k)  # (runs, groups, k)
     if n < KMEANS1D_MIN_VALUES:  # a sparse histogram traps Lloyd: add k-means++ seeds
         seeds = torch.cat([seeds, _kmeanspp_seeds(counts, values, k)])
-    runs = seeds.shape[0]
-    rep = lambda t: t.repeat(runs, 1)  # noqa: E731
-    centroids = _lloyd(seeds.reshape(runs * groups, k), values, rep(cum_n), rep(cum_s))
-    sse = _sse(centroids, values, rep(cum_n), rep(cum_s), rep(cum_q)).view(runs, groups)
-    best = sse.argmin(0)
-    centroids = centroids.view(runs, groups, k)[best, torch.arange(groups, device=x.device)]
+    centroids = _lloyd(seeds.transpose(0, 1).contiguous(), kmin, span, cum_n, cum_s)
+    best = _sse(centroids, kmin, span, cum_n, cum_s, cum_q).argmin(1)
+    centroids = centroids[torch.arange(groups, device=x.device), best]
 
     distinct = (counts > 0).sum(1)
     few = distinct <= k
@@ -166,13 +174,12 @@ def kmeans_scalar_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         slot = torch.arange(k, device=x.device)[None, :] < distinct[few][:, None]
         centroids[few] = torch.where(slot, taken, last)
     lut = h(centroids.sort(1).values.to(torch.float32))
-    return lut, nearest_indices(x, lut)
-
-
-def nearest_indices(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of each row's sorted ``lut`` (ties go to the lower entry)."""
-    mids = ((lut[:, :-1].to(torch.float64) + lut[:, 1:].to(torch.float64)) / 2).contiguous()
-    return torch.searchsorted(mids, x.to(torch.float64).contiguous(), right=False)
+    # Nearest fp16 palette entry per bin (ties to the lower entry), then per element by its key.
+    bounds = _bounds(lut.to(torch.float64)[:, None], kmin, span)[:, 0, 1:-1]
+    marks = torch.zeros(groups, span + 1, dtype=torch.int64, device=x.device)
+    marks.scatter_add_(1, bounds, torch.ones_like(bounds))
+    bin_index = marks.cumsum(1)[:, :span]
+    return lut, bin_index.reshape(-1)[flat].view(groups, n)
 
 
 def kmeans_vector_fast(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:

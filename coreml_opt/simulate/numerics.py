@@ -51,6 +51,8 @@ def numpy_percentile_fp16(sorted_at, n: int, q_percent: float) -> float:
         if bool(np.isnan(virtual)):
             previous = np.asarray(np.float16(-1))
             nxt = np.asarray(np.float16(-1))
+        if not bool(np.isfinite(virtual)):
+            return float("nan")  # gamma is inf or NaN: numpy's lerp yields NaN whatever the values
         prev_i = previous.astype(np.intp)
         next_i = nxt.astype(np.intp)
         gamma = np.asarray(virtual - prev_i, dtype=np.float16)

@@ -28,9 +28,10 @@ def _percentile_prune(w16: torch.Tensor, magnitude: torch.Tensor, target_sparsit
     if q == 0:
         return w16.clone()
     threshold = numpy_percentile_fp16(kth_smallest_getter(magnitude), magnitude.numel(), q)
-    if threshold != threshold:  # NaN: numpy's fp16 index overflowed
+    if threshold != threshold:  # NaN: numpy's fp16 index overflowed, nothing compares <= NaN
         logger.warning("coremltools prunes nothing from a weight of %d values: np.percentile of its fp16 "
                        "magnitudes overflows to NaN above 65,519 values", magnitude.numel())
+        return w16
     return torch.where(magnitude <= threshold, torch.zeros_like(w16), w16)
 
 
@@ -102,5 +103,4 @@ def simulate_prune(spec: PruneSpec | ThresholdPruneSpec, w16: torch.Tensor, op_t
     pruned = prune_values(spec, w16, op_type)
     if isinstance(pruned, str):
         return skipped(w16, pruned, spec)
-    mask = pruned != 0
-    return SimResult(pruned, {"mask": mask, "nonzero_data": pruned[mask]})
+    return SimResult(pruned, {"mask": pruned != 0})  # nonzero_data is weight[mask]
