@@ -119,6 +119,27 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_xcode_prep(args: argparse.Namespace) -> int:
+    from .xcode import issue_for_error, prepare, resolve_arguments
+
+    plan = args.config
+    try:
+        model, plan, output = resolve_arguments(args.model, args.config, args.output, os.environ)
+        result = prepare(model, plan, output, force=args.force, env=os.environ)
+    except CoreMLOptError as exc:
+        print(issue_for_error(exc, plan), file=sys.stderr)
+        return 2
+    for issue in result.warnings:
+        print(issue, file=sys.stderr)
+    if result.status == "up-to-date":
+        print(f"coreml-opt: {result.output} is up to date (model, plan and versions unchanged)")
+    else:
+        report = result.report
+        print(f"coreml-opt: wrote {result.output} ({report.bytes_before} -> {report.bytes_after} weight bytes, "
+              f"{', '.join(report.passes) or 'no compression'})")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreml-opt", description=__doc__.splitlines()[0] if __doc__ else None,
@@ -162,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", help="compress with one spec instead of the example plan")
     p.add_argument("-c", "--config", help="plan YAML instead of the example plan")
     p.set_defaults(func=cmd_example)
+
+    p = sub.add_parser("xcode-prep", help="Xcode Run Script step: compress by a plan, skip when inputs are unchanged",
+                       description="example: coreml-opt xcode-prep \"$SRCROOT/Models/Digits.mlpackage\" "
+                                   "-c \"$SRCROOT/Models/digits-plan.yaml\" -o \"$DERIVED_FILE_DIR/Digits.mlpackage\"; "
+                                   "omitted arguments come from SCRIPT_INPUT_FILE_n (the .mlpackage and the .yaml) "
+                                   "and SCRIPT_OUTPUT_FILE_0")
+    p.add_argument("model", nargs="?", help="input .mlpackage (default: the .mlpackage among SCRIPT_INPUT_FILE_n)")
+    p.add_argument("-c", "--config", help="plan YAML (default: the .yaml among SCRIPT_INPUT_FILE_n)")
+    p.add_argument("-o", "--output", help="output .mlpackage (default: SCRIPT_OUTPUT_FILE_0)")
+    p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
+    p.set_defaults(func=cmd_xcode_prep)
     return parser
 
 

@@ -1,0 +1,148 @@
+"""The Xcode build-phase step: skips unchanged inputs, reruns on change, reproducible bytes, Xcode issue lines."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from coreml_opt.errors import PlanError
+from coreml_opt.plan import Plan
+from coreml_opt.xcode import declared_file_warnings, issue_for_error, prepare, resolve_arguments, stamp_path
+
+PLAN = """\
+target: iOS18
+global: pal4/g16
+op_types:
+  linear: int4/block32
+layers:
+  classifier.0: int8
+skip: [features.0]
+"""
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Relative path -> (mtime_ns, bytes) of every file and folder under ``root`` (folders: empty bytes)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in [root, *sorted(root.rglob("*"))]}
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def plan_file(tmp_path) -> Path:
+    path = tmp_path / "digits-plan.yaml"
+    path.write_text(PLAN)
+    return path
+
+
+def test_second_run_does_not_compress_and_leaves_output_untouched(tmp_path, example_mlpackage, plan_file,
+                                                                  monkeypatch, caplog):
+    output = tmp_path / "derived" / "Digits.mlpackage"
+    # First run as Xcode calls it: no arguments, files from the Run Script phase's environment.
+    for key, value in {"SCRIPT_INPUT_FILE_COUNT": "2", "SCRIPT_INPUT_FILE_0": str(plan_file),
+                       "SCRIPT_INPUT_FILE_1": str(example_mlpackage), "SCRIPT_OUTPUT_FILE_COUNT": "1",
+                       "SCRIPT_OUTPUT_FILE_0": str(output)}.items():
+        monkeypatch.setenv(key, value)
+    code, out, err = run_cli("xcode-prep")
+    assert code == 0, err
+    assert f"wrote {output}" in out and "error:" not in err and "warning:" not in err
+    assert stamp_path(output).is_file() and not (output / stamp_path(output).name).exists()
+    before = _snapshot(output)
+
+    caplog.set_level(logging.INFO, logger="coreml_opt")
+    result = prepare(example_mlpackage, plan_file, output, env=os.environ)
+    assert result.status == "up-to-date" and result.report is None and result.warnings == []
+    assert not any("compressing" in r.getMessage() for r in caplog.records)
+    assert any("up to date" in r.getMessage() for r in caplog.records)
+
+    code, out, err = run_cli("xcode-prep", str(example_mlpackage), "-c", str(plan_file), "-o", str(output))
+    assert code == 0 and "is up to date" in out and "wrote" not in out
+    assert _snapshot(output) == before  # bytes and mtimes of every file and folder
+
+
+def test_changed_plan_or_tampered_output_reruns(tmp_path, example_mlpackage, plan_file):
+    output = tmp_path / "Digits.mlpackage"
+    first = prepare(example_mlpackage, plan_file, output)
+    assert first.status == "compressed"
+    int4 = {w.name for w in first.report.weights if w.spec == "int4/block32"}
+    plan_file.write_text(PLAN.replace("linear: int4/block32", "linear: int8"))
+    second = prepare(example_mlpackage, plan_file, output)
+    assert second.status == "compressed"
+    assert int4 and {w.name for w in second.report.weights if w.spec == "int8"} >= int4
+    assert {w.name: w.compression for w in second.report.weights if w.name in int4} != \
+           {w.name: w.compression for w in first.report.weights if w.name in int4}
+    (output / "Manifest.json").write_text((output / "Manifest.json").read_text() + " ")
+    assert prepare(example_mlpackage, plan_file, output).status == "compressed"
+    assert prepare(example_mlpackage, plan_file, output).status == "up-to-date"
+
+
+def test_same_inputs_give_byte_identical_packages_across_processes(tmp_path, example_mlpackage, plan_file):
+    here = tmp_path / "a" / "Digits.mlpackage"
+    there = tmp_path / "b" / "Other.mlpackage"
+    prepare(example_mlpackage, plan_file, here)
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "coreml_opt", "xcode-prep", str(example_mlpackage),
+                           "-c", str(plan_file), "-o", str(there)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = _contents(here), _contents(there)
+    assert sorted(a) == ["Data/com.apple.CoreML/model.mlmodel", "Data/com.apple.CoreML/weights/weight.bin",
+                         "Manifest.json"]
+    assert a == b
+
+
+def test_bad_plan_prints_xcode_error_with_plan_line_and_writes_nothing(tmp_path, example_mlpackage):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("target: iOS18\nglobal: pal4/g16\nlayers:\n  featurs.3: int8\n")
+    output = tmp_path / "out" / "Digits.mlpackage"
+    code, out, err = run_cli("xcode-prep", str(example_mlpackage), "-c", str(plan), "-o", str(output))
+    assert code != 0
+    assert err.startswith(f"{plan}:4: error: layer 'featurs.3': matches no weight in the model; did you mean "
+                          "'features.3'"), err
+    assert not output.exists() and not stamp_path(output).exists()
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ("global: pal4\nop_types:\n  conv: pal3/g7x\n", 3, "op_types.conv"),
+    ("global: pal4\nlayers:\n  a: int8\n  b: int5\n", 4, "layers.b"),
+    ("target: iOS18\nglobl: pal4\n", 2, "unknown field(s) ['globl']"),
+    ("global: int8\ntarget: iOS99\n", 2, "unknown deployment target 'iOS99'"),
+    ("global: int8\nkmeans: slow\n\n", 2, "kmeans 'slow'"),
+    ("global: int8\nlayers:\n  a: [int8\n", 4, "not valid YAML"),
+])
+def test_plan_errors_point_at_their_yaml_line(tmp_path, text, line, fragment):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    with pytest.raises(Exception) as info:
+        Plan.load(plan)
+    issue = issue_for_error(info.value, plan)
+    assert (issue.file, issue.line) == (plan, line)
+    assert str(issue).startswith(f"{plan}:{line}: error: ") and fragment in str(issue)
+
+
+def test_errors_without_a_plan_line_are_plain_xcode_errors(tmp_path, plan_file):
+    code, _, err = run_cli("xcode-prep", str(tmp_path / "missing.mlpackage"), "-c", str(plan_file),
+                           "-o", str(tmp_path / "o.mlpackage"))
+    assert code != 0 and err.startswith(f"error: {tmp_path / 'missing.mlpackage'}: does not exist")
+    issue = issue_for_error(PlanError("weight 'w'", "was skipped by coremltools", "choose another spec"), plan_file)
+    assert str(issue) == "error: weight 'w': was skipped by coremltools; choose another spec"
+
+
+def test_missing_arguments_and_undeclared_files(tmp_path):
+    env = {"SCRIPT_INPUT_FILE_COUNT": "1", "SCRIPT_INPUT_FILE_0": "/p/Models/Digits.mlpackage"}
+    with pytest.raises(Exception, match="plan"):
+        resolve_arguments(None, None, "/d/out.mlpackage", env)
+    code, _, err = run_cli("xcode-prep")
+    assert code != 0 and err.startswith("error: xcode-prep MODEL: was not given")
+    model, plan, output = Path("/p/Models/Digits.mlpackage"), Path("/p/plan.yaml"), Path("/d/Digits.mlpackage")
+    warnings = [str(w) for w in declared_file_warnings(model, plan, output, env)]
+    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
+    assert "/p/plan.yaml is not among the Run Script phase's Input Files" in warnings[0]
+    assert "Output Files" in warnings[1]
+    assert declared_file_warnings(model, plan, output, {}) == []
