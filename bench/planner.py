@@ -84,9 +84,9 @@ def _specs(problem, specs: dict[str, str]) -> str:
 
 
 def _pred(problem, specs: dict[str, str]) -> float:
-    from coreml_opt.planning.planner import _predicted
+    from coreml_opt.planning.planner import predicted_drop
 
-    return _predicted(problem, specs)
+    return predicted_drop(problem, specs)
 
 
 if __name__ == "__main__":

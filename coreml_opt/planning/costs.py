@@ -11,7 +11,6 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import PlanError
@@ -159,15 +158,3 @@ def fixed_weights(model, swept: Sequence[str], ios18_ops: bool = True) -> tuple[
         out[path] = predicted_bytes("none", tuple(param.shape), infer_op_type(module), ios18_ops=ios18_ops)
         params += param.numel()
     return out, params
-
-
-def load_problem(sweep_dir: str | Path, model=None, candidates: Sequence[str] | None = None) -> Problem:
-    """The planning problem of a sensitivity output folder; ``model`` (folded) supplies the fixed weights."""
-    from ..sensitivity import load_sweep
-
-    sweep, trials = load_sweep(sweep_dir)
-    swept = [row["layer"] for row in sweep.get("layers", [])]
-    fixed, fixed_params = fixed_weights(model, swept) if model is not None else ({}, 0)
-    if model is None:
-        logger.warning("no model for %s: weights outside the sweep are not counted in sizes", sweep_dir)
-    return build_problem(sweep, trials, fixed, fixed_params, candidates)

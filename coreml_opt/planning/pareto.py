@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from ..errors import PlanError
 from .costs import Problem
-from .planner import Measure, plan_budget, plan_bytes
+from .planner import Measure, plan_budget, plan_bytes, predicted_drop
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,8 @@ def uniform_at_least(problem: Problem, size: int) -> tuple[str, dict[str, str]] 
 
 def point(problem: Problem, kind: str, label: str, specs: Mapping[str, str], measure: Measure | None) -> Point:
     """Size, predicted drop and (with ``measure``) measured metric of one plan."""
-    from .planner import _predicted
-
     size = plan_bytes(problem, specs)
-    return Point(kind, label, size, problem.bits_per_weight(size), _predicted(problem, specs),
+    return Point(kind, label, size, problem.bits_per_weight(size), predicted_drop(problem, specs),
                  measure(specs) if measure is not None else None, dict(specs))
 
 

@@ -63,9 +63,10 @@ class PlanResult:
                  + (f", measured {self.measured_metric:.4f} (drop {self.measured_drop:.4f})"
                     if self.measured_metric is not None else " (not measured)")]
         if len(self.attempts) > 1:
-            lines.append(f"repaired in {len(self.attempts) - 1} round(s): "
-                         + "; ".join(f"pred {a.predicted_drop:.4f} -> measured {a.measured_drop:.4f}"
-                                     for a in self.attempts if a.measured_drop is not None))
+            lines.append(f"{len(self.attempts)} plans solved and measured (predicted -> measured drop): "
+                         + "; ".join(f"{a.predicted_drop:.4f} -> {a.measured_drop:.4f}"
+                                     for a in self.attempts if a.measured_drop is not None) + "; kept the last "
+                         "that met the budget, or the best measured")
         return "\n".join(lines)
 
 
@@ -117,7 +118,7 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
                 raise
             break  # repair charges left no plan within both budgets
         specs = solution.specs(problem.choices)
-        attempt = Attempt(specs, solution.bytes + problem.fixed_bytes, _predicted(problem, specs))
+        attempt = Attempt(specs, solution.bytes + problem.fixed_bytes, predicted_drop(problem, specs))
         attempts.append(attempt)
         if measure is None:
             return _result(problem, attempt, label, attempts)
@@ -162,7 +163,7 @@ def _charge_excess(choices: list[Choices], solution: Solution, excess: float) ->
     return out
 
 
-def _predicted(problem: Problem, specs: Mapping[str, str]) -> float:
+def predicted_drop(problem: Problem, specs: Mapping[str, str]) -> float:
     """Sum of the sweep's single-layer drops (the additive prediction, before any repair charges)."""
     by_layer = {c.layer: {o.spec: o.drop for o in c.options} for c in problem.choices}
     return math.fsum(by_layer[layer][spec] for layer, spec in specs.items())
