@@ -23,7 +23,6 @@ def _quiet_coremltools(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -146,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and coremltools' own messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("sensitivity", add_help=False,
+                   help="rank layers by metric drop (see `coreml-opt sensitivity --help`)")
 
     p = sub.add_parser("convert", help="convert a PyTorch model to an ML Program, keeping PyTorch weight names",
                        description="example: coreml-opt convert coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 "
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="plan YAML instead of the example plan")
     p.set_defaults(func=cmd_example)
 
+    from .planning.cli import add_plan_parser
+
+    add_plan_parser(sub)  # `coreml-opt plan DIR --bpw 4 | --size 12MB | --max-drop 0.5`
+
     p = sub.add_parser("xcode-prep", help="Xcode Run Script step: compress by a plan, skip when inputs are unchanged",
                        description="example: coreml-opt xcode-prep \"$SRCROOT/Models/Digits.mlpackage\" "
                                    "-c \"$SRCROOT/Models/digits-plan.yaml\" -o \"$DERIVED_FILE_DIR/Digits.mlpackage\"; "
@@ -199,9 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run the subcommand; user errors become one line on stderr and exit code 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_coremltools(args.verbose)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    verbose = "-v" in argv or "--verbose" in argv
+    # tqdm reads TQDM_DISABLE when it is imported, so set it before anything imports coremltools.
+    os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")
+    _quiet_coremltools(verbose)
+    if argv[:1] == ["sensitivity"]:  # same options as `python -m coreml_opt.sensitivity`
+        from .sensitivity.__main__ import main as sensitivity_main
+
+        return sensitivity_main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except CoreMLOptError as exc:
