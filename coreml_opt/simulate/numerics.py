@@ -6,13 +6,8 @@ float32 has more than 2*11+2 bits). Tensors here are float32 holding fp16-repres
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-
-FP16_MAX_INT_EXACT = 2048
-
 
 def h(x: torch.Tensor) -> torch.Tensor:
     """Round a float32 tensor to the nearest fp16 value (ties to even), kept as float32."""
@@ -72,7 +67,7 @@ def kth_smallest_getter(values: torch.Tensor):
 
     def sorted_at(i: int) -> float:
         k = n if i < 0 else min(i, n - 1) + 1
-        return float(torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, k).values)
+        return float(torch.kthvalue(flat, k).values)
 
     return sorted_at
 
@@ -83,7 +78,3 @@ def nbits_for_count(count: int, allowed: tuple[int, ...] = (1, 2, 3, 4, 6, 8)) -
         if count <= 1 << nbits:
             return nbits
     return None
-
-
-def ceil_log2(x: int) -> int:
-    return int(math.ceil(math.log2(x))) if x > 1 else 0
