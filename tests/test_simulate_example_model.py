@@ -8,7 +8,7 @@ from coreml_opt.model.convert import fold_batchnorm
 from coreml_opt.simulate import infer_op_type, simulate
 from coreml_opt.spec import parse_spec
 
-from _sim_helpers import decompressed_weights
+from test_simulate_helpers import decompressed_weights
 
 WEIGHT_THRESHOLD = 2048
 

@@ -13,7 +13,7 @@ import torch
 from coreml_opt.simulate import fast_lut_function, simulate
 from coreml_opt.spec import parse_spec
 
-from _sim_helpers import compress, converted, emitted_weight
+from test_simulate_helpers import compress, converted, emitted_weight
 
 # (33,17): odd, sklearn k-means; (48,32,3,3): conv, 13,824 values -> kmeans1d, fp16-rounded
 # percentile index; (10,7,1,1): tiny conv; (256,512): 131,072 values -> numpy percentile NaN.
@@ -82,7 +82,7 @@ def test_fast_kmeans_is_what_coremltools_emits_with_its_lut_function(spec_text, 
 def test_unique_mode_reproduces_a_weight_with_few_values():
     import coremltools as ct
 
-    from _sim_helpers import make_module
+    from test_simulate_helpers import make_module
 
     module, example, _ = make_module((40, 24))
     levels = torch.linspace(-0.1, 0.1, 13)

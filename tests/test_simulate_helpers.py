@@ -1,4 +1,4 @@
-"""Shared helpers for the simulation fidelity tests: convert tiny models, compress with real coremltools."""
+"""Helpers (no tests) for the simulation fidelity tests: convert tiny models, compress with real coremltools."""
 from __future__ import annotations
 
 import functools
