@@ -1,0 +1,154 @@
+"""Convert a compressed torch model to an ``.mlpackage`` and read back exactly what the package holds.
+
+``optimize.torch`` compressors leave fake-compressed weights plus ``_COREML_/...`` buffers, which
+``ct.convert`` turns into constexpr ops; the weights then get new const names (``..._cast_fp16``)
+and FX-based quantizers rename fused modules (``classifier.0.0``). This module restores the
+torch-name mapping, and loads the package's decompressed weights into the uncompressed torch model:
+every accuracy a workflow reports is measured on those weights (our honesty rule), and the torch
+weights must equal them within fp16 rounding or the stage fails.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..model.inventory import Inventory
+from ..model.package import TORCH_NAMES_KEY, atomic_output, inventory_of, load_package
+
+logger = logging.getLogger(__name__)
+
+# Package vs torch weights: fp16 rounding of LUT entries / scales is at most 2**-11 relative; allow 2x.
+RELATIVE_TOLERANCE = 1e-3
+_SUFFIXES = ("_to_fp16", "_cast_fp16", "")
+
+
+@dataclass
+class Exported:
+    """A saved package, its inventory, and the uncompressed torch model holding the package's weights."""
+
+    path: Path
+    inventory: Inventory
+    package_model: nn.Module
+    max_relative_diff: dict[str, float] = field(default_factory=dict)  # planned layer -> max |pkg - torch| / max |w|
+
+
+def scrub(model: nn.Module) -> nn.Module:
+    """Drop instance ``__getstate__`` overrides MagnitudePruner leaves behind (they break deepcopy)."""
+    for module in model.modules():
+        module.__dict__.pop("__getstate__", None)
+    return model
+
+
+def param_aliases(compressed: nn.Module, reference: nn.Module) -> dict[str, str]:
+    """Compressed-model parameter path -> reference (BN-folded original) path.
+
+    Same names when the compressor kept the structure; else by order (FX fusion renames
+    ``classifier.0`` to ``classifier.0.0`` but keeps parameter order), checked shape by shape."""
+    ours = dict(compressed.named_parameters())
+    theirs = dict(reference.named_parameters())
+    if set(ours) == set(theirs):
+        return {name: name for name in ours}
+    if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours.values(), theirs.values())):
+        raise ModelError("compressed model", "has parameters that cannot be matched to the original model's",
+                         "report this as a bug, with the compressor and model used")
+    return dict(zip(ours, theirs))
+
+
+def _const_for(path: str, shape: tuple[int, ...], consts: dict[str, tuple[int, ...]]) -> str | None:
+    base = path.replace(".", "_")
+    for suffix in _SUFFIXES:
+        name = base + suffix
+        if consts.get(name) == shape:
+            return name
+    # Data-free passes rename the const (``..._to_fp16_palettized``); the prefix still names it.
+    return next((name for name, s in consts.items() if name.startswith(base + "_") and s == shape), None)
+
+
+def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tuple[int, ...], target: str,
+                   output: str | os.PathLike, planned: dict[str, object]) -> Exported:
+    """Convert ``compressed`` (compression kept) to ``output`` atomically and check it against torch.
+
+    ``reference`` is the uncompressed BN-folded model; ``planned`` the module names the plan compresses."""
+    from ..model.convert import convert
+    from ..sensitivity.reference import decompressed_consts
+
+    scrub(compressed)
+    compressed.eval()
+    convert_logger = logging.getLogger("coreml_opt.model.convert")
+    level = convert_logger.level
+    convert_logger.setLevel(logging.ERROR)  # its name mapping misses renamed consts; we rebuild it below
+    try:
+        mlmodel, _ = convert(compressed, input_shape, target=target)
+    finally:
+        convert_logger.setLevel(level)
+    aliases = param_aliases(compressed, reference)
+    inventory = inventory_of(mlmodel)
+    shapes = {w.name: tuple(w.shape) for w in inventory.weights}
+    mapping = {}
+    for path, param in compressed.named_parameters():
+        name = _const_for(path, tuple(param.shape), shapes) if param.ndim >= 2 else None
+        if name is not None:
+            mapping[name] = aliases[path]
+    mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
+    values = decompressed_consts(mlmodel)
+    value_shapes = {k: tuple(v.shape) for k, v in values.items()}
+    package_model = copy.deepcopy(reference).eval()
+    diffs: dict[str, float] = {}
+    torch_params = dict(compressed.named_parameters())
+    with torch.no_grad():
+        for path, param in compressed.named_parameters():
+            target_param = package_model.get_parameter(aliases[path])
+            name = _const_for(path, tuple(param.shape), value_shapes)
+            module = aliases[path].rpartition(".")[0]
+            if name is None:
+                if module in planned and aliases[path].endswith(".weight"):
+                    raise ModelError(str(output), f"holds no weight for planned layer {module!r}",
+                                     "report this as a bug, with the compressor used")
+                target_param.copy_(param.detach().to(torch.float16).float())
+                continue
+            stored = torch.from_numpy(np.asarray(values[name], dtype=np.float32))
+            target_param.copy_(stored)
+            if module in planned and aliases[path].endswith(".weight"):
+                ours = torch_params[path].detach().float()
+                scale = float(ours.abs().max()) or 1.0
+                diffs[module] = float((stored - ours).abs().max()) / scale
+    bad = {m: d for m, d in diffs.items() if d > RELATIVE_TOLERANCE}
+    if bad:
+        module, diff = max(bad.items(), key=lambda kv: kv[1])
+        raise ModelError(str(output), f"weights of {module!r} differ from the compressed torch model by {diff:.2e} "
+                         f"(relative; fp16 rounding allows {RELATIVE_TOLERANCE:g}), so no honest accuracy can be "
+                         "reported", "report this as a bug, with the compressor and plan used")
+    with atomic_output(output) as tmp:
+        mlmodel.save(str(tmp))
+        saved = load_package(tmp, load_weights=False).inventory
+    logger.info("wrote %s (%d weights, %d bytes)", output, len(saved.weights), saved.total_bytes)
+    return Exported(Path(output), saved, package_model, diffs)
+
+
+def package_weights_model(package: str | os.PathLike, reference: nn.Module) -> nn.Module:
+    """A copy of ``reference`` holding the decompressed weights stored in ``package`` (data-free output)."""
+    from ..sensitivity.reference import decompressed_consts
+
+    loaded = load_package(package)
+    values = decompressed_consts(loaded.mlmodel)
+    shapes = {k: tuple(v.shape) for k, v in values.items()}
+    out = copy.deepcopy(reference).eval()
+    with torch.no_grad():
+        for path, param in out.named_parameters():
+            name = _const_for(path, tuple(param.shape), shapes)
+            if name is None:
+                if param.ndim >= 2:
+                    raise ModelError(str(package), f"holds no weight for {path!r}", "convert with coreml_opt")
+                param.copy_(param.to(torch.float16).float())
+            else:
+                param.copy_(torch.from_numpy(np.asarray(values[name], dtype=np.float32)))
+    return out

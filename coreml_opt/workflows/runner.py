@@ -1,0 +1,187 @@
+"""Run a workflow: convert once, validate every stage against the plan, run stages, write reports.
+
+A stage that fails is recorded with its name and reason; the stages before it keep their packages
+and the report says which stage failed and why. ``report.json``/``report.md`` are rewritten
+atomically after every stage, so a crash leaves the report of everything finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..model.package import atomic_output, load_package
+from .config import Workflow, load_workflow
+from .stages import StageContext, StageOutcome, check_stage, method_of, run_stage
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATA = ("digits-train", "digits-test")
+
+
+@dataclass
+class StageResult:
+    """One stage as reported: status ok | failed | skipped, with its figures or its error."""
+
+    name: str
+    kind: str
+    method: str
+    status: str
+    seconds: float = 0.0
+    outcome: Optional[StageOutcome] = None
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "method": self.method, "status": self.status,
+                               "seconds": round(self.seconds, 2)}
+        if self.error:
+            out["error"] = self.error
+        o = self.outcome
+        if o is not None:
+            inv = o.inventory
+            out.update(package=str(o.package), metric=o.metric, torch_metric=o.torch_metric,
+                       weight_bytes=inv.total_bytes, bits_per_weight=round(inv.bits_per_weight, 4),
+                       max_relative_diff={k: float(f"{v:.3g}") for k, v in o.max_relative_diff.items()},
+                       notes=o.notes, extra=o.extra,
+                       weights=[{"name": w.name, "torch_name": w.torch_name, "compression": w.compression,
+                                 "bytes": w.bytes} for w in inv.weights])
+        return out
+
+
+@dataclass
+class WorkflowResult:
+    """Everything a run measured; ``ok`` is False when a stage failed."""
+
+    name: str
+    out: Path
+    metric: str
+    baseline: dict[str, float]
+    fp16_bytes: int
+    stages: list[StageResult] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status == "ok" for s in self.stages)
+
+    @property
+    def failed(self) -> Optional[StageResult]:
+        return next((s for s in self.stages if s.status == "failed"), None)
+
+    def metrics(self) -> dict[str, float]:
+        """Stage name -> metric of every finished stage."""
+        return {s.name: s.outcome.metric for s in self.stages if s.outcome is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        failed = self.failed
+        return {"name": self.name, "metric": self.metric, "plan": self.plan, "baseline": self.baseline,
+                "fp16_weight_bytes": self.fp16_bytes, "ok": self.ok,
+                "failed_stage": failed.name if failed else None, "stages": [s.to_dict() for s in self.stages]}
+
+    def summary(self) -> str:
+        """A Markdown table: metric and size before and per stage."""
+        lines = [f"# workflow {self.name}", "", f"metric: {self.metric} (measured in PyTorch on the weights each "
+                 "package holds)", "", "| stage | method | status | metric | torch model | weight bytes | bits/w |",
+                 "|---|---|---|---|---|---|---|",
+                 f"| fp32 (PyTorch) | - | ok | {self.baseline['fp32']:.4f} | - | - | 32 |",
+                 f"| fp16 package | - | ok | {self.baseline['fp16']:.4f} | - | {self.fp16_bytes} | 16 |"]
+        for s in self.stages:
+            o = s.outcome
+            if o is None:
+                lines.append(f"| {s.name} | {s.method} | {s.status} | - | - | - | - |")
+                continue
+            tm = f"{o.torch_metric:.4f}" if o.torch_metric is not None else "-"
+            lines.append(f"| {s.name} | {s.method} | {s.status} | {o.metric:.4f} | {tm} | {o.inventory.total_bytes} "
+                         f"| {o.inventory.bits_per_weight:.2f} |")
+        for s in self.stages:
+            for note in (s.outcome.notes if s.outcome else []):
+                lines.append(f"\n- {s.name}: {note}")
+        failed = self.failed
+        if failed:
+            lines.append(f"\n**stage {failed.name} failed**: {failed.error}")
+            lines.append("earlier stages' packages are kept in " + str(self.out))
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        """report.json and report.md in the output folder, each written atomically."""
+        for name, text in (("report.json", json.dumps(self.to_dict(), indent=2, default=str)),
+                           ("report.md", self.summary())):
+            with atomic_output(self.out / name) as tmp:
+                tmp.write_text(text)
+
+
+def load_data(source: Any) -> Dataset:
+    """A Dataset from a built-in name (digits-train, digits-test), a folder, an .npz, a function or a DataLoader."""
+    if isinstance(source, str) and source in BUILTIN_DATA:
+        from ..zoo import digits_split
+
+        x_tr, y_tr, x_te, y_te = digits_split()
+        return Dataset(x_tr, y_tr, source) if source == "digits-train" else Dataset(x_te, y_te, source)
+    from ..sensitivity.evaluate import resolve_data
+
+    return resolve_data(source)
+
+
+def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike | None = None,
+                 progress: bool = True) -> WorkflowResult:
+    """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage."""
+    from ..model.convert import convert, fold_batchnorm, load_factory
+    from ..sensitivity.evaluate import Evaluator
+    from .export import package_weights_model
+    from .torch_configs import planned_modules
+
+    if not isinstance(workflow, Workflow):
+        workflow = load_workflow(workflow)
+    out_dir = Path(out) if out is not None else workflow.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_factory(workflow.model) if isinstance(workflow.model, str) else workflow.model
+    if not isinstance(model, nn.Module):
+        from ..errors import ModelError
+
+        raise ModelError(repr(model)[:60], "is not a torch.nn.Module", "pass a module or package.module:factory")
+    reference = fold_batchnorm(model).eval()
+    base = out_dir / "fp16.mlpackage"
+    convert(model, workflow.input_shape, target=workflow.target, output_path=base)
+    inventory = load_package(base, load_weights=False).inventory
+    specs = planned_modules(workflow.plan, inventory)
+    for stage in workflow.stages:  # plan/method mismatches fail now, before any stage runs
+        check_stage(stage, specs, workflow.target)
+    workflow.plan.save(out_dir / "plan.yaml")
+    eval_data = load_data(workflow.eval_data) if not (callable(workflow.metric) or ":" in str(workflow.metric)) else None
+    evaluator = Evaluator(workflow.metric, eval_data, reference, workflow.eval_batch_size)
+    ctx = StageContext(workflow.plan, specs, reference, base, workflow.input_shape, workflow.target, evaluator,
+                       load_data, out_dir, workflow.seed, progress)
+    result = WorkflowResult(workflow.name, out_dir, evaluator.name,
+                            {"fp32": evaluator(reference), "fp16": evaluator(package_weights_model(base, reference))},
+                            inventory.total_bytes, plan=workflow.plan.to_dict())
+    result.stages = [StageResult(s.name, s.kind, method_of(s, specs), "skipped") for s in workflow.stages]
+    result.write()
+    for stage, record in zip(workflow.stages, result.stages):
+        start = time.perf_counter()
+        logger.info("stage %s (%s)", stage.name, record.method)
+        try:
+            record.outcome = run_stage(stage, ctx)
+            record.status = "ok"
+        except KeyboardInterrupt:
+            record.status, record.error = "failed", "interrupted"
+            result.write()
+            raise
+        except Exception as exc:  # any failure: report it, keep earlier outputs, stop
+            record.status = "failed"
+            record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            logger.error("stage %s failed: %s", stage.name, record.error)
+            logger.debug("%s", traceback.format_exc())
+        record.seconds = time.perf_counter() - start
+        result.write()
+        if record.status == "failed":
+            break
+    return result
