@@ -139,6 +139,20 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .workflows import run_workflow
+
+    result = run_workflow(args.workflow, out=args.out, progress=args.verbose)
+    print(result.summary(), end="")
+    print(f"report: {result.out / 'report.md'}")
+    failed = result.failed
+    if failed is not None:
+        print(f"error: stage {failed.name} failed: {failed.error}; earlier stages' packages are kept in {result.out}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreml-opt", description=__doc__.splitlines()[0] if __doc__ else None,
@@ -199,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output .mlpackage (default: SCRIPT_OUTPUT_FILE_0)")
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)
+    p = sub.add_parser("run", help="run a workflow file: data-free, calibration and fine-tuning stages to .mlpackage",
+                       description="example: coreml-opt run workflows/digits-pal2.yaml")
+    p.add_argument("workflow", help="workflow YAML (see workflows/)")
+    p.add_argument("--out", help="output folder (default: the workflow's out:)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
