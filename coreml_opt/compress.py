@@ -9,7 +9,8 @@ from typing import Callable
 
 from .errors import PlanError
 from .model.inventory import Inventory
-from .model.package import atomic_output, load_package
+from .determinism import single_threaded
+from .model.package import atomic_output, load_package, normalize_package
 from .plan import Plan
 from .spec import Spec
 
@@ -62,16 +63,19 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
+    _check_data_dependent_skips(loaded, resolved)
     predicted = plan.predicted_bytes(before, loaded.weight_values)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None)
     if Path(output).resolve() == Path(model).resolve():
         raise PlanError(str(output), "is the input model", "write the compressed model to a new path")
     mlmodel = loaded.mlmodel
-    for compression_pass in passes:
-        logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
-        mlmodel = compression_pass.apply(mlmodel)
+    with single_threaded():  # palettes independent of the core count, like the simulation's
+        for compression_pass in passes:
+            logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
+            mlmodel = compression_pass.apply(mlmodel)
     with atomic_output(output) as tmp:
         mlmodel.save(str(tmp))
+        normalize_package(tmp)  # same inputs -> byte-identical package
         after = load_package(tmp, load_weights=False).inventory
         _check_applied(resolved, after)
     after_by_name = after.by_name()
@@ -81,6 +85,26 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
         for w in before.weights
     ]
     return CompressionReport(Path(output), rows, after, [p.function for p in passes])
+
+
+def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:
+    """Refuse, before any work, specs whose outcome depends on the values and that coremltools would skip
+    (threshold pruning short of its minimum sparsity, unique mode with over 256 values)."""
+    from .simulate import simulate
+
+    import torch
+
+    for weight in loaded.inventory.weights:
+        spec = resolved[weight.name]
+        parts = spec.parts
+        if not any(p.technique == "prune" or getattr(p, "mode", "") == "unique" for p in parts):
+            continue
+        values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
+        result = simulate(parts[0], values, weight.op_type)
+        if result.skipped:
+            raise PlanError(f"layer {weight.torch_name or weight.name} (spec {spec})",
+                            f"coremltools would skip it: {result.skipped}",
+                            "choose another spec for this layer or skip it in the plan")
 
 
 def _check_applied(resolved: dict[str, Spec], after: Inventory) -> None:

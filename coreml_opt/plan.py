@@ -198,8 +198,8 @@ class Plan:
             raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
         problem = spec.shape_problem(w.shape, w.op_type)
         if problem:
-            raise PlanError(where, f"spec {spec}: {problem} (coremltools would silently skip it)",
-                            f"override this layer under `layers:` with a size that divides, or skip it")
+            raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
+                            "override this layer under `layers:` with a spec that fits it, or skip it")
 
     def predicted_bytes(self, inventory: Inventory,
                         weight_values: Callable[[str], Any] | None = None) -> dict[str, int]:

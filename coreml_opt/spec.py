@@ -9,6 +9,7 @@ New spec kinds extend this the way torchao configs do: subclass :class:`Spec`, d
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
@@ -18,6 +19,7 @@ from .errors import SpecError
 QUANT_DTYPES = ("int8", "uint8", "int4", "uint4")
 PALETTE_NBITS = (1, 2, 3, 4, 6, 8)
 PALETTE_MODES = ("kmeans", "uniform", "unique")
+MAGNITUDE_PRUNE_MAX_INDEX = 65520  # fp16(65520) is inf: coremltools' percentile index overflows from here
 
 _SPEC_TYPES: list[type["Spec"]] = []
 SPEC_HELP = (
@@ -353,10 +355,17 @@ class PruneSpec(Spec):
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
         if (self.block_size or self.n_m) and op_type not in ("conv", "linear"):
             return f"block and n:m pruning apply to conv and linear weights only, not {op_type}"
-        if self.n_m is not None and len(shape) > 1 and shape[1] < self.n_m[1]:
-            return f"n:m with m={self.n_m[1]} needs an input dim of at least {self.n_m[1]}, got {shape[1]}"
-        if self.block_size is not None and len(shape) > 1 and shape[1] % self.block_size:
-            return f"pruning block size {self.block_size} does not divide input dim {shape[1]}"
+        numel = math.prod(shape)
+        if self.n_m is None and numel - 1 >= MAGNITUDE_PRUNE_MAX_INDEX:
+            # coremltools takes np.percentile of the fp16 magnitudes; the fp16 index overflows to inf,
+            # the threshold becomes NaN and nothing is pruned (the "sparse" weight is larger than fp16).
+            return (f"coremltools 9 magnitude-prunes nothing in a weight of {numel} values (above 65,520 its "
+                    "fp16 percentile overflows), so use n:m (e.g. prune2:4) or threshold pruning here")
+        if self.block_size is not None and self.block_size > shape[0] / 2:
+            return f"pruning block size {self.block_size} exceeds half the output channels ({shape[0]})"
+        if self.n_m is not None and (len(shape) < 2 or self.n_m[1] > shape[1] / 2):
+            dim = shape[1] if len(shape) > 1 else None
+            return f"n:m with m={self.n_m[1]} needs at least {2 * self.n_m[1]} input channels, got {dim}"
         return None
 
 
@@ -431,9 +440,9 @@ class LutQuantSpec(Spec):
     def coreml_config(self, weight_threshold: int = 2048) -> Any:
         from coremltools.optimize.coreml import OpLinearQuantizerConfig
 
-        # The LUT is tiny, so it must never fall under the weight threshold.
+        # In joint mode coremltools applies the threshold to the dense weight behind the LUT.
         return OpLinearQuantizerConfig(mode="linear_symmetric", dtype=self.dtype, granularity="per_tensor",
-                                       weight_threshold=0)
+                                       weight_threshold=weight_threshold)
 
 
 _JOINT_ORDER = {"prune": 0, "palettize": 1, "quantize": 1, "lut": 2}

@@ -141,16 +141,12 @@ def _(spec: PalettizeSpec, ctx: WeightContext) -> list[TensorCost]:
 def nonzero_count(spec: PruneSpec | ThresholdPruneSpec, ctx: WeightContext) -> int:
     """Non-zeros left by pruning: exact from the weight when given, else from the spec's sparsity."""
     n = ctx.numel
-    if isinstance(spec, ThresholdPruneSpec):
-        if ctx.weight is None:
-            return n - int(round(spec.minimum_sparsity_percentile * n))
-        magnitudes = np.abs(np.asarray(ctx.weight, dtype=np.float32)).ravel()
-        kept = int(np.count_nonzero(magnitudes > spec.threshold))
-        return min(kept, n - int(round(spec.minimum_sparsity_percentile * n)))
     if ctx.weight is not None:
-        from .simulate import simulate_weight  # exact: count what pruning keeps
+        from .simulate import simulate_weight  # exact: count what coremltools' pruning keeps
 
         return int(np.count_nonzero(simulate_weight(spec, ctx.weight, ctx.op_type)))
+    if isinstance(spec, ThresholdPruneSpec):
+        return n - int(round(spec.minimum_sparsity_percentile * n))  # the least sparsity it accepts
     return n - int(round(spec.sparsity * n))
 
 

@@ -8,18 +8,15 @@ Xcode's issue navigator shows, locating the plan line at fault by YAML node mark
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
-import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -29,7 +26,6 @@ from .errors import CoreMLOptError, ModelError, PlanError
 logger = logging.getLogger(__name__)
 
 STAMP_SUFFIX = ".coreml-opt-stamp.json"
-_MANIFEST_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/coreml-opt/manifest")
 _PLAN_FILE_KEYS = ("target", "weight_threshold", "global", "op_types", "layers", "skip", "kmeans")
 
 
@@ -97,43 +93,6 @@ def _read_stamp(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-# ---- reproducible packages --------------------------------------------------------------------
-def normalize_package(package: str | os.PathLike) -> None:
-    """Make a saved package reproducible: path-derived Manifest.json identifiers (coremltools writes random
-    UUIDs) and map entries of the model protobuf in sorted order (protobuf's default order varies per process)."""
-    from coremltools.proto import Model_pb2
-
-    manifest = Path(package) / "Manifest.json"
-    data = json.loads(manifest.read_text())
-    renamed = {key: str(uuid.uuid5(_MANIFEST_NAMESPACE, entry["path"])) for key, entry in data["itemInfoEntries"].items()}
-    data["itemInfoEntries"] = {renamed[k]: v for k, v in data["itemInfoEntries"].items()}
-    root = data["itemInfoEntries"][renamed[data["rootModelIdentifier"]]]
-    data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
-    manifest.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
-    proto_path = Path(package) / "Data" / root["path"]
-    spec = Model_pb2.Model()
-    spec.ParseFromString(proto_path.read_bytes())
-    proto_path.write_bytes(spec.SerializeToString(deterministic=True))
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """One BLAS/OpenMP/torch thread: scikit-learn's k-means (coremltools' palettes) sums in a thread-count
-    dependent order, so the same inputs would give different palettes on machines with different core counts."""
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-    torch = sys.modules.get("torch")
-    torch_threads = torch.get_num_threads() if torch is not None else None
-    try:
-        with threadpool_limits(limits=1):
-            if torch is not None:
-                torch.set_num_threads(1)
-            yield
-    finally:
-        if torch is not None:
-            torch.set_num_threads(torch_threads)
-
-
 def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.PathLike, *,
             force: bool = False, env: Mapping[str, str] | None = None) -> PrepResult:
     """Compress ``model`` by the plan file into ``output`` unless the stamp shows identical inputs and output."""
@@ -156,16 +115,12 @@ def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.
         return PrepResult(output, "up-to-date", stamp, warnings=warnings)
 
     from .compress import compress
-    from .model.package import atomic_output, load_package
+    from .model.package import atomic_output
     from .plan import Plan
 
     loaded_plan = Plan.load(plan)
     logger.info("compressing %s by %s into %s", model, plan, output)
-    with atomic_output(output) as tmp, single_threaded():
-        report = compress(model, loaded_plan, tmp)
-        normalize_package(tmp)
-        load_package(tmp, load_weights=False)  # the rewritten package still opens
-    report.output = output
+    report = compress(model, loaded_plan, output)  # atomic, single-threaded, reproducible bytes
     if all(w.spec == "none" for w in report.weights):
         warnings.append(XcodeIssue("warning", f"{plan} compresses no weight of {model.name}; the output is a copy"))
     with atomic_output(stamp) as tmp:

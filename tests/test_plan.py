@@ -126,3 +126,32 @@ def test_plan_file_errors_name_the_file(tmp_path):
         Plan.load(bad)
     with pytest.raises(PlanError, match="does not exist"):
         Plan.load(tmp_path / "missing.yaml")
+
+
+def test_magnitude_pruning_of_weights_over_65520_values_is_refused():
+    from coreml_opt.model.inventory import Inventory, WeightInfo
+
+    big = WeightInfo("fc_weight_to_fp16", "fc_weight_to_fp16", "linear", "linear_0", (300, 512), 307264, "fp16",
+                     consumers=[("linear", "linear_0")])
+    inv = Inventory([big], deployment_target=18)
+    with pytest.raises(PlanError, match="magnitude-prunes nothing in a weight of 153600 values"):
+        Plan.from_spec("prune50").resolve(inv)
+    with pytest.raises(PlanError, match="magnitude-prunes nothing"):
+        Plan.from_spec("prune50+pal4").resolve(inv)
+    assert str(Plan.from_spec("prune2:4").resolve(inv)["fc_weight_to_fp16"]) == "prune2:4"
+
+
+def test_threshold_pruning_short_of_its_minimum_is_refused_before_compressing(example_mlpackage, tmp_path):
+    out = tmp_path / "o.mlpackage"
+    with pytest.raises(PlanError, match="coremltools would skip it"):
+        compress(example_mlpackage, Plan.from_spec("thresh0.0001/min50"), out)
+    assert not out.exists()
+
+
+def test_biases_and_small_consts_are_never_compressed(example_mlpackage, tmp_path):
+    plan = Plan.from_dict({"global": "int8", "layers": {"features.10": "prune50+pal4+lut8", "features.0": "pal2"}})
+    report = compress(example_mlpackage, plan, tmp_path / "o.mlpackage")
+    program = load_package(report.output).program
+    compressed_vars = [op.output for op in program.ops if op.type.startswith("constexpr_")]
+    assert compressed_vars and all("_weight_" in var for var in compressed_vars)
+    assert report.inventory_after.other_bytes == load_package(example_mlpackage).inventory.other_bytes

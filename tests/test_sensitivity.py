@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import coremltools as ct
 import pytest

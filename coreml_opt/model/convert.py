@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from coreml_opt.errors import ModelError
-from coreml_opt.model.package import TORCH_NAMES_KEY, read_torch_names, save_package
+from coreml_opt.model.package import TORCH_NAMES_KEY, read_torch_names, save_package  # noqa: F401 (re-export)
 from coreml_opt.targets import DEFAULT_TARGET, TargetLike, parse_target
 
 logger = logging.getLogger(__name__)

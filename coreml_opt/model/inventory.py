@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 from .program import Op, Program
 

@@ -12,17 +12,19 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import ModelError
 from .inventory import Inventory, build_inventory
-from .program import BLOB_HEADER_BYTES, BLOB_SENTINEL, Program, read_program, weight_file_path
+from .program import BLOB_HEADER_BYTES, Program, read_program, weight_file_path
 
 logger = logging.getLogger(__name__)
 
 TORCH_NAMES_KEY = "coreml_opt.torch_names"
+_MANIFEST_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/coreml-opt/manifest")
 
 
 @dataclass
@@ -139,6 +141,24 @@ def inventory_of(mlmodel) -> Inventory:
         target = Path(tmp) / "model.mlpackage"
         mlmodel.save(str(target))
         return load_package(target, load_weights=False).inventory
+
+
+def normalize_package(package: str | os.PathLike) -> None:
+    """Make a saved package reproducible: path-derived Manifest.json identifiers (coremltools writes random
+    UUIDs) and map entries of the model protobuf in sorted order (protobuf's default order varies per process)."""
+    from coremltools.proto import Model_pb2
+
+    manifest = Path(package) / "Manifest.json"
+    data = json.loads(manifest.read_text())
+    renamed = {key: str(uuid.uuid5(_MANIFEST_NAMESPACE, entry["path"])) for key, entry in data["itemInfoEntries"].items()}
+    data["itemInfoEntries"] = {renamed[k]: v for k, v in data["itemInfoEntries"].items()}
+    root = data["itemInfoEntries"][renamed[data["rootModelIdentifier"]]]
+    data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
+    manifest.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
+    proto_path = Path(package) / "Data" / root["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(proto_path.read_bytes())
+    proto_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import JointSpec, LutQuantSpec, NoneSpec, PalettizeSpec, QuantSpec
+from ..spec import JointSpec, NoneSpec, QuantSpec
 from .core import SimResult, register_handler, skipped
 from .palettize import palettize
 from .prune import prune_values

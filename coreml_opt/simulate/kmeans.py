@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from ..determinism import single_threaded
 from .numerics import h
 
 MAX_LLOYD_ITERS = 500
@@ -27,8 +28,9 @@ def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.nd
     """coremltools' k-means on one group (fp16, channel axis first): (lut fp16, indices)."""
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
-    lut, indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False,
-                                                       cluster_dim=cluster_dim, vector_axis=0)
+    with single_threaded():  # as compress() runs it: palettes independent of the core count
+        lut, indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False,
+                                                           cluster_dim=cluster_dim, vector_axis=0)
     return lut.astype(values.dtype), np.asarray(indices).astype(np.int64)
 
 
