@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Package vs torch weights: fp16 rounding of LUT entries / scales is at most 2**-11 relative; allow 2x.
 RELATIVE_TOLERANCE = 1e-3
+# A few elements may differ (coremltools re-derives a sparsity mask from fp16 values); more fails the stage.
+MAX_DIFFERING_SHARE = 0.01
 _SUFFIXES = ("_to_fp16", "_cast_fp16", "")
 
 
@@ -39,6 +41,7 @@ class Exported:
     inventory: Inventory
     package_model: nn.Module
     max_relative_diff: dict[str, float] = field(default_factory=dict)  # planned layer -> max |pkg - torch| / max |w|
+    notes: list[str] = field(default_factory=list)
 
 
 def scrub(model: nn.Module) -> nn.Module:
@@ -103,6 +106,8 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
     value_shapes = {k: tuple(v.shape) for k, v in values.items()}
     package_model = copy.deepcopy(reference).eval()
     diffs: dict[str, float] = {}
+    off: dict[str, int] = {}  # planned layer -> elements beyond tolerance
+    sizes: dict[str, int] = {}
     torch_params = dict(compressed.named_parameters())
     with torch.no_grad():
         for path, param in compressed.named_parameters():
@@ -120,18 +125,24 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
             if module in planned and aliases[path].endswith(".weight"):
                 ours = torch_params[path].detach().float()
                 scale = float(ours.abs().max()) or 1.0
-                diffs[module] = float((stored - ours).abs().max()) / scale
-    bad = {m: d for m, d in diffs.items() if d > RELATIVE_TOLERANCE}
-    if bad:
-        module, diff = max(bad.items(), key=lambda kv: kv[1])
-        raise ModelError(str(output), f"weights of {module!r} differ from the compressed torch model by {diff:.2e} "
-                         f"(relative; fp16 rounding allows {RELATIVE_TOLERANCE:g}), so no honest accuracy can be "
-                         "reported", "report this as a bug, with the compressor and plan used")
+                gap = (stored - ours).abs()
+                diffs[module] = float(gap.max()) / scale
+                sizes[module] = gap.numel()
+                if int((gap > RELATIVE_TOLERANCE * scale).sum()):
+                    off[module] = int((gap > RELATIVE_TOLERANCE * scale).sum())
+    notes = []
+    for module, count in sorted(off.items()):
+        share = count / sizes[module]
+        text = (f"{module}: {count} of {sizes[module]} package weights differ from the torch model beyond fp16 "
+                f"rounding (max {diffs[module]:.2e} of max |w|)")
+        if share > MAX_DIFFERING_SHARE:
+            raise ModelError(str(output), text, "report this as a bug, with the compressor and plan used")
+        notes.append(text + "; metrics are measured on the package's weights")
     with atomic_output(output) as tmp:
         mlmodel.save(str(tmp))
         saved = load_package(tmp, load_weights=False).inventory
     logger.info("wrote %s (%d weights, %d bytes)", output, len(saved.weights), saved.total_bytes)
-    return Exported(Path(output), saved, package_model, diffs)
+    return Exported(Path(output), saved, package_model, diffs, notes)
 
 
 def package_weights_model(package: str | os.PathLike, reference: nn.Module) -> nn.Module:

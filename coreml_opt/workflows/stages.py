@@ -208,7 +208,7 @@ def _finish(method: str, compressed: nn.Module, ctx: StageContext, output: Path,
     exported: Exported = export_package(compressed, ctx.reference, ctx.input_shape, ctx.target, output, ctx.specs)
     package_metric = ctx.evaluate(exported.package_model)
     outcome = StageOutcome(method, output, exported.inventory, package_metric, torch_metric,
-                           exported.max_relative_diff, notes)
+                           exported.max_relative_diff, notes + exported.notes)
     if method == "w8a8":  # the headline metric includes the (simulated) activation quantization
         outcome.metric, outcome.extra["weights_only_metric"] = torch_metric, package_metric
     return outcome

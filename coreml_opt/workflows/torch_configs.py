@@ -193,11 +193,12 @@ def _linear_quantizer_config(method: str, specs: dict[str, Spec], model: nn.Modu
     configs = {m: _linear(method.upper(), m, s, activations) for m, s in specs.items()}
     common = Counter(str(s) for s in specs.values()).most_common(1)[0][0]
     global_module = next(m for m, s in specs.items() if str(s) == common)
-    names: dict[str, Any] = {re.escape(m): c for m, c in configs.items() if str(specs[m]) != common}
+    # LinearQuantizer looks module names up with get_submodule: plain names, not regexes.
+    names: dict[str, Any] = {m: c for m, c in configs.items() if str(specs[m]) != common}
     if model is not None:
         for name, module in model.named_modules():
             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in specs:
-                names[re.escape(name)] = None
+                names[name] = None
     return LinearQuantizerConfig(global_config=configs[global_module], module_name_configs=names)
 
 

@@ -1,0 +1,135 @@
+"""Workflows: every example YAML runs end to end, packages hold the plan, failures keep earlier outputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from coreml_opt.errors import PlanError
+from coreml_opt.model.package import load_package
+from coreml_opt.workflows import WorkflowError, load_workflow, parse_workflow, run_workflow
+from coreml_opt.workflows.training import distillation_loss
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "workflows").glob("*.yaml"))
+
+
+def _expected(spec) -> str:
+    """The inventory's compression text a spec must produce."""
+    kind = spec.parts[0].technique
+    if kind == "palettize":
+        return f"palettized {spec.nbits}-bit"
+    if kind == "quantize":
+        return "quantized"
+    return "sparse"
+
+
+def _shrink(workflow):
+    """Keep the test fast on 2 CPU cores: few calibration samples and training steps."""
+    for stage in workflow.stages:
+        if stage.kind == "calibration":
+            stage.options["samples"] = 48
+        if stage.kind == "finetune":
+            stage.options["max_steps"] = 3
+    return workflow
+
+
+def test_examples_exist():
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_workflow_emits_packages_compressed_as_planned(path, tmp_path):
+    workflow = _shrink(load_workflow(path))
+    result = run_workflow(workflow, out=tmp_path, progress=False)
+    assert result.ok, result.failed and result.failed.error
+    base = load_package(tmp_path / "fp16.mlpackage", load_weights=False).inventory
+    resolved = workflow.plan.resolve(base)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["ok"] * len(workflow.stages)
+    for stage, record in zip(workflow.stages, report["stages"]):
+        package = tmp_path / f"{stage.name}.mlpackage"
+        inventory = load_package(package, load_weights=False).inventory
+        by_torch = {w.torch_name: w for w in inventory.weights}
+        for weight in base.weights:
+            got = by_torch[weight.torch_name].compression  # every weight keeps its torch name
+            spec = resolved[weight.name]
+            if spec.is_none:
+                assert got == "fp16", (stage.name, weight.torch_name, got)
+            else:
+                assert _expected(spec) in got, (stage.name, weight.torch_name, spec, got)
+        assert 0.0 <= record["metric"] <= 1.0 and not math.isnan(record["metric"])
+        assert record["weight_bytes"] < base.total_bytes
+        if stage.kind != "data_free":  # torch weights were checked against the package
+            assert set(record["max_relative_diff"]) == {w.torch_name[:-len(".weight")] for w in base.weights
+                                                        if not resolved[w.name].is_none}
+    assert "| fp16 package |" in (tmp_path / "report.md").read_text()
+
+
+def _failing_yaml(tmp_path: Path) -> Path:
+    doc = {"name": "fails-last", "model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
+           "plan": {"global": "pal4"},
+           "stages": [{"data_free": {}},
+                      {"finetune": {"method": "dkm", "data": str(tmp_path / "no-such-data"), "max_steps": 1}}],
+           "out": str(tmp_path / "out")}
+    path = tmp_path / "fails.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_failing_last_stage_keeps_earlier_outputs_and_names_the_stage(tmp_path):
+    code, out, err = run_cli("run", str(_failing_yaml(tmp_path)))
+    assert code == 1
+    assert "stage finetune-dkm failed" in err and "no-such-data" in err and "does not exist" in err
+    assert (tmp_path / "out" / "data_free.mlpackage" / "Manifest.json").is_file()
+    assert not (tmp_path / "out" / "finetune-dkm.mlpackage").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["failed_stage"] == "finetune-dkm" and not report["ok"]
+    assert [s["status"] for s in report["stages"]] == ["ok", "failed"]
+    assert "**stage finetune-dkm failed**" in (tmp_path / "out" / "report.md").read_text()
+    assert "| data_free |" in out
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"epocs": 2}, "stages[1].finetune.epocs"),
+    ({"epochs": 0}, "stages[1].finetune.epochs"),
+    ({"method": "gptq"}, "stages[1].finetune.method"),
+    ({"distill": {"temperature": -1}}, "stages[1].finetune.distill.temperature"),
+])
+def test_bad_workflow_values_are_one_line_errors_naming_file_and_key(tmp_path, change, key):
+    doc = yaml.safe_load(_failing_yaml(tmp_path).read_text())
+    doc["stages"][1]["finetune"].update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path)
+    assert str(info.value).startswith(f"{path}: {key}:")
+    code, out, err = run_cli("run", str(path))
+    assert code == 2 and err.count("\n") == 1 and key in err
+
+
+def test_unknown_top_level_key_is_rejected():
+    with pytest.raises(WorkflowError, match="wf.yaml: stagess: is not a known key"):
+        parse_workflow({"model": "coreml_opt.zoo:digits_cnn", "stagess": []}, "wf.yaml")
+
+
+def test_spec_a_method_cannot_express_fails_before_any_stage_runs(tmp_path):
+    workflow = parse_workflow({"model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
+                               "plan": {"global": "int4/block32"},
+                               "stages": [{"data_free": {}}, {"finetune": {"method": "qat", "data": "digits-train"}}]},
+                              "wf.yaml")
+    with pytest.raises(PlanError, match=r"layer 'features.3' \(spec int4/block32\): QAT cannot express it"):
+        run_workflow(workflow, out=tmp_path, progress=False)
+    assert not (tmp_path / "data_free.mlpackage").exists()
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_grows_with_disagreement():
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits.flip(1), logits, 2.0)) > 0.1
