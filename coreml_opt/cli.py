@@ -153,6 +153,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.html import write_report
+
+    files = write_report(args.dir, args.output, markdown=None if args.no_markdown else (args.markdown or ""),
+                         measure=not args.no_measure)
+    print(f"wrote {files.html}" + (f" and {files.markdown}" if files.markdown else ""))
+    for line in files.missing:
+        print(f"not found: {line}")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coreml-opt", description=__doc__.splitlines()[0] if __doc__ else None,
@@ -213,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output .mlpackage (default: SCRIPT_OUTPUT_FILE_0)")
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (and report.md) from a run folder",
+                       description="example: coreml-opt report out/run -o report.html  (DIR may hold a sensitivity "
+                                   "sweep, plan YAML or --json output, .mlpackage files and workflow report.json; "
+                                   "what is missing is named in the page)")
+    p.add_argument("dir", metavar="DIR", help="run folder: a sweep output folder, or a folder holding one and more")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--markdown", metavar="MD", help="Markdown file (default: the HTML path with .md)")
+    p.add_argument("--no-markdown", action="store_true", help="write the HTML page only")
+    p.add_argument("--no-measure", action="store_true", help="do not evaluate plans in PyTorch; use saved or "
+                                                            "predicted figures")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("run", help="run a workflow file: data-free, calibration and fine-tuning stages to .mlpackage",
                        description="example: coreml-opt run workflows/digits-pal2.yaml")
     p.add_argument("workflow", help="workflow YAML (see workflows/)")
