@@ -20,6 +20,7 @@ from .model.inventory import Inventory, WeightInfo
 from .spec import JointSpec, NoneSpec, Spec, parse_spec
 from .storage import predicted_bytes
 from .targets import target_rank
+from .yaml_files import read_yaml_mapping
 
 DEFAULT_WEIGHT_THRESHOLD = 2048
 # Pass order for chained (joint or mixed) compression, and the coremltools function of each.
@@ -98,15 +99,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan YAML file, with one-line errors for missing or malformed files."""
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(str(path), "does not exist", "check the path of the plan file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise PlanError(str(path), f"is not valid YAML{where}", "fix the syntax") from None
+        data = read_yaml_mapping(path, PlanError, "plan")
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import CoreMLOptError, DataError
@@ -70,20 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _from_yaml(path: str, args: argparse.Namespace) -> argparse.Namespace:
-    import yaml
+    from ..yaml_files import read_yaml_mapping
 
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(path, "does not exist", "pass a sweep YAML file such as sensitivity/digits.yaml")
-    try:
-        doc = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        raise DataError(path, "is not valid YAML", "fix the syntax") from None
-    if not isinstance(doc, dict):
-        raise DataError(path, "is not a mapping of sweep fields", "see sensitivity/digits.yaml")
-    unknown = set(doc) - SWEEP_KEYS
-    if unknown:
-        raise DataError(path, f"has unknown field(s) {sorted(unknown)}", f"use only {sorted(SWEEP_KEYS)}")
+    doc = read_yaml_mapping(path, DataError, "sweep", SWEEP_KEYS)
     for key, value in doc.items():
         if key == "input_shape":
             try:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..errors import CoreMLOptError, PlanError, SpecError
 from ..plan import Plan
 from ..targets import target_name
+from ..yaml_files import read_yaml_mapping
 
 STAGE_KINDS = ("data_free", "calibration", "finetune")
 CALIBRATION_METHODS = ("skm", "gptq", "sparsegpt", "w8a8")
@@ -205,12 +205,5 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
 def load_workflow(path: str | os.PathLike) -> Workflow:
     """Read and validate a workflow YAML file; relative plan paths resolve beside the file."""
     path = Path(path)
-    if not path.is_file():
-        raise WorkflowError(str(path), "does not exist", "check the path of the workflow file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise WorkflowError(str(path), f"is not valid YAML{where}", "fix the syntax") from None
+    data = read_yaml_mapping(path, WorkflowError, "workflow")
     return parse_workflow(data, str(path), path.parent)

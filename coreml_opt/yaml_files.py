@@ -1,0 +1,30 @@
+"""Reading the YAML files users write (plans, workflows, sweeps) with one-line errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CoreMLOptError
+
+
+def read_yaml_mapping(path: str | os.PathLike, error: type[CoreMLOptError], kind: str,
+                      allowed: set[str] | None = None) -> dict[str, Any]:
+    """Load a YAML file holding a mapping; a missing file, bad syntax (with its line), a non-mapping or
+    unknown keys raise ``error`` naming the file, the problem and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(str(path), "does not exist", f"check the path of the {kind} file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise error(str(path), f"is not valid YAML{where}", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise error(str(path), f"is not a mapping of {kind} fields", f"write `key: value` lines ({kind} file)")
+    if allowed is not None and set(data) - allowed:
+        raise error(str(path), f"has unknown field(s) {sorted(set(data) - allowed)}", f"use only {sorted(allowed)}")
+    return data
