@@ -9,7 +9,6 @@ from typing import Callable
 
 from .errors import PlanError
 from .model.inventory import Inventory
-from .determinism import single_threaded
 from .model.package import atomic_output, load_package, normalize_package
 from .plan import Plan
 from .spec import Spec
@@ -69,10 +68,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     if Path(output).resolve() == Path(model).resolve():
         raise PlanError(str(output), "is the input model", "write the compressed model to a new path")
     mlmodel = loaded.mlmodel
-    with single_threaded():  # palettes independent of the core count, like the simulation's
-        for compression_pass in passes:
-            logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
-            mlmodel = compression_pass.apply(mlmodel)
+    for compression_pass in passes:
+        logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
+        mlmodel = compression_pass.apply(mlmodel)
     with atomic_output(output) as tmp:
         mlmodel.save(str(tmp))
         normalize_package(tmp)  # same inputs -> byte-identical package

@@ -41,7 +41,10 @@ class CoreMLPass:
         """Run this pass on ``mlmodel`` and return the compressed model."""
         import coremltools.optimize.coreml as cto
 
-        return getattr(cto, self.function)(mlmodel, self.config, joint_compression=self.joint_compression)
+        from .determinism import single_threaded
+
+        with single_threaded():  # palettes independent of the core count, like the simulation's
+            return getattr(cto, self.function)(mlmodel, self.config, joint_compression=self.joint_compression)
 
 
 @dataclass

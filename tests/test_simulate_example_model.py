@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from coreml_opt.determinism import single_threaded
 from coreml_opt.model.convert import fold_batchnorm
 from coreml_opt.simulate import infer_op_type, simulate
 from coreml_opt.spec import parse_spec
@@ -18,19 +19,14 @@ def _compress_whole_model(mlmodel, spec):
 
     for i, step in enumerate(spec.parts):
         op_config = step.coreml_config(weight_threshold=WEIGHT_THRESHOLD)
-        if step.technique == "lut":
-            # LutQuantSpec.coreml_config uses weight_threshold=0, which also int8-quantizes every
-            # small uncompressed weight; in joint mode coremltools measures the *dense* weight
-            # behind a LUT, so the palettizer's threshold is the right one.
-            op_config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=step.dtype,
-                                                    granularity="per_tensor", weight_threshold=WEIGHT_THRESHOLD)
         config = cto.OptimizationConfig(global_config=op_config)
-        if step.technique in ("quantize", "lut"):
-            mlmodel = cto.linear_quantize_weights(mlmodel, config, joint_compression=i > 0)
-        elif step.technique == "palettize":
-            mlmodel = cto.palettize_weights(mlmodel, config, joint_compression=i > 0)
-        else:
-            mlmodel = cto.prune_weights(mlmodel, config, joint_compression=i > 0)
+        with single_threaded():  # as compress() runs it: scikit-learn's k-means depends on the thread count
+            if step.technique in ("quantize", "lut"):
+                mlmodel = cto.linear_quantize_weights(mlmodel, config, joint_compression=i > 0)
+            elif step.technique == "palettize":
+                mlmodel = cto.palettize_weights(mlmodel, config, joint_compression=i > 0)
+            else:
+                mlmodel = cto.prune_weights(mlmodel, config, joint_compression=i > 0)
     return mlmodel
 
 

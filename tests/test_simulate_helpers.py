@@ -38,14 +38,19 @@ def converted(shape: tuple[int, ...], target: int = 18):
 
 
 def _run_pass(mlmodel, op_config, joint: bool):
+    """coremltools' own pass, single-threaded as compress() runs it (scikit-learn's k-means
+    depends on the thread count)."""
     import coremltools.optimize.coreml as cto
 
+    from coreml_opt.determinism import single_threaded
+
     config = cto.OptimizationConfig(global_config=op_config)
-    if isinstance(op_config, cto.OpLinearQuantizerConfig):
-        return cto.linear_quantize_weights(mlmodel, config, joint_compression=joint)
-    if isinstance(op_config, cto.OpPalettizerConfig):
-        return cto.palettize_weights(mlmodel, config, joint_compression=joint)
-    return cto.prune_weights(mlmodel, config, joint_compression=joint)
+    with single_threaded():
+        if isinstance(op_config, cto.OpLinearQuantizerConfig):
+            return cto.linear_quantize_weights(mlmodel, config, joint_compression=joint)
+        if isinstance(op_config, cto.OpPalettizerConfig):
+            return cto.palettize_weights(mlmodel, config, joint_compression=joint)
+        return cto.prune_weights(mlmodel, config, joint_compression=joint)
 
 
 def compress(mlmodel, spec: Spec | str, lut_function=None):

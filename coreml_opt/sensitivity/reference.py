@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..determinism import single_threaded
 from ..spec import Spec, parse_spec
 from .layers import Layer, coreml_const_name
 
@@ -38,7 +39,8 @@ def compress_one_layer(mlmodel, layer: Layer, spec: Spec | str, lut_function: Op
         # After a first pass the const is renamed; later passes find the weight by its consumer op.
         name = layer.coreml_name if position == 0 else _consumer_op(out, layer.coreml_name)
         opt = cto.OptimizationConfig(op_name_configs={name: config})
-        out = getattr(cto, _PASSES[technique])(out, opt, joint_compression=position > 0)
+        with single_threaded():  # as compress() runs it: scikit-learn's k-means depends on the thread count
+            out = getattr(cto, _PASSES[technique])(out, opt, joint_compression=position > 0)
     return out
 
 
