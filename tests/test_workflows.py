@@ -11,6 +11,7 @@ import yaml
 
 from coreml_opt.errors import PlanError
 from coreml_opt.model.package import load_package
+from coreml_opt.plan import Plan
 from coreml_opt.workflows import WorkflowError, load_workflow, parse_workflow, run_workflow
 from coreml_opt.workflows.training import distillation_loss
 
@@ -133,3 +134,23 @@ def test_distillation_loss_is_zero_for_the_teacher_and_grows_with_disagreement()
     logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
     assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation_loss(logits.flip(1), logits, 2.0)) > 0.1
+
+
+def test_auto_plan_runs_sensitivity_then_the_planner_before_the_stages(tmp_path):
+    workflow = load_workflow(ROOT / "workflows" / "digits-auto-plan.yaml")
+    assert workflow.auto_plan["budget"] == {"bpw": 3}
+    result = run_workflow(workflow, out=tmp_path, progress=False)
+    assert result.ok, result.failed and result.failed.error
+    auto = json.loads((tmp_path / "report.json").read_text())["plan"]["auto_plan"]
+    assert auto["bits_per_weight"] <= 3.0
+    assert (tmp_path / "sensitivity" / "trials.json").is_file()
+    saved = Plan.load(tmp_path / "plan.yaml")
+    assert saved.layers and saved == workflow.plan  # the planner's per-layer plan drove the stages
+    stage = load_package(tmp_path / "data_free.mlpackage", load_weights=False).inventory
+    assert 8 * stage.total_bytes / stage.total_params <= 3.0 + 1e-9
+
+
+def test_auto_plan_budget_is_validated():
+    with pytest.raises(WorkflowError, match="auto_plan.budget: needs one of bpw, size, ratio"):
+        parse_workflow({"model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
+                        "auto_plan": {"budget": {"bpw": 3, "size": "1MB"}}, "stages": [{"data_free": {}}]}, "wf.yaml")

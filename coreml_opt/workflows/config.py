@@ -30,7 +30,10 @@ from ..yaml_files import read_yaml_mapping
 STAGE_KINDS = ("data_free", "calibration", "finetune")
 CALIBRATION_METHODS = ("skm", "gptq", "sparsegpt", "w8a8")
 FINETUNE_METHODS = ("qat", "dkm", "prune")
-_TOP_KEYS = {"name", "model", "input_shape", "target", "plan", "eval", "stages", "out", "seed"}
+_TOP_KEYS = {"name", "model", "input_shape", "target", "plan", "auto_plan", "eval", "stages", "out", "seed"}
+_AUTO_PLAN_KEYS = {"sensitivity", "budget"}
+_SWEEP_OPTIONS = {"data", "metric", "candidates", "weight_threshold", "batch_size", "kmeans"}
+_BUDGET_KEYS = {"bpw", "size", "ratio", "max_drop"}
 _EVAL_KEYS = {"data", "metric", "batch_size"}
 _STAGE_KEYS = {
     "data_free": {"kmeans"},
@@ -73,6 +76,7 @@ class Workflow:
     eval_batch_size: int = 512
     seed: int = 0
     source: str = "workflow"
+    auto_plan: dict[str, Any] | None = None  # {"sensitivity": {...}, "budget": {...}}: plan from a sweep
 
 
 def _fail(source: str, key: str, problem: str, fix: str) -> WorkflowError:
@@ -117,6 +121,20 @@ def _parse_plan(value: Any, source: str, base: Path) -> Plan:
     except (PlanError, SpecError) as exc:
         raise _fail(source, "plan", f"{exc.input_name}: {exc.problem}", exc.fix) from None
     raise _fail(source, "plan", "is missing or not a mapping, path or spec", "e.g. `plan: {global: pal4}`")
+
+
+def _parse_auto_plan(value: Any, source: str) -> dict[str, Any] | None:
+    """``auto_plan: {sensitivity: {metric, data, candidates, ...}, budget: {bpw | size | ratio, max_drop}}``."""
+    if value is None:
+        return None
+    value = _check_keys(value, _AUTO_PLAN_KEYS, source, "auto_plan")
+    sweep = _check_keys(value.get("sensitivity") or {}, _SWEEP_OPTIONS, source, "auto_plan.sensitivity")
+    budget = _check_keys(value.get("budget"), _BUDGET_KEYS, source, "auto_plan.budget")
+    sizes = [k for k in ("bpw", "size", "ratio") if k in budget]
+    if len(sizes) > 1 or not (sizes or "max_drop" in budget):
+        raise _fail(source, "auto_plan.budget", "needs one of bpw, size, ratio (and/or max_drop)",
+                    "e.g. `budget: {bpw: 3}` or `budget: {max_drop: 0.5}`")
+    return {"sensitivity": dict(sweep), "budget": dict(budget)}
 
 
 def _parse_stage(item: Any, index: int, source: str) -> StageConfig:
@@ -166,8 +184,9 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     """Validate a workflow mapping (the YAML document) into a :class:`Workflow`."""
     base = base or Path(".")
     data = _check_keys(data, _TOP_KEYS, source, "")
+    auto_plan = _parse_auto_plan(data.get("auto_plan"), source)
     for key in ("model", "input_shape", "plan", "stages"):
-        if data.get(key) is None:
+        if data.get(key) is None and not (key == "plan" and auto_plan):
             raise _fail(source, key, "is missing", "see workflows/*.yaml for complete examples")
     model = data["model"]
     if isinstance(model, str) and ":" not in model:
@@ -176,7 +195,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     if not isinstance(shape, (list, tuple)) or not shape or any(
             isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
         raise _fail(source, "input_shape", f"must be a list of positive integers, got {shape!r}", "e.g. [1, 1, 8, 8]")
-    plan = _parse_plan(data["plan"], source, base)
+    plan = _parse_plan(data["plan"], source, base) if data.get("plan") is not None else Plan()
     try:
         target = target_name(data.get("target") or plan.target or "iOS18")
     except SpecError as exc:
@@ -195,7 +214,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _fail(source, "seed", f"must be an integer, got {seed!r}", "e.g. 0")
-    return Workflow(name=name, model=model, input_shape=tuple(shape), plan=plan, stages=parsed,
+    return Workflow(name=name, model=model, input_shape=tuple(shape), plan=plan, stages=parsed, auto_plan=auto_plan,
                     out=Path(data.get("out") or Path("out") / name), target=target,
                     eval_data=evaluation.get("data", "digits-test"), metric=evaluation.get("metric", "accuracy"),
                     eval_batch_size=_positive_int(evaluation.get("batch_size", 512), source, "eval.batch_size"),

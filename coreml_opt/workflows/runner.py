@@ -131,6 +131,28 @@ def load_data(source: Any) -> Dataset:
     return resolve_data(source)
 
 
+def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """The optional first step of a workflow: sensitivity sweep, then the planner's optimal plan under
+    the budget; the plan replaces ``workflow.plan`` (and is saved as plan.yaml with the rest)."""
+    from ..planning import plan_from_sweep
+    from ..sensitivity import analyse
+
+    sweep_options = dict(workflow.auto_plan["sensitivity"])
+    source = sweep_options.pop("data", workflow.eval_data)
+    data = load_data(source) if isinstance(source, str) and source in BUILTIN_DATA else source
+    sweep_dir = out_dir / "sensitivity"
+    analyse(workflow.model, workflow.input_shape, data, target=workflow.target, out_dir=sweep_dir, progress=progress,
+            **sweep_options)
+    model = workflow.model if not isinstance(workflow.model, str) else None
+    chosen = plan_from_sweep(sweep_dir, model=model, data=data, **workflow.auto_plan["budget"])
+    plan = chosen.plan
+    plan.target = workflow.target
+    workflow.plan = plan
+    logger.info("auto plan: %s", chosen.summary().replace("\n", "; "))
+    return {"sweep": str(sweep_dir), "budget": chosen.budget, "bits_per_weight": round(chosen.bits_per_weight, 4),
+            "predicted_drop": chosen.predicted_drop, "measured_drop": chosen.measured_drop}
+
+
 def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike | None = None,
                  progress: bool = True) -> WorkflowResult:
     """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage."""
@@ -152,6 +174,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
     base = out_dir / "fp16.mlpackage"
     convert(model, workflow.input_shape, target=workflow.target, output_path=base)
     inventory = load_package(base, load_weights=False).inventory
+    auto = _auto_plan(workflow, out_dir, progress) if workflow.auto_plan else None
     specs = planned_modules(workflow.plan, inventory)
     for stage in workflow.stages:  # plan/method mismatches fail now, before any stage runs
         check_stage(stage, specs, workflow.target)
@@ -163,6 +186,8 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
     result = WorkflowResult(workflow.name, out_dir, evaluator.name,
                             {"fp32": evaluator(reference), "fp16": evaluator(package_weights_model(base, reference))},
                             inventory.total_bytes, plan=workflow.plan.to_dict())
+    if auto is not None:
+        result.plan["auto_plan"] = auto
     result.stages = [StageResult(s.name, s.kind, method_of(s, specs), "skipped") for s in workflow.stages]
     result.write()
     for stage, record in zip(workflow.stages, result.stages):
