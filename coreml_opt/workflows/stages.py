@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
