@@ -5,10 +5,12 @@ pairs in order until the budget is met. Uniform applies one spec to every swept 
 """
 from __future__ import annotations
 
+import io
+
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import PlanError
 from .costs import Problem
@@ -90,53 +92,70 @@ def front(problem: Problem, bits: Sequence[float], measure: Measure | None = Non
     return points
 
 
-def plot_front(problem: Problem, points: Sequence[Point], path: str | Path) -> Path:
-    """PNG: measured (else predicted) metric against bits per weight, solved vs greedy vs uniform."""
+def front_png(problem: Problem, points: Sequence[Point], mark: Mapping[str, Any] | None = None) -> bytes:
+    """Metric (measured, else predicted) against bits per weight for solved/greedy/uniform plans; a star marks
+    the chosen plan (``mark``: bits_per_weight, metric, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..model.package import atomic_output
-
-    def y(p: Point) -> float:
+    def y(p) -> float:
         if p.measured_metric is not None:
             return p.measured_metric
         return problem.baseline - p.predicted_drop if problem.higher_is_better else problem.baseline + p.predicted_drop
 
     measured = all(p.measured_metric is not None for p in points)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for kind, style in (("solved", dict(marker="o", color="C0", lw=2)), ("greedy", dict(marker="s", color="C1", ls="--"))):
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for kind, style in (("solved", dict(marker="o", color="C0", lw=2)),
+                        ("greedy", dict(marker="s", color="C1", ls="--"))):
         pts = sorted((p for p in points if p.kind == kind), key=lambda p: p.bits_per_weight)
         if pts:
             ax.plot([p.bits_per_weight for p in pts], [y(p) for p in pts], label=f"{kind} plan", **style)
-    planned = [y(p) for p in points if p.kind != "uniform"] + [problem.baseline]
-    planned = [v for v in planned if v == v]
+    values = [y(p) for p in points if p.kind != "uniform"] + [problem.baseline]
+    if mark and mark.get("metric") is not None:
+        values.append(mark["metric"])
+    values = [v for v in values if v == v]
     bottom = None
-    if planned:  # zoom on the plans; uniform points far below are drawn on the bottom edge
-        low, high = min(planned), max(planned)
+    if values:  # zoom on the plans; uniform points far below sit on the bottom edge, labelled
+        low, high = min(values), max(values)
         span = max(high - low, 1e-3 * max(abs(high), 1.0))
         bottom = low - 0.3 * span
-        ax.set_ylim(bottom, high + 0.15 * span)
-    uni = [p for p in points if p.kind == "uniform"]
-    if uni:
-        shown = [max(y(p), bottom) if bottom is not None else y(p) for p in uni]
-        ax.scatter([p.bits_per_weight for p in uni], shown, marker="^", color="C2", zorder=3, label="uniform")
-        for p, v in zip(uni, shown):
+        ax.set_ylim(bottom, high + 0.2 * span)
+    uniform = [p for p in points if p.kind == "uniform"]
+    if uniform:
+        shown = [max(y(p), bottom) if bottom is not None else y(p) for p in uniform]
+        ax.scatter([p.bits_per_weight for p in uniform], shown, marker="^", color="C2", zorder=3, label="uniform")
+        for i, (p, v) in enumerate(sorted(zip(uniform, shown), key=lambda pv: pv[0].bits_per_weight)):
             text = p.label if v == y(p) else f"{p.label} ({y(p):.3g}, off scale)"
-            ax.annotate(text, (p.bits_per_weight, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            # alternate above/below so neighbouring labels do not overprint
+            ax.annotate(text, (p.bits_per_weight, v), textcoords="offset points", xytext=(4, 6 if i % 2 == 0 else -12),
+                        fontsize=7, color="C2")
     if problem.baseline == problem.baseline:
         ax.axhline(problem.baseline, color="gray", ls=":", lw=1, label="fp16 baseline")
+    if mark and mark.get("metric") is not None:
+        ax.scatter([mark["bits_per_weight"]], [mark["metric"]], marker="*", s=260, color="#d62728",
+                   edgecolor="black", zorder=5, label=mark.get("label", "chosen plan"))
     ax.set_xlabel("bits per weight (all weights, as stored by Core ML)")
-    ax.set_ylabel(f"{problem.metric} ({'measured, all layers compressed' if measured else 'predicted'})")
+    ax.set_ylabel(f"{problem.metric} ({'measured' if measured else 'predicted'})")
     ax.set_title("size vs accuracy: solved plans, greedy baseline, uniform compression")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_front(problem: Problem, points: Sequence[Point], path: str | Path,
+               mark: Mapping[str, Any] | None = None) -> Path:
+    """Write :func:`front_png` to ``path`` atomically."""
+    from ..model.package import atomic_output
+
     path = Path(path)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        tmp.write_bytes(front_png(problem, points, mark))
     return path
 
 

@@ -5,7 +5,7 @@ import logging
 import math
 from typing import Any, Mapping
 
-from .plots import pareto_png
+from ..planning.pareto import front_png
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _fill_front(report, session, problem, mark, measure: bool, bits) -> None:
     if problem is not None and problem.choices:
         points, how = _front_points(report, session, measure, bits)
         if points:
-            report.front_png = pareto_png(problem, points, mark)
+            report.front_png = front_png(problem, points, mark)
             report.front_note = how + ("; the star is the chosen plan" if mark else "; no plan found to mark")
             if found.front_pngs:
                 report.front_note += (f" (re-plotted to mark the plan; {found.relative(found.front_pngs[0])} has the "
