@@ -119,19 +119,33 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_xcode_prep(args: argparse.Namespace) -> int:
-    from .xcode import issue_for_error, prepare, resolve_arguments
+    from .xcode import issue_for_error, prepare, prepare_workflow, resolve_arguments
 
-    plan = args.config
+    plan, workflow = args.config, args.workflow
     try:
-        model, plan, output = resolve_arguments(args.model, args.config, args.output, os.environ)
-        result = prepare(model, plan, output, force=args.force, env=os.environ)
+        model, plan, workflow, output = resolve_arguments(args.model, args.config, args.output, os.environ,
+                                                          workflow=args.workflow)
+        if workflow is not None:
+            result = prepare_workflow(workflow, output, stage=args.stage, model=model, force=args.force,
+                                      env=os.environ)
+        elif args.stage is not None:
+            raise CoreMLOptError(f"--stage {args.stage}", "applies to workflows only",
+                                 "pass -w workflow.yaml, or drop --stage")
+        else:
+            result = prepare(model, plan, output, force=args.force, env=os.environ)
     except CoreMLOptError as exc:
-        print(issue_for_error(exc, plan), file=sys.stderr)
+        print(issue_for_error(exc, plan, workflow=workflow), file=sys.stderr)
         return 2
     for issue in result.warnings:
         print(issue, file=sys.stderr)
     if result.status == "up-to-date":
-        print(f"coreml-opt: {result.output} is up to date (model, plan and versions unchanged)")
+        inputs = ("workflow, plan, data, model state" if workflow is not None else "model, plan")
+        print(f"coreml-opt: {result.output} is up to date ({inputs} and versions unchanged)")
+    elif result.workflow is not None:
+        outcome = next(s.outcome for s in result.workflow.stages if s.name == result.stage)
+        print(f"coreml-opt: wrote {result.output} (stage {result.stage} of workflow {result.workflow.name}: "
+              f"{result.workflow.metric} {outcome.metric:.4f}, {result.workflow.fp16_bytes} -> "
+              f"{outcome.inventory.total_bytes} weight bytes; report {result.workflow.out / 'report.md'})")
     else:
         report = result.report
         print(f"coreml-opt: wrote {result.output} ({report.bytes_before} -> {report.bytes_after} weight bytes, "
@@ -214,13 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)  # `coreml-opt plan DIR --bpw 4 | --size 12MB | --max-drop 0.5`
 
-    p = sub.add_parser("xcode-prep", help="Xcode Run Script step: compress by a plan, skip when inputs are unchanged",
+    p = sub.add_parser("xcode-prep", help="Xcode Run Script step: compress by a plan or a workflow, skip when "
+                                          "inputs are unchanged",
                        description="example: coreml-opt xcode-prep \"$SRCROOT/Models/Digits.mlpackage\" "
-                                   "-c \"$SRCROOT/Models/digits-plan.yaml\" -o \"$DERIVED_FILE_DIR/Digits.mlpackage\"; "
-                                   "omitted arguments come from SCRIPT_INPUT_FILE_n (the .mlpackage and the .yaml) "
-                                   "and SCRIPT_OUTPUT_FILE_0")
-    p.add_argument("model", nargs="?", help="input .mlpackage (default: the .mlpackage among SCRIPT_INPUT_FILE_n)")
-    p.add_argument("-c", "--config", help="plan YAML (default: the .yaml among SCRIPT_INPUT_FILE_n)")
+                                   "-c \"$SRCROOT/Models/digits-plan.yaml\" -o \"$DERIVED_FILE_DIR/Digits.mlpackage\", "
+                                   "or coreml-opt xcode-prep -w \"$SRCROOT/Models/digits-pal2.yaml\" "
+                                   "-o \"$DERIVED_FILE_DIR/Digits.mlpackage\"; omitted arguments come from "
+                                   "SCRIPT_INPUT_FILE_n (the .mlpackage, and the .yaml: a workflow if it has "
+                                   "stages:, else a plan) and SCRIPT_OUTPUT_FILE_0")
+    p.add_argument("model", nargs="?", help="input .mlpackage (default: the .mlpackage among SCRIPT_INPUT_FILE_n); "
+                                            "with -w optional, and not an .mlpackage: an extra input file "
+                                            "(e.g. the model's .py) whose change reruns the workflow")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("-c", "--config", help="plan YAML (default: the .yaml among SCRIPT_INPUT_FILE_n)")
+    source.add_argument("-w", "--workflow", help="workflow YAML: run it from its model: factory and take a "
+                                                 "stage's package (default: a .yaml input with stages:)")
+    p.add_argument("--stage", metavar="NAME", help="with -w: the stage whose package to take (default: the last)")
     p.add_argument("-o", "--output", help="output .mlpackage (default: SCRIPT_OUTPUT_FILE_0)")
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)

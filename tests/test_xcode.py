@@ -12,7 +12,16 @@ from conftest import run_cli
 
 from coreml_opt.errors import PlanError
 from coreml_opt.plan import Plan
-from coreml_opt.xcode import declared_file_warnings, issue_for_error, prepare, resolve_arguments, stamp_path
+from coreml_opt.workflows import load_workflow
+from coreml_opt.xcode import (
+    declared_file_warnings,
+    issue_for_error,
+    prepare,
+    prepare_workflow,
+    resolve_arguments,
+    stamp_path,
+    work_dir,
+)
 
 PLAN = """\
 target: iOS18
@@ -141,8 +150,140 @@ def test_missing_arguments_and_undeclared_files(tmp_path):
     code, _, err = run_cli("xcode-prep")
     assert code != 0 and err.startswith("error: xcode-prep MODEL: was not given")
     model, plan, output = Path("/p/Models/Digits.mlpackage"), Path("/p/plan.yaml"), Path("/d/Digits.mlpackage")
-    warnings = [str(w) for w in declared_file_warnings(model, plan, output, env)]
+    warnings = [str(w) for w in declared_file_warnings([model, plan], output, env)]
     assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
     assert "/p/plan.yaml is not among the Run Script phase's Input Files" in warnings[0]
     assert "Output Files" in warnings[1]
-    assert declared_file_warnings(model, plan, output, {}) == []
+    assert declared_file_warnings([model, plan], output, {}) == []
+
+
+# ---- -w workflow.yaml -------------------------------------------------------------------------
+WORKFLOW = """\
+name: digits-xcode
+model: coreml_opt.zoo:digits_cnn
+input_shape: [1, 1, 8, 8]
+target: iOS18
+plan: {global: pal4}
+eval: {data: digits-test, metric: accuracy}
+stages:
+  - data_free: {}
+"""
+
+
+def _error_line(err: str) -> str:
+    """The one Xcode ``error:`` line of stderr (in-process runs may also show coremltools' progress bars)."""
+    lines = [line for line in err.splitlines() if "error: " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def workflow_file(tmp_path) -> Path:
+    path = tmp_path / "Models" / "digits-xcode.yaml"
+    path.parent.mkdir()
+    path.write_text(WORKFLOW)
+    return path
+
+
+def test_workflow_second_run_does_no_work_and_same_inputs_give_identical_bytes(tmp_path, workflow_file, plan_file,
+                                                                               monkeypatch, caplog):
+    output = tmp_path / "derived" / "Digits.mlpackage"
+    # As Xcode calls it: a plan and the workflow among the inputs; the one with stages: is taken as -w.
+    for key, value in {"SCRIPT_INPUT_FILE_COUNT": "2", "SCRIPT_INPUT_FILE_0": str(plan_file),
+                       "SCRIPT_INPUT_FILE_1": str(workflow_file), "SCRIPT_OUTPUT_FILE_COUNT": "1",
+                       "SCRIPT_OUTPUT_FILE_0": str(output)}.items():
+        monkeypatch.setenv(key, value)
+    code, out, err = run_cli("xcode-prep")
+    assert code == 0, err
+    assert f"wrote {output} (stage data_free of workflow digits-xcode" in out and "warning:" not in err
+    assert (work_dir(output) / "report.json").is_file() and (work_dir(output) / "data_free.mlpackage").is_dir()
+    before = _snapshot(output)
+
+    caplog.set_level(logging.INFO, logger="coreml_opt")
+    result = prepare_workflow(workflow_file, output, env=os.environ)
+    assert result.status == "up-to-date" and result.workflow is None and result.warnings == []
+    assert not any("running" in r.getMessage() for r in caplog.records)
+    code, out, err = run_cli("xcode-prep", "-w", str(workflow_file), "-o", str(output))
+    assert code == 0 and "is up to date" in out and "wrote" not in out, err
+    assert _snapshot(output) == before  # bytes and mtimes of every file and folder
+
+    there = tmp_path / "elsewhere" / "Other.mlpackage"  # another process, another output path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIPT_")}
+    done = subprocess.run([sys.executable, "-m", "coreml_opt", "xcode-prep", "-w", str(workflow_file),
+                           "-o", str(there)], env={**env, "PYTHONHASHSEED": "4321"}, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert sorted(_contents(output)) == ["Data/com.apple.CoreML/model.mlmodel",
+                                         "Data/com.apple.CoreML/weights/weight.bin", "Manifest.json"]
+    assert _contents(output) == _contents(there)
+
+
+def test_changed_workflow_reruns_and_a_failing_stage_leaves_output_untouched(tmp_path, workflow_file):
+    output = tmp_path / "Digits.mlpackage"
+    first = prepare_workflow(workflow_file, output)
+    assert first.status == "compressed" and first.stage == "data_free"
+    pal4 = _contents(output)
+    workflow_file.write_text(WORKFLOW.replace("global: pal4", "global: pal2"))
+    second = prepare_workflow(workflow_file, output)
+    assert second.status == "compressed"
+    weight_bytes = [r.workflow.stages[0].outcome.inventory.total_bytes for r in (first, second)]
+    assert weight_bytes[1] < weight_bytes[0] and _contents(output) != pal4
+    before, stamp = _snapshot(output), stamp_path(output).read_bytes()
+
+    missing = tmp_path / "no-such-calibration-data"
+    workflow_file.write_text(WORKFLOW.replace("global: pal4", "global: pal2")
+                             + f"  - calibration: {{method: skm, data: {missing}}}\n")
+    code, out, err = run_cli("xcode-prep", "-w", str(workflow_file), "-o", str(output))
+    assert code != 0 and "wrote" not in out
+    assert _error_line(err).startswith(f"{workflow_file}:9: error: stages[1]: stage calibration-skm failed: DataError: ")
+    assert _snapshot(output) == before and stamp_path(output).read_bytes() == stamp
+    report = (work_dir(output) / "report.json").read_text()
+    assert '"failed_stage": "calibration-skm"' in report
+
+
+def test_workflow_errors_point_at_their_yaml_line(tmp_path, workflow_file, example_mlpackage):
+    output = tmp_path / "out" / "Digits.mlpackage"
+    workflow_file.write_text(WORKFLOW.replace("  - data_free: {}", "  - data_free: {kmeanz: fast}"))
+    code, _, err = run_cli("xcode-prep", "-w", str(workflow_file), "-o", str(output))
+    assert code != 0
+    assert _error_line(err).startswith(f"{workflow_file}:8: error: stages[0].data_free.kmeanz: is not a known key")
+    assert not output.exists() and not stamp_path(output).exists() and not work_dir(output).exists()
+
+    cases = [("eval: {data: digits-test, metric: accuracy}\n", "eval: {data: digits-test, metrc: accuracy}\n", 6,
+              "eval.metrc: is not a known key"),
+             ("target: iOS18\n", "target: iOS99\n", 4, "target: unknown deployment target 'iOS99'"),
+             ("plan: {global: pal4}\n", "plan:\n  layers: {a: int8}\n  global: pal9\n", 7,
+              "plan: global: unsupported palette size")]
+    for old, new, line, fragment in cases:
+        workflow_file.write_text(WORKFLOW.replace(old, new))
+        with pytest.raises(Exception) as info:
+            load_workflow(workflow_file.absolute())
+        issue = str(issue_for_error(info.value, workflow=workflow_file))
+        assert issue.startswith(f"{workflow_file}:{line}: error: {fragment}"), issue
+
+    plan = workflow_file.parent / "plan.yaml"  # a plan file the workflow names: its errors point into it
+    plan.write_text("global: pal4\nlayers:\n  featurs.3: int8\n")
+    workflow_file.write_text(WORKFLOW.replace("plan: {global: pal4}", "plan: plan.yaml"))
+    code, _, err = run_cli("xcode-prep", "-w", str(workflow_file), "-o", str(output))
+    assert code != 0 and _error_line(err).startswith(f"{plan}:3: error: layer 'featurs.3': matches no weight")
+    assert not output.exists()
+
+    code, _, err = run_cli("xcode-prep", str(example_mlpackage), "-w", str(workflow_file), "-o", str(output))
+    assert code != 0 and _error_line(err).startswith(f"error: {example_mlpackage}: is an .mlpackage, but a workflow "
+                                                     "starts from the PyTorch factory")
+    code, _, err = run_cli("xcode-prep", "-w", str(workflow_file), "--stage", "finetune", "-o", str(output))
+    assert code != 0 and "--stage finetune: is not a stage of" in err and "['data_free']" in err
+    code, _, err = run_cli("xcode-prep", str(example_mlpackage), "-c", str(plan), "--stage", "data_free",
+                           "-o", str(output))
+    assert code != 0 and _error_line(err).startswith("error: --stage data_free: applies to workflows only")
+
+
+def test_workflow_inputs_are_found_among_script_files(tmp_path, workflow_file, plan_file):
+    env = {"SCRIPT_INPUT_FILE_COUNT": "3", "SCRIPT_INPUT_FILE_0": "/p/Models/Digits.mlpackage",
+           "SCRIPT_INPUT_FILE_1": str(plan_file), "SCRIPT_INPUT_FILE_2": str(workflow_file),
+           "SCRIPT_OUTPUT_FILE_COUNT": "1", "SCRIPT_OUTPUT_FILE_0": "/d/Digits.mlpackage"}
+    assert resolve_arguments(None, None, None, env) == (None, None, str(workflow_file), "/d/Digits.mlpackage")
+    assert resolve_arguments(None, str(plan_file), None, env) == (
+        "/p/Models/Digits.mlpackage", str(plan_file), None, "/d/Digits.mlpackage")
+    without = {**env, "SCRIPT_INPUT_FILE_COUNT": "2"}
+    assert resolve_arguments(None, None, None, without).plan == str(plan_file)
