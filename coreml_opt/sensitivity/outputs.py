@@ -143,6 +143,16 @@ def trials_csv(result) -> str:
     return buffer.getvalue()
 
 
+def _cell_text(value: float, vmax: float) -> str:
+    """Heatmap cell label: two decimals when the scale allows, else two significant digits (KL drops
+    of 1e-4 would all read 0.00)."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if vmax >= 1 else f"{value:.2g}"
+
+
 def write_heatmap(result, path: Path) -> None:
     """Layers x candidates, colour = drop; each cell annotated, n/a cells grey."""
     import matplotlib
@@ -168,7 +178,7 @@ def write_heatmap(result, path: Path) -> None:
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j]
-            text = "n/a" if np.isnan(v) else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+            text = "n/a" if np.isnan(v) else _cell_text(v, vmax)
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if np.isfinite(v) and v > 0.6 * vmax else "black")
     ax.set_xticks(range(len(result.candidates)), result.candidates, rotation=30, ha="right")
