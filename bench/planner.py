@@ -12,6 +12,10 @@ usage: python bench/planner.py [--out out/bench-planner] [--plot front.png]
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars would bury the table
+
 import argparse
 import json
 import logging

@@ -8,6 +8,10 @@ Run: python bench/sensitivity.py [--kmeans exact|fast]
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars would bury the table
+
 import argparse
 import json
 import logging

@@ -9,6 +9,10 @@ the engine is timed producing the decompressed weight and its parameters. Assert
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars would bury the table
+
 import argparse
 import json
 import logging

@@ -9,6 +9,10 @@ uncompressed model on the training split. Prints a table, then one JSON line of 
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars would bury the table
+
 import argparse
 import json
 import logging
