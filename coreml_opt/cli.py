@@ -275,10 +275,11 @@ def run(argv: Sequence[str] | None) -> int:
     # tqdm reads TQDM_DISABLE when it is imported, so set it before anything imports coremltools.
     os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")
     _quiet_coremltools(verbose)
-    if argv[:1] == ["sensitivity"]:  # same options as `python -m coreml_opt.sensitivity`
+    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    if rest[:1] == ["sensitivity"]:  # same options as `python -m coreml_opt.sensitivity`
         from .sensitivity.__main__ import main as sensitivity_main
 
-        return sensitivity_main(argv[1:])
+        return sensitivity_main(rest[1:] + (["--verbose"] if verbose else []))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -142,3 +142,18 @@ def test_interrupted_compress_leaves_nothing(example_mlpackage, tmp_path, monkey
     code, _, stderr = run_cli("compress", str(example_mlpackage), "--spec", "int8", "-o", str(out))
     assert code == 130 and "interrupted" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_global_verbose_flag_reaches_the_sensitivity_subcommand(tmp_path):
+    code, _, stderr = run_cli("-v", "sensitivity", "--model", "no_such_module:factory", "--input-shape", "1,1,8,8",
+                              "--out", str(tmp_path / "sens"))
+    assert code == 2 and "no_such_module" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "sens").exists()
+
+
+def test_help_lists_every_subcommand():
+    from coreml_opt.cli import build_parser
+
+    text = build_parser().format_help()
+    for command in ("sensitivity", "convert", "inspect", "compress", "example", "plan", "run", "report", "xcode-prep"):
+        assert command in text
