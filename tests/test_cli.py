@@ -157,3 +157,27 @@ def test_help_lists_every_subcommand():
     text = build_parser().format_help()
     for command in ("sensitivity", "convert", "inspect", "compress", "example", "plan", "run", "report", "xcode-prep"):
         assert command in text
+
+
+def test_failed_move_into_place_restores_the_previous_output(tmp_path, monkeypatch):
+    import os
+
+    from coreml_opt.model.package import atomic_output
+
+    out = tmp_path / "out.mlpackage"
+    out.mkdir()
+    (out / "old.txt").write_text("previous")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith("out.mlpackage") and ".tmp" in str(src) and not str(src).endswith(".old"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        with atomic_output(out) as tmp:
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("new")
+    assert (out / "old.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mlpackage"]

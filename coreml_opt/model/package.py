@@ -172,10 +172,16 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.exists():
             raise RuntimeError(f"nothing was written for {path}")
-        if path.exists():
+        backup = None
+        if path.exists():  # a folder cannot be replaced over a non-empty one: move the old one aside
             backup = tmp_dir / (path.name + ".old")
             os.replace(path, backup)
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except BaseException:
+            if backup is not None and not path.exists():
+                os.replace(backup, path)  # put the user's previous output back
+            raise
     finally:  # runs on success, error and KeyboardInterrupt alike
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
