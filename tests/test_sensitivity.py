@@ -155,3 +155,23 @@ def test_untraceable_model_falls_back_to_full_forward():
     slow = analyse(_Branchy(), (1, 64), data, metric="sqnr", candidates="pal2", progress=False,
                    include_all=True, use_suffix=False)
     assert [t.metric for t in fast.trials] == [t.metric for t in slow.trials] and len(fast.trials) == 2
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("max_trials", "five", "max_trials"),
+    ("time_budget", [1, 2], "time_budget"),
+    ("kmeans", "slow", "not one of"),
+    ("all_layers", "yes", "must be true or false"),
+])
+def test_sweep_file_fields_are_checked_like_options(tmp_path, field, value, fragment):
+    import yaml
+
+    from conftest import run_cli
+
+    sweep = {"model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8], "metric": "kl",
+             "candidates": ["int8"], "out": str(tmp_path / "out"), field: value}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code, _, stderr = run_cli("sensitivity", str(path))
+    assert code == 2 and stderr.count("\n") == 1 and fragment in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()

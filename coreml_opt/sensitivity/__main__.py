@@ -68,18 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _from_yaml(path: str, args: argparse.Namespace) -> argparse.Namespace:
+def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Sweep-file fields, checked and converted like the matching command-line options."""
     from ..yaml_files import read_yaml_mapping
 
     doc = read_yaml_mapping(path, DataError, "sweep", SWEEP_KEYS)
+    actions = {action.dest: action for action in parser._actions}
     for key, value in doc.items():
-        if key == "input_shape":
-            try:
-                value = _shape(value)
-            except argparse.ArgumentTypeError as exc:
-                raise DataError(path, str(exc), "write e.g. input_shape: [1, 1, 8, 8]") from None
         if key == "candidates" and isinstance(value, list):
             value = ",".join(map(str, value))
+        action = actions[key]
+        if value is not None and isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise DataError(f"{path}: {key}", f"must be true or false, got {value!r}", f"write {key}: true")
+        elif value is not None and action.type is not None:
+            try:
+                value = action.type(value if isinstance(value, list) else str(value))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise DataError(f"{path}: {key}", f"{value!r} is not valid ({exc})",
+                                f"see `python -m coreml_opt.sensitivity --help` for {key}") from None
+        if value is not None and action.choices is not None and value not in action.choices:
+            raise DataError(f"{path}: {key}", f"{value!r} is not one of {list(action.choices)}",
+                            f"use one of {list(action.choices)}")
         setattr(args, key, value)
     return args
 
@@ -93,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         if args.sweep:
-            args = _from_yaml(args.sweep, args)
+            args = _from_yaml(args.sweep, args, parser)
         if not args.model or not args.input_shape:
             parser.error("--model and --input-shape are required (or pass a sweep YAML file)")
         from . import analyse
