@@ -146,3 +146,17 @@ def test_default_ladder_is_filtered_to_the_target_and_reported():
     assert result.skipped_candidates == [{"spec": "int4/block32", "reason": "needs iOS18, target is iOS16"}]
     with pytest.raises(CoreMLOptError, match="needs iOS18"):
         analyse(zoo.digits_cnn(), SHAPE, None, candidates="pal4/g16", target="iOS17")
+
+
+def test_fast_kmeans_sweep_never_reuses_exact_rows_and_the_planner_keeps_the_mode(tmp_path):
+    from coreml_opt.planning import PlanningSession
+    from coreml_opt.sensitivity import analyse
+    from coreml_opt.sensitivity.examples import digits_heldout
+
+    common = dict(metric="kl", candidates=["pal2"], out_dir=tmp_path, progress=False)
+    exact = analyse("coreml_opt.zoo:digits_cnn", (1, 1, 8, 8), digits_heldout(), **common)
+    fast = analyse("coreml_opt.zoo:digits_cnn", (1, 1, 8, 8), digits_heldout(), kmeans="fast", **common)
+    assert exact.ran == len(exact.trials) and fast.reused == 0 and fast.ran == len(fast.trials)
+    assert [t.metric for t in exact.trials] != [t.metric for t in fast.trials]  # other palettes, other drops
+    session = PlanningSession.open(tmp_path)
+    assert session.kmeans == "fast" and session.plan(bpw=6).plan.kmeans == "fast"

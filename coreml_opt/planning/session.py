@@ -59,7 +59,7 @@ class PlanningSession:
             shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
             evaluator = make_evaluator(original, data if data is not None else sweep.get("data"), problem.metric,
                                        input_shape=shape)
-        return cls(problem, folded, evaluator if measure else None)
+        return cls(problem, folded, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
 
     @property
     def can_measure(self) -> bool:

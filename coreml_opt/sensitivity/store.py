@@ -1,6 +1,6 @@
 """The results store: one SQLite file of finished trials, keyed by content.
 
-A row is keyed by (model weights hash, data hash, metric, layer, spec), so an interrupted sweep
+A row is keyed by (model weights hash, data hash, metric, k-means mode, layer, spec), so an interrupted sweep
 resumes where it stopped, a sweep with one more candidate runs only the new trials, and a changed
 model or data set never reuses stale rows. Every trial is committed as soon as it finishes.
 """
@@ -21,22 +21,24 @@ CREATE TABLE IF NOT EXISTS trials (
     model_hash TEXT NOT NULL,
     data_hash  TEXT NOT NULL,
     metric     TEXT NOT NULL,
+    kmeans     TEXT NOT NULL,
     layer      TEXT NOT NULL,
     spec       TEXT NOT NULL,
     value      REAL,
     seconds    REAL NOT NULL,
     created    REAL NOT NULL,
-    PRIMARY KEY (model_hash, data_hash, metric, layer, spec)
+    PRIMARY KEY (model_hash, data_hash, metric, kmeans, layer, spec)
 )
 """
 
 
 class ResultStore:
-    """Finished trials of one (model, data, metric) key in a SQLite file (or in memory)."""
+    """Finished trials of one (model, data, metric, k-means mode) key in a SQLite file (or in memory)."""
 
-    def __init__(self, path: Union[str, os.PathLike, None], model_hash: str, data_hash: str, metric: str) -> None:
+    def __init__(self, path: Union[str, os.PathLike, None], model_hash: str, data_hash: str, metric: str,
+                 kmeans: str = "exact") -> None:
         self.path = Path(path) if path is not None else None
-        self.key = (model_hash, data_hash, metric)
+        self.key = (model_hash, data_hash, metric, kmeans)  # fast k-means gives other palettes: other rows
         try:
             self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")  # a killed process loses no committed trial
@@ -50,20 +52,15 @@ class ResultStore:
     def finished(self) -> dict[tuple[str, str], tuple[float, float]]:
         """(layer, spec) -> (metric value, seconds) of every stored trial for this key."""
         rows = self._db.execute("SELECT layer, spec, value, seconds FROM trials "
-                                "WHERE model_hash=? AND data_hash=? AND metric=?", self.key)
+                                "WHERE model_hash=? AND data_hash=? AND metric=? AND kmeans=?", self.key)
         return {(layer, spec): (math.nan if value is None else value, seconds) for layer, spec, value, seconds in rows}
 
     def add(self, layer: str, spec: str, value: float, seconds: float) -> None:
         """Store one finished trial and commit at once (a killed sweep keeps it)."""
         stored: Optional[float] = None if math.isnan(value) else value
-        self._db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?)",
+        self._db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?)",
                          (*self.key, layer, spec, stored, seconds, time.time()))
         self._db.commit()
-
-    def count(self) -> int:
-        """Rows for this key."""
-        return self._db.execute("SELECT COUNT(*) FROM trials WHERE model_hash=? AND data_hash=? AND metric=?",
-                                self.key).fetchone()[0]
 
     def close(self) -> None:
         self._db.close()

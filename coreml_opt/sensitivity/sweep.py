@@ -80,6 +80,7 @@ class SweepResult:
     reused: int = 0
     pending: int = 0
     out_dir: Optional[Path] = None
+    kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
 
     @property
     def complete(self) -> bool:
@@ -99,7 +100,7 @@ class SweepResult:
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
                 "unit": self.unit, "skipped_candidates": self.skipped_candidates,
                 "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
-                "ran": self.ran, "reused": self.reused, "timing": self.timing}
+                "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.sweep_dict(), "trials": [t.to_dict() for t in self.trials]}
@@ -206,7 +207,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out_path / STORE_NAME if out_path else None, model_hash(base), evaluator.data_hash,
-                        evaluator.name)
+                        evaluator.name, kmeans)
     done = store.finished()
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
@@ -269,7 +270,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
                          evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target, factory,
                          data if isinstance(data, str) else None, list(shape), timing, ran, reused,
-                         len(plan) - len(trials), out_path)
+                         len(plan) - len(trials), out_path, kmeans)
     if out_path is not None:
         from .outputs import write_outputs
 
