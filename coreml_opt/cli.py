@@ -16,7 +16,7 @@ from .errors import CoreMLOptError
 logger = logging.getLogger("coreml_opt")
 
 
-def _quiet_coremltools(verbose: bool) -> None:
+def quiet_coremltools(verbose: bool) -> None:
     """coremltools logs import noise on Linux (no libcoremlpython) and per-pass chatter; hide it."""
     warnings.filterwarnings("ignore")
     level = logging.INFO if verbose else logging.WARNING
@@ -25,13 +25,15 @@ def _quiet_coremltools(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.WARNING)
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``1,1,8,8`` (or ``1x1x8x8``, or a YAML list) -> (1, 1, 8, 8); argparse type for input shapes."""
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+        values = text if isinstance(text, (list, tuple)) else str(text).replace("x", ",").split(",")
+        shape = tuple(int(v) for v in values)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: not comma-separated integers; use e.g. 1,1,8,8")
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: not comma-separated integers; use e.g. 1,1,8,8")
     if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: dimensions must be positive; use e.g. 1,1,8,8")
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: dimensions must be positive; use e.g. 1,1,8,8")
     return shape
 
 
@@ -76,24 +78,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def compression_table(report) -> str:
-    """Per-weight before/after/predicted bytes of a compression report."""
-    from .report.tables import format_table, human_bytes
-
-    rows = [[w.name, w.torch_name, w.spec, w.bytes_before, w.bytes_after, w.bytes_predicted,
-             f"{100 * (w.bytes_after - w.bytes_predicted) / max(w.bytes_predicted, 1):+.2f}%", w.compression]
-            for w in report.weights]
-    footer = [["total", "", "", report.bytes_before, report.bytes_after, report.bytes_predicted,
-               f"{100 * (report.bytes_after - report.bytes_predicted) / max(report.bytes_predicted, 1):+.2f}%",
-               f"{human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
-               f"({report.bytes_before / max(report.bytes_after, 1):.2f}x)"]]
-    headers = ["weight", "torch name", "spec", "bytes before", "bytes after", "predicted", "after vs pred", "compression"]
-    return format_table(headers, rows, footer)
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
     from .plan import load_plan
+    from .report.tables import compression_table
 
     plan = load_plan(args.config, spec=args.spec, target=args.target)
     if args.kmeans:
@@ -191,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="example: coreml-opt convert coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 "
                                    "-o digits.mlpackage")
     p.add_argument("model", help="PyTorch model factory, package.module:function")
-    p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--input-shape", type=parse_shape, required=True, help="example input shape, e.g. 1,1,8,8")
     p.add_argument("-o", "--output", required=True, help="output .mlpackage path")
     p.add_argument("--target", default="iOS18", help="minimum deployment target (iOS16, iOS17, iOS18, macOS13..15)")
     p.set_defaults(func=cmd_convert)
@@ -274,7 +262,7 @@ def run(argv: Sequence[str] | None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     # tqdm reads TQDM_DISABLE when it is imported, so set it before anything imports coremltools.
     os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")
-    _quiet_coremltools(verbose)
+    quiet_coremltools(verbose)
     rest = [a for a in argv if a not in ("-v", "--verbose")]
     if rest[:1] == ["sensitivity"]:  # same options as `python -m coreml_opt.sensitivity`
         from .sensitivity.__main__ import main as sensitivity_main

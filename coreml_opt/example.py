@@ -39,7 +39,7 @@ class ExampleResult:
     accuracy: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        from .cli import compression_table
+        from .report.tables import compression_table
 
         lines = [compression_table(self.report), ""]
         for key, value in self.accuracy.items():

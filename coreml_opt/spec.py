@@ -35,11 +35,6 @@ def register_spec(cls: type["Spec"]) -> type["Spec"]:
     return cls
 
 
-def spec_types() -> tuple[type["Spec"], ...]:
-    """All registered spec kinds."""
-    return tuple(_SPEC_TYPES)
-
-
 class Spec:
     """Base of every compression spec (frozen dataclasses)."""
 

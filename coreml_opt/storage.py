@@ -58,11 +58,6 @@ class WeightContext:
         return int(self.shape[axis]) if len(self.shape) > axis else 1
 
 
-def predicted_tensors(spec: Spec, ctx: WeightContext) -> list[TensorCost]:
-    """Every tensor Core ML stores for ``spec`` applied to the weight ``ctx``."""
-    return _tensors(spec, ctx)
-
-
 def predicted_bytes(spec: Spec | str, shape: Sequence[int], op_type: str = "linear", *, ios18_ops: bool = True,
                     weight: np.ndarray | None = None) -> int:
     """Bytes in ``weight.bin`` for one weight of ``shape`` compressed with ``spec``."""

@@ -53,3 +53,16 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return text == "-"
+
+
+def compression_table(report) -> str:
+    """Per-weight before/after/predicted bytes of a compression report."""
+    rows = [[w.name, w.torch_name, w.spec, w.bytes_before, w.bytes_after, w.bytes_predicted,
+             f"{100 * (w.bytes_after - w.bytes_predicted) / max(w.bytes_predicted, 1):+.2f}%", w.compression]
+            for w in report.weights]
+    footer = [["total", "", "", report.bytes_before, report.bytes_after, report.bytes_predicted,
+               f"{100 * (report.bytes_after - report.bytes_predicted) / max(report.bytes_predicted, 1):+.2f}%",
+               f"{human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
+               f"({report.bytes_before / max(report.bytes_after, 1):.2f}x)"]]
+    headers = ["weight", "torch name", "spec", "bytes before", "bytes after", "predicted", "after vs pred", "compression"]
+    return format_table(headers, rows, footer)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from ..cli import parse_shape, quiet_coremltools
 from ..errors import CoreMLOptError, DataError
 
 EPILOG = """examples:
@@ -26,17 +25,6 @@ SWEEP_KEYS = {"model", "input_shape", "data", "metric", "candidates", "target", 
               "weight_threshold", "all_layers", "batch_size", "kmeans"}
 
 
-def _shape(text: Any) -> tuple[int, ...]:
-    try:
-        values = text if isinstance(text, (list, tuple)) else str(text).replace("x", ",").split(",")
-        shape = tuple(int(v) for v in values)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape {text!r}: not comma-separated integers; use e.g. 1,1,8,8")
-    if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"input shape {text!r}: dimensions must be positive; use e.g. 1,1,8,8")
-    return shape
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coreml_opt.sensitivity", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and rank layers by the metric drop.")
     p.add_argument("sweep", nargs="?", help="sweep YAML file (e.g. sensitivity/digits.yaml) instead of the options")
     p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn")
-    p.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--input-shape", type=parse_shape, help="example input shape, e.g. 1,1,8,8")
     p.add_argument("--data", help="evaluation data: calibration folder, .npz (x, y) or package.module:fn "
                                   "returning data, e.g. calibration_data/digits; omitted: seeded random inputs")
     p.add_argument("--metric", default="top1", help="accuracy (needs labels), psnr, sqnr, kl, top1, cosine "
@@ -97,10 +85,7 @@ def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentPar
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_coremltools(args.verbose)
     try:
         if args.sweep:
             args = _from_yaml(args.sweep, args, parser)

@@ -24,7 +24,7 @@ from ..spec import Spec
 from ..targets import target_rank
 from .config import StageConfig
 from .export import Exported, export_package, package_weights_model
-from .torch_configs import build_config, default_method, verify_linear_quantizer
+from .torch_configs import build_config, check_method, default_method, verify_linear_quantizer
 from .training import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def check_stage(stage: StageConfig, ctx_specs: dict[str, Spec], target: str) -> 
     if stage.kind == "data_free":
         return
     method = method_of(stage, ctx_specs)
-    build_config(method, ctx_specs, model=None, update_steps=[0])
+    check_method(method, ctx_specs)
     if method == "w8a8" and target_rank(target) < 17:
         raise PlanError(f"stage {stage.name}", f"W8A8 needs iOS17 but the target is {target}", "set `target: iOS17`")
 
