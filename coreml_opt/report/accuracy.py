@@ -40,6 +40,7 @@ def plan_specs(report, problem) -> dict[str, str]:
 def plan_cost(problem, specs: Mapping[str, str]) -> tuple[int, float]:
     """(bytes of all weights, predicted drop) of ``specs``; specs the sweep did not try cost by the byte model."""
     from ..storage import predicted_bytes
+    from ..targets import DEFAULT_TARGET, target_rank
 
     options = {c.layer: {o.spec: o for o in c.options} for c in problem.choices}
     info = {i.layer: i for i in problem.layers}
@@ -49,7 +50,8 @@ def plan_cost(problem, specs: Mapping[str, str]) -> tuple[int, float]:
         if option is not None:
             total, drop = total + option.bytes, drop + option.drop
         else:
-            total += predicted_bytes(spec, info[layer].shape, info[layer].op_type)
+            total += predicted_bytes(spec, info[layer].shape, info[layer].op_type,
+                                     ios18_ops=target_rank(problem.target or DEFAULT_TARGET) >= 18)
             drop = math.nan if spec != "none" else drop
     return total, drop
 
