@@ -88,17 +88,17 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
 def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:
     """Refuse, before any work, specs whose outcome depends on the values and that coremltools would skip
     (threshold pruning short of its minimum sparsity, unique mode with over 256 values)."""
-    from .simulate import simulate
-
     import torch
+
+    from .plan import is_data_dependent
+    from .simulate import default_cache
 
     for weight in loaded.inventory.weights:
         spec = resolved[weight.name]
-        parts = spec.parts
-        if not any(p.technique == "prune" or getattr(p, "mode", "") == "unique" for p in parts):
+        if not is_data_dependent(spec):
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        result = simulate(parts[0], values, weight.op_type)
+        result = default_cache().get(spec.parts[0], values, weight.op_type)  # reused by the byte model
         if result.skipped:
             raise PlanError(f"layer {weight.torch_name or weight.name} (spec {spec})",
                             f"coremltools would skip it: {result.skipped}",

@@ -208,7 +208,7 @@ class Plan:
         out = {}
         for w in inventory.weights:
             spec = resolved[w.name]
-            values = weight_values(w.name) if weight_values is not None and _data_dependent(spec) else None
+            values = weight_values(w.name) if weight_values is not None and is_data_dependent(spec) else None
             out[w.name] = predicted_bytes(spec, w.shape, w.op_type, ios18_ops=ios18, weight=values)
         return out
 
@@ -267,7 +267,8 @@ class Plan:
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory)), sort_keys=False)
 
 
-def _data_dependent(spec: Spec) -> bool:
+def is_data_dependent(spec: Spec) -> bool:
+    """Whether the stored size depends on the values (pruning non-zeros, unique palettes)."""
     return any(part.technique == "prune" or getattr(part, "mode", "") == "unique" for part in spec.parts)
 
 

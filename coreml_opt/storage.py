@@ -137,9 +137,12 @@ def nonzero_count(spec: PruneSpec | ThresholdPruneSpec, ctx: WeightContext) -> i
     """Non-zeros left by pruning: exact from the weight when given, else from the spec's sparsity."""
     n = ctx.numel
     if ctx.weight is not None:
-        from .simulate import simulate_weight  # exact: count what coremltools' pruning keeps
+        import torch
 
-        return int(np.count_nonzero(simulate_weight(spec, ctx.weight, ctx.op_type)))
+        from .simulate import default_cache  # exact: count what coremltools' pruning keeps (cached)
+
+        weight = torch.as_tensor(np.asarray(ctx.weight, dtype=np.float32))
+        return int(torch.count_nonzero(default_cache().get(spec, weight, ctx.op_type).weight))
     if isinstance(spec, ThresholdPruneSpec):
         return n - int(round(spec.minimum_sparsity_percentile * n))  # the least sparsity it accepts
     return n - int(round(spec.sparsity * n))
