@@ -181,3 +181,15 @@ def test_failed_move_into_place_restores_the_previous_output(tmp_path, monkeypat
             (tmp / "new.txt").write_text("new")
     assert (out / "old.txt").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mlpackage"]
+
+
+def test_readme_example_job_writes_packages_plan_and_reports_accuracy(tmp_path):
+    code, stdout, stderr = run_cli("example", "--out", str(tmp_path / "example"))
+    assert code == 0, stderr
+    assert (tmp_path / "example" / "digits.mlpackage").is_dir()
+    assert (tmp_path / "example" / "digits-compressed.mlpackage").is_dir()
+    assert (tmp_path / "example" / "plan.yaml").is_file()
+    accuracy = {line.split()[1]: float(line.split()[-2]) for line in stdout.splitlines() if line.startswith("accuracy")}
+    assert accuracy["fp32"] >= 95.0 and accuracy["compressed"] >= 95.0
+    total = [line for line in stdout.splitlines() if line.startswith("total")][0].split()
+    assert int(total[2]) < int(total[1]) / 2 and total[2] == total[3]  # after < before/2, after == predicted
