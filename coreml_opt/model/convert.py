@@ -13,7 +13,7 @@ import importlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import coremltools as ct
 import torch
@@ -193,6 +193,31 @@ def weight_consts(mlmodel: ct.models.MLModel) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# A traced parameter's const: its path with '.' -> '_' plus one of these (fp16 cast, or a compressed
+# weight that torch-side compression emitted through a cast), or nothing (fp32 programs).
+CONST_SUFFIXES = ("_to_fp16", "_cast_fp16", "")
+
+
+def const_name(param_path: str) -> str:
+    """The Core ML const a traced torch parameter becomes (``features.3.weight`` -> ``features_3_weight_to_fp16``)."""
+    return param_path.replace(".", "_") + CONST_SUFFIXES[0]
+
+
+def find_const(param_path: str, shape: tuple[int, ...], const_shapes: Mapping[str, tuple[int, ...]],
+               allow_renamed: bool = False) -> str | None:
+    """The const of ``const_shapes`` (name -> shape) holding a torch parameter, matched by name and shape.
+
+    ``allow_renamed`` also accepts names that extend it (``..._to_fp16_palettized`` after a compression pass)."""
+    base = param_path.replace(".", "_")
+    for suffix in CONST_SUFFIXES:
+        if tuple(const_shapes.get(base + suffix, ())) == tuple(shape):
+            return base + suffix
+    if allow_renamed:
+        return next((name for name, s in const_shapes.items()
+                     if name.startswith(base + "_") and tuple(s) == tuple(shape)), None)
+    return None
+
+
 def torch_name_mapping(model: nn.Module, mlmodel: ct.models.MLModel) -> dict[str, str]:
     """Map Core ML const name -> torch parameter path for every torch weight with ndim >= 2."""
     consts = weight_consts(mlmodel)
@@ -201,14 +226,11 @@ def torch_name_mapping(model: nn.Module, mlmodel: ct.models.MLModel) -> dict[str
     for path, param in model.named_parameters():
         if param.ndim < 2:
             continue
-        base = path.replace(".", "_")
-        shape = tuple(param.shape)
-        for candidate in (f"{base}_to_fp16", base):
-            if consts.get(candidate) == shape:
-                mapping[candidate] = path
-                break
-        else:
+        name = find_const(path, tuple(param.shape), consts)
+        if name is None:
             missing.append(path)
+        else:
+            mapping[name] = path
     if missing:
         logger.warning("no Core ML weight const found for: %s", ", ".join(missing))
     return mapping

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..model.convert import const_name
 from ..simulate import infer_op_type
 from ..storage import predicted_bytes
 
@@ -39,11 +40,6 @@ class Layer:
         if self.aliases:
             out["aliases"] = list(self.aliases)
         return out
-
-
-def coreml_const_name(param_path: str) -> str:
-    """The Core ML const a traced torch parameter becomes (see model/convert.py)."""
-    return param_path.replace(".", "_") + "_to_fp16"
 
 
 def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
@@ -72,7 +68,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
             continue
         op_type = infer_op_type(module)
         shape = tuple(int(d) for d in weight.shape)
-        layers.append(Layer(path, coreml_const_name(path), op_type, shape, int(weight.numel()),
+        layers.append(Layer(path, const_name(path), op_type, shape, int(weight.numel()),
                             predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),
                             tuple(p for p, _ in rest)))
     return layers

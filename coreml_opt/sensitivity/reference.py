@@ -17,7 +17,8 @@ from torch import nn
 
 from ..determinism import single_threaded
 from ..spec import Spec, parse_spec
-from .layers import Layer, coreml_const_name
+from ..model.convert import find_const
+from .layers import Layer
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ def decompressed_consts(mlmodel) -> dict[str, np.ndarray]:
 def load_consts(model: nn.Module, consts: dict[str, np.ndarray]) -> nn.Module:
     """A copy of ``model`` whose parameters hold the Core ML consts (decompressed names included)."""
     out = copy.deepcopy(model).eval()
+    shapes = {name: value.shape for name, value in consts.items()}
     with torch.no_grad():
         for path, param in out.named_parameters():
-            base = coreml_const_name(path)
-            value = next((v for name, v in consts.items()
-                          if (name == base or name.startswith(base + "_")) and v.shape == tuple(param.shape)), None)
+            name = find_const(path, tuple(param.shape), shapes, allow_renamed=True)
+            value = consts[name] if name is not None else None
             if value is None:
                 logger.debug("no Core ML const for %s; using its fp16 rounding", path)
                 param.copy_(param.to(torch.float16).to(param.dtype))

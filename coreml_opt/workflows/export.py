@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..model.convert import find_const
 from ..model.inventory import Inventory
 from ..model.package import TORCH_NAMES_KEY, atomic_output, inventory_of, load_package
 
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 RELATIVE_TOLERANCE = 1e-3
 # A few elements may differ (coremltools re-derives a sparsity mask from fp16 values); more fails the stage.
 MAX_DIFFERING_SHARE = 0.01
-_SUFFIXES = ("_to_fp16", "_cast_fp16", "")
 
 
 @dataclass
@@ -66,16 +66,6 @@ def param_aliases(compressed: nn.Module, reference: nn.Module) -> dict[str, str]
     return dict(zip(ours, theirs))
 
 
-def _const_for(path: str, shape: tuple[int, ...], consts: dict[str, tuple[int, ...]]) -> str | None:
-    base = path.replace(".", "_")
-    for suffix in _SUFFIXES:
-        name = base + suffix
-        if consts.get(name) == shape:
-            return name
-    # Data-free passes rename the const (``..._to_fp16_palettized``); the prefix still names it.
-    return next((name for name, s in consts.items() if name.startswith(base + "_") and s == shape), None)
-
-
 def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tuple[int, ...], target: str,
                    output: str | os.PathLike, planned: dict[str, object]) -> Exported:
     """Convert ``compressed`` (compression kept) to ``output`` atomically and check it against torch.
@@ -98,7 +88,7 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
     shapes = {w.name: tuple(w.shape) for w in inventory.weights}
     mapping = {}
     for path, param in compressed.named_parameters():
-        name = _const_for(path, tuple(param.shape), shapes) if param.ndim >= 2 else None
+        name = find_const(path, tuple(param.shape), shapes, allow_renamed=True) if param.ndim >= 2 else None
         if name is not None:
             mapping[name] = aliases[path]
     mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
@@ -112,7 +102,7 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
     with torch.no_grad():
         for path, param in compressed.named_parameters():
             target_param = package_model.get_parameter(aliases[path])
-            name = _const_for(path, tuple(param.shape), value_shapes)
+            name = find_const(path, tuple(param.shape), value_shapes, allow_renamed=True)
             module = aliases[path].rpartition(".")[0]
             if name is None:
                 if module in planned and aliases[path].endswith(".weight"):
@@ -155,7 +145,7 @@ def package_weights_model(package: str | os.PathLike, reference: nn.Module) -> n
     out = copy.deepcopy(reference).eval()
     with torch.no_grad():
         for path, param in out.named_parameters():
-            name = _const_for(path, tuple(param.shape), shapes)
+            name = find_const(path, tuple(param.shape), shapes, allow_renamed=True)
             if name is None:
                 if param.ndim >= 2:
                     raise ModelError(str(package), f"holds no weight for {path!r}", "convert with coreml_opt")
