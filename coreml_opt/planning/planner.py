@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import PlanError
+from ..metrics import drop as metric_drop
 from ..plan import Plan
 from ..spec import parse_spec
 from .costs import Problem
@@ -171,7 +172,7 @@ def predicted_drop(problem: Problem, specs: Mapping[str, str]) -> float:
 
 
 def _drop(problem: Problem, metric: float) -> float:
-    return problem.baseline - metric if problem.higher_is_better else metric - problem.baseline
+    return metric_drop(problem.baseline, metric, problem.higher_is_better)
 
 
 def _result(problem: Problem, attempt: Attempt, label: str, attempts: list[Attempt]) -> PlanResult:

@@ -16,6 +16,7 @@ from torch import nn
 from ..data import Dataset, load_dataset
 from ..errors import DataError, ModelError
 from ..metrics import Metric, MetricError, get_metric, import_metric_fn
+from ..metrics import drop as metric_drop
 from ..model.convert import fold_batchnorm, load_factory
 from .suffix import first_tensor
 
@@ -112,7 +113,7 @@ class Evaluator:
 
     def drop(self, baseline: float, value: float) -> float:
         """How much worse ``value`` is than ``baseline`` (positive = worse)."""
-        return baseline - value if self.higher_is_better else value - baseline
+        return metric_drop(baseline, value, self.higher_is_better)
 
     def score(self, outputs: list[torch.Tensor]) -> float:
         """Metric of per-batch outputs (built-in metrics only)."""

@@ -20,13 +20,20 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecError
+from ..metrics import drop as metric_drop
 from ..metrics import get_metric
 from ..model.convert import fold_batchnorm
 from ..simulate import SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
-from .evaluate import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
+from .evaluate import (
+    DEFAULT_BATCH_SIZE,
+    Evaluator,
+    resolve_data,
+    resolve_model,
+    run_batches,
+)
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -89,8 +96,7 @@ class SweepResult:
     @property
     def fp16_drop(self) -> float:
         """How much worse the fp16 model is than fp32 (positive = worse)."""
-        diff = self.fp32_metric - self.baseline
-        return diff if self.higher_is_better else -diff
+        return metric_drop(self.fp32_metric, self.baseline, self.higher_is_better)
 
     def sweep_dict(self) -> dict[str, Any]:
         """The ``sweep.json`` document the planner reads."""
