@@ -44,6 +44,15 @@ def _contents(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _run_script_env(monkeypatch, inputs: list[Path], output: Path) -> None:
+    """The environment Xcode gives a Run Script phase with these input files and one output file."""
+    monkeypatch.setenv("SCRIPT_INPUT_FILE_COUNT", str(len(inputs)))
+    for i, path in enumerate(inputs):
+        monkeypatch.setenv(f"SCRIPT_INPUT_FILE_{i}", str(path))
+    monkeypatch.setenv("SCRIPT_OUTPUT_FILE_COUNT", "1")
+    monkeypatch.setenv("SCRIPT_OUTPUT_FILE_0", str(output))
+
+
 @pytest.fixture
 def plan_file(tmp_path) -> Path:
     path = tmp_path / "digits-plan.yaml"
@@ -55,10 +64,7 @@ def test_second_run_does_not_compress_and_leaves_output_untouched(tmp_path, exam
                                                                   monkeypatch, caplog):
     output = tmp_path / "derived" / "Digits.mlpackage"
     # First run as Xcode calls it: no arguments, files from the Run Script phase's environment.
-    for key, value in {"SCRIPT_INPUT_FILE_COUNT": "2", "SCRIPT_INPUT_FILE_0": str(plan_file),
-                       "SCRIPT_INPUT_FILE_1": str(example_mlpackage), "SCRIPT_OUTPUT_FILE_COUNT": "1",
-                       "SCRIPT_OUTPUT_FILE_0": str(output)}.items():
-        monkeypatch.setenv(key, value)
+    _run_script_env(monkeypatch, [plan_file, example_mlpackage], output)
     code, out, err = run_cli("xcode-prep")
     assert code == 0, err
     assert f"wrote {output}" in out and "error:" not in err and "warning:" not in err
@@ -189,10 +195,7 @@ def test_workflow_second_run_does_no_work_and_same_inputs_give_identical_bytes(t
                                                                                monkeypatch, caplog):
     output = tmp_path / "derived" / "Digits.mlpackage"
     # As Xcode calls it: a plan and the workflow among the inputs; the one with stages: is taken as -w.
-    for key, value in {"SCRIPT_INPUT_FILE_COUNT": "2", "SCRIPT_INPUT_FILE_0": str(plan_file),
-                       "SCRIPT_INPUT_FILE_1": str(workflow_file), "SCRIPT_OUTPUT_FILE_COUNT": "1",
-                       "SCRIPT_OUTPUT_FILE_0": str(output)}.items():
-        monkeypatch.setenv(key, value)
+    _run_script_env(monkeypatch, [plan_file, workflow_file], output)
     code, out, err = run_cli("xcode-prep")
     assert code == 0, err
     assert f"wrote {output} (stage data_free of workflow digits-xcode" in out and "warning:" not in err
