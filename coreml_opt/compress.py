@@ -63,8 +63,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     before = loaded.inventory
     resolved = plan.resolve(before)
     _check_data_dependent_skips(loaded, resolved)
-    predicted = plan.predicted_bytes(before, loaded.weight_values)
-    passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None)
+    predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
+    passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
+                            resolved=resolved)
     if Path(output).resolve() == Path(model).resolve():
         raise PlanError(str(output), "is the input model", "write the compressed model to a new path")
     mlmodel = loaded.mlmodel

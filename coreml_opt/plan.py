@@ -197,13 +197,14 @@ class Plan:
             raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
                             "override this layer under `layers:` with a spec that fits it, or skip it")
 
-    def predicted_bytes(self, inventory: Inventory,
-                        weight_values: Callable[[str], Any] | None = None) -> dict[str, int]:
+    def predicted_bytes(self, inventory: Inventory, weight_values: Callable[[str], Any] | None = None,
+                        resolved: dict[str, Spec] | None = None) -> dict[str, int]:
         """Bytes each weight will take in the saved package under this plan.
 
         ``weight_values(name)`` gives a weight's values, making data-dependent counts exact
-        (non-zeros after pruning, unique values); without it they are estimated from the spec."""
-        resolved = self.resolve(inventory)
+        (non-zeros after pruning, unique values); without it they are estimated from the spec.
+        ``resolved`` is this plan's ``resolve(inventory)`` when the caller already has it."""
+        resolved = resolved if resolved is not None else self.resolve(inventory)
         ios18 = inventory.deployment_target >= 18
         out = {}
         for w in inventory.weights:
@@ -221,11 +222,12 @@ class Plan:
     def _all_specs(self) -> list[Spec]:
         return [s for s in [self.global_spec, *self.op_types.values(), *self.layers.values()] if s is not None]
 
-    def to_coreml(self, inventory: Inventory, lut_function: Callable[[Spec], Callable] | None = None) -> list[CoreMLPass]:
+    def to_coreml(self, inventory: Inventory, lut_function: Callable[[Spec], Callable] | None = None,
+                  resolved: dict[str, Spec] | None = None) -> list[CoreMLPass]:
         """The coremltools passes, in order, that apply this plan to the model of ``inventory``."""
         import coremltools.optimize.coreml as cto
 
-        resolved = self.resolve(inventory)
+        resolved = resolved if resolved is not None else self.resolve(inventory)  # validates
         technique = self.single_technique()
         if technique is not None and lut_function is None:
             return [CoreMLPass(dict(PASS_ORDER)[technique], self._mirrored_config(inventory))]
@@ -250,8 +252,7 @@ class Plan:
         """A single-technique OptimizationConfig with the plan's own global/op-type/layer structure."""
         import coremltools.optimize.coreml as cto
 
-        index = _name_index(inventory)
-        self.resolve(inventory)  # validate first
+        index = _name_index(inventory)  # callers have validated the plan with resolve()
         return cto.OptimizationConfig(
             global_config=self.global_spec.coreml_config(self.weight_threshold)
             if self.global_spec is not None else None,
@@ -264,6 +265,7 @@ class Plan:
         if self.single_technique() is None:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
+        self.resolve(inventory)  # refuse an invalid plan before exporting it
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory)), sort_keys=False)
 
 
