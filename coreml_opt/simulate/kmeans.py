@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..determinism import single_threaded
+from . import optimal1d
 from .numerics import h
 
 MAX_LLOYD_ITERS = 500
@@ -26,6 +27,14 @@ KMEANS1D_MIN_VALUES = 10_000  # coremltools' switch from scikit-learn to the opt
 
 def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """coremltools' k-means on one group (fp16, channel axis first): (lut fp16, indices)."""
+    if cluster_dim == 1 and values.size >= KMEANS1D_MIN_VALUES and values.dtype == np.float16 \
+            and optimal1d.native() is not None and np.isfinite(values).all():
+        # As coremltools: optimal clusters of the distinct values weighted by their counts.
+        distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        lut = np.zeros(1 << nbits)
+        clusters, centroids = optimal1d.cluster(distinct, counts, min(len(distinct), 1 << nbits))
+        lut[:len(centroids)] = centroids
+        return lut.astype(values.dtype), clusters[inverse.reshape(-1)]
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
     with single_threaded():  # as compress() runs it: palettes independent of the core count

@@ -1,0 +1,86 @@
+"""The compiled optimal 1-D k-means equals coremltools' vendored kmeans1d bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from coremltools._deps import _kmeans1d
+from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+from coreml_opt.simulate import optimal1d
+from coreml_opt.simulate.kmeans import KMEANS1D_MIN_VALUES, exact_group
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal shapes and equal bits (so -0.0 != 0.0 and NaN == NaN)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype.itemsize == b.dtype.itemsize and a.tobytes() == b.tobytes()
+
+
+def _reference(values: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    found = _kmeans1d.cluster(values, k, weights=counts)
+    return np.asarray(found.clusters, dtype=np.int64), np.asarray(found.centroids, dtype=np.float64)
+
+
+def _draw(rng: np.random.Generator, kind: int, n: int) -> np.ndarray:
+    draws = (rng.standard_normal(n), rng.uniform(-1, 1, n), rng.standard_t(2, n) * 0.01,
+             rng.integers(-5, 5, n) * 0.25, np.abs(rng.standard_normal(n)) * 1e-4)
+    return draws[kind].astype(np.float16)
+
+
+def test_the_extension_is_built():
+    """Installs from the README build it (gcc is on every machine here); without it sweeps are slow."""
+    assert optimal1d.native() is not None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_values_match_kmeans1d(seed):
+    rng = np.random.default_rng(seed)
+    for case in range(60):
+        v = _draw(rng, case % 5, int(rng.integers(1, 2500)))
+        values, counts = np.unique(v, return_counts=True)
+        k = int(rng.choice([1, 2, 3, 4, 7, 8, 16, 64, 256]))
+        ours = optimal1d.cluster(values, counts, k)
+        ref = _reference(values, counts, min(k, len(values)))
+        assert _same(ours[0], ref[0]) and _same(ours[1], ref[1]), (seed, case, len(values), k)
+
+
+def test_real_weights_match_kmeans1d(digits_model):
+    from coreml_opt.model.convert import fold_batchnorm
+
+    folded = fold_batchnorm(digits_model)
+    for name in ("features.3.weight", "classifier.0.weight"):
+        v = folded.get_parameter(name).detach().numpy().astype(np.float16).reshape(-1)
+        values, counts = np.unique(v, return_counts=True)
+        for k in (2, 4, 16):
+            ours, ref = optimal1d.cluster(values, counts, k), _reference(values, counts, k)
+            assert _same(ours[0], ref[0]) and _same(ours[1], ref[1]), (name, k)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4])
+def test_exact_group_equals_coremltools_on_large_groups(nbits):
+    """The whole group path: unique, cluster, palette and indices as coremltools builds them."""
+    rng = np.random.default_rng(nbits)
+    values = (rng.standard_normal((40, 260)) * 0.03).astype(np.float16)
+    assert values.size >= KMEANS1D_MIN_VALUES
+    lut, indices = exact_group(values, nbits, 1)
+    ref_lut, ref_indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False, cluster_dim=1,
+                                                               vector_axis=0)
+    assert _same(lut, ref_lut.astype(np.float16))
+    assert np.array_equal(indices, np.asarray(ref_indices).reshape(-1))
+
+
+def test_fewer_distinct_values_than_clusters():
+    values = np.array([-0.5, 0.0, 0.25], dtype=np.float16)
+    counts = np.array([4000, 3000, 5000])
+    clusters, centroids = optimal1d.cluster(values, counts, 16)
+    ref = _reference(values, counts, 3)
+    assert _same(clusters, ref[0]) and _same(centroids, ref[1]) and len(centroids) == 3
+
+
+def test_without_the_extension_the_vendored_routine_runs(monkeypatch):
+    rng = np.random.default_rng(9)
+    values, counts = np.unique(_draw(rng, 0, 3000), return_counts=True)
+    built = optimal1d.cluster(values, counts, 8)
+    monkeypatch.setattr(optimal1d, "native", lambda: None)
+    fallback = optimal1d.cluster(values, counts, 8)
+    assert _same(built[0], fallback[0]) and _same(built[1], fallback[1])
