@@ -1,4 +1,4 @@
-"""Sweep outputs: ranked tables, trials.csv/json, sweep.json, summary.md and heatmap.png.
+"""Sweep outputs: ranked tables, trials.csv/json, sweep.json, summary.md and heatmap.png (heatmap.py).
 
 Layers are ranked most sensitive first (largest worst-case drop). Accuracy-like metrics (unit
 "fraction") are shown as percentage points in tables and the heatmap; files keep raw values.
@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..report.tables import format_table, human_bytes, markdown_table
 from .layers import Layer
@@ -49,7 +49,7 @@ def _no_nan(obj: Any) -> Any:
     return obj
 
 
-def fmt_drop(value: Optional[float], unit: str) -> str:
+def fmt_drop(value: float | None, unit: str) -> str:
     """A drop in display units: percentage points for fractions, else the metric's own unit."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -107,9 +107,9 @@ def timing_lines(result) -> list[str]:
 def header_lines(result) -> list[str]:
     unit = result.unit if result.unit != "fraction" else ""
     val = (lambda v: f"{100 * v:.2f} %") if result.unit == "fraction" else (lambda v: f"{v:.4g} {unit}".strip())
-    lines = [f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
+    lines = [(f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
              f"fp16 baseline {val(result.baseline)}, fp32 {val(result.fp32_metric)} "
-             f"(fp32 -> fp16 drop {fmt_drop(result.fp16_drop, result.unit)})"]
+             f"(fp32 -> fp16 drop {fmt_drop(result.fp16_drop, result.unit)})")]
     for item in result.skipped_candidates:
         lines.append(f"skipped candidate {item['spec']}: {item['reason']}")
     for item in result.skipped_trials:
@@ -124,8 +124,8 @@ def summary_markdown(result) -> str:
     out = ["# Sensitivity sweep", ""]
     out += [f"- model: `{result.model or 'in-memory module'}`, input {result.input_shape}, target {result.target}",
             f"- data: `{result.data or 'in-memory'}`", *[f"- {line}" for line in header_lines(result)],
-            f"- drop = how much worse than the fp16 baseline with only that layer compressed "
-            f"({'percentage points' if result.unit == 'fraction' else result.unit or 'metric units'})", ""]
+            (f"- drop = how much worse than the fp16 baseline with only that layer compressed "
+            f"({'percentage points' if result.unit == 'fraction' else result.unit or 'metric units'})"), ""]
     out += [f"## {drop_label(result)}, most sensitive layer first", "", ranked_table(result, markdown=True), ""]
     out += ["## Bytes per layer", "", bytes_table(result, markdown=True), ""]
     out += ["## Time", "", *[f"- {line}" for line in timing_lines(result)], ""]
@@ -143,55 +143,6 @@ def trials_csv(result) -> str:
     return buffer.getvalue()
 
 
-def _cell_text(value: float, vmax: float) -> str:
-    """Heatmap cell label: two decimals when the scale allows, else two significant digits (KL drops
-    of 1e-4 would all read 0.00)."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.2f}" if vmax >= 1 else f"{value:.2g}"
-
-
-def write_heatmap(result, path: Path) -> None:
-    """Layers x candidates, colour = drop; each cell annotated, n/a cells grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    layers = ranked_layers(result)
-    grid = _grid(result)
-    scale = 100.0 if result.unit == "fraction" else 1.0
-    values = np.full((len(layers), len(result.candidates)), np.nan)
-    for i, layer in enumerate(layers):
-        for j, spec in enumerate(result.candidates):
-            if (layer.layer, spec) in grid:
-                values[i, j] = grid[(layer.layer, spec)].drop * scale
-    finite = values[np.isfinite(values)]
-    vmax = max(float(finite.max()) if finite.size else 0.0, 1e-9)
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(result.candidates), 1.2 + 0.45 * len(layers)))
-    cmap = plt.get_cmap("Reds").with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=min(0.0, float(finite.min()) if finite.size
-                                                                          else 0.0), vmax=vmax, aspect="auto")
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            v = values[i, j]
-            text = "n/a" if np.isnan(v) else _cell_text(v, vmax)
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="white" if np.isfinite(v) and v > 0.6 * vmax else "black")
-    ax.set_xticks(range(len(result.candidates)), result.candidates, rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), [layer.layer for layer in layers])
-    ax.set_title(f"{drop_label(result)} vs fp16 baseline", fontsize=10)
-    fig.colorbar(image, ax=ax, label=drop_label(result))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    _atomic_write(path, buffer.getvalue())
-
-
 def write_outputs(result, out_dir: Path) -> None:
     """trials.csv, trials.json, sweep.json, summary.md and heatmap.png in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -199,4 +150,6 @@ def write_outputs(result, out_dir: Path) -> None:
     write_json(out_dir / "trials.json", [t.to_dict() for t in result.trials])
     write_json(out_dir / "sweep.json", result.sweep_dict())
     _atomic_write(out_dir / "summary.md", summary_markdown(result).encode())
+    from .heatmap import write_heatmap
+
     write_heatmap(result, out_dir / "heatmap.png")
