@@ -29,6 +29,7 @@ typedef struct {
     const double *cum_q;
     const double *prev;   /* DP row for one cluster fewer */
     size_t *argmin;       /* SMAWK's answer per row */
+    double *least;        /* and the value there: the DP row for one cluster more */
     size_t *position;     /* where a column sits in the current level's surviving columns */
     double *held;         /* reduce step's stack values (scratch, n entries) */
 } Dp;
@@ -85,6 +86,7 @@ static void smawk(Dp *dp, size_t row0, size_t step, size_t nrows, const size_t *
             }
         }
         dp->argmin[row] = best;
+        dp->least[row] = least;
         start = stop;
     }
 }
@@ -114,7 +116,7 @@ int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int6
         cum_q[i + 1] = w[i] * x[i] * x[i] + cum_q[i];
     }
     double *prev = rows, *cur = rows + n;
-    Dp dp = {cum_w, cum_s, cum_q, prev, work, work + n, rows + 2 * n};
+    Dp dp = {cum_w, cum_s, cum_q, prev, work, cur, work + n, rows + 2 * n};
     size_t *all_cols = work + 2 * n, *stack = work + 3 * n;
     for (size_t i = 0; i < n; ++i) {
         prev[i] = cluster_cost(&dp, 0, i);
@@ -123,13 +125,10 @@ int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int6
     }
     for (size_t level = 1; level < k; ++level) {
         dp.prev = prev;
+        dp.least = cur;
         smawk(&dp, 0, 1, n, all_cols, n, stack);
         uint32_t *starts = start_of + level * n;
-        for (size_t i = 0; i < n; ++i) {
-            size_t best = dp.argmin[i];
-            cur[i] = entry(&dp, i, best);
-            starts[i] = (uint32_t)best;
-        }
+        for (size_t i = 0; i < n; ++i) starts[i] = (uint32_t)dp.argmin[i];
         double *swap = prev;
         prev = cur;
         cur = swap;
