@@ -59,7 +59,6 @@ def main() -> None:
         loop_s = time.perf_counter() - start
     speedup = loop_s / sweep_s
     kmeans_s = _palette_seconds(model, result, args.kmeans)
-    ceiling = loop_s / (kmeans_s / max(1, torch.get_num_threads())) if kmeans_s else float("inf")
     rows = [["sweep (simulated, cached activations)", len(result.trials), f"{sweep_s:.2f}",
              f"{1000 * sweep_s / len(result.trials):.0f}"],
             ["straightforward coremltools loop", len(result.trials), f"{loop_s:.2f}",
@@ -69,12 +68,10 @@ def main() -> None:
     print(format_table(["method", "trials", "wall s", "ms/trial"], rows))
     print("sweep time split: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timing.items()))
     print(f"speedup {speedup:.1f}x; trials whose metric equals the coremltools loop: {agree}/{len(result.trials)}")
-    print(f"k-means for the sweep's palettes alone (one thread; both paths must run it): {kmeans_s:.2f} s, so no "
-          f"sweep can beat {ceiling:.1f}x on {torch.get_num_threads()} threads with kmeans={args.kmeans}")
+    print(f"the sweep's palettes alone, computed again on one thread with no cache: {kmeans_s:.2f} s")
     print(json.dumps({"speedup": round(speedup, 2), "sweep_s": round(sweep_s, 3), "loop_s": round(loop_s, 3),
-                      "kmeans_s": round(kmeans_s, 3), "speedup_ceiling": round(ceiling, 2),
-                      "trials": len(result.trials), "agree": agree, "kmeans": args.kmeans,
-                      "timing": {k: round(v, 3) for k, v in result.timing.items()}}))
+                      "kmeans_s": round(kmeans_s, 3), "trials": len(result.trials), "agree": agree,
+                      "kmeans": args.kmeans, "timing": {k: round(v, 3) for k, v in result.timing.items()}}))
 
 
 def _palette_seconds(model, result, kmeans: str) -> float:
