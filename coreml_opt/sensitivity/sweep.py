@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -24,7 +25,7 @@ from ..metrics import drop as metric_drop
 from ..metrics import get_metric
 from ..model.convert import fold_batchnorm
 from ..simulate import SimCache, apply_spec
-from ..spec import Spec, parse_spec
+from ..spec import PalettizeSpec, Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .evaluate import (
@@ -232,7 +233,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     new_keys: set[tuple[str, str]] = set()
     cache = SimCache()
     runnable = pending[:max_trials] if max_trials is not None else pending
-    prefetch = _Prefetcher(runnable, weights, cache, kmeans)
+    prefetch = _ChunkSimulator(runnable, weights, cache, kmeans)
     bar = _progress(len(runnable), progress)
     try:
         for i, (layer, spec) in enumerate(runnable):
@@ -291,36 +292,56 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     return result
 
 
-class _Prefetcher:
-    """Simulates upcoming trials' weights on worker threads while the main thread evaluates.
+class _ChunkSimulator:
+    """Simulates trials' weights a chunk at a time on every core, before the chunk is evaluated.
 
-    Workers read private copies of the fp16 weights (the model's own are swapped during trials)
-    and fill the simulation cache, which ``apply_spec`` then hits: results are unchanged."""
+    Simulation and evaluation take turns instead of overlapping: torch's intra-op threads and the
+    k-means workers would fight over the same cores (measured: overlapping was slower than the two
+    phases back to back). Workers read private copies of the fp16 weights (the model's own are
+    swapped during trials) and fill the simulation cache, which ``apply_spec`` then hits: results
+    are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights."""
 
     def __init__(self, trials: list[tuple[Layer, Spec]], weights: dict[str, torch.Tensor], cache: SimCache,
-                 kmeans: str) -> None:
+                 kmeans: str, max_trials: int = 64, max_bytes: int = 256 << 20) -> None:
         self.trials, self.weights, self.cache, self.kmeans = trials, weights, cache, kmeans
-        # Exact k-means (coremltools' own) dominates a trial; fast k-means is cheaper than the threads.
-        workers = min(4, torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
+        self.max_trials, self.max_bytes = max_trials, max_bytes
+        # Exact k-means (coremltools' own routines) dominates a trial; fast k-means runs on torch's threads.
+        workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
-        self.window = 2 * workers
         self.futures: dict[int, Future] = {}
-        self.submitted = 0
+
+    def _chunk(self, first: int) -> range:
+        end, size = first, 0
+        while end < len(self.trials) and end - first < self.max_trials:
+            size += self.weights[self.trials[end][0].layer].numel() * 4
+            if size > self.max_bytes and end > first:
+                break
+            end += 1
+        return range(first, end)
 
     def wait(self, i: int) -> None:
         """Block until trial ``i``'s simulated weight is cached (raising its error, if any)."""
         if self.pool is None:
             return
-        while self.submitted < min(len(self.trials), i + 1 + self.window):
-            layer, spec = self.trials[self.submitted]
-            self.futures[self.submitted] = self.pool.submit(self.cache.get, spec, self.weights[layer.layer],
-                                                            layer.op_type, self.kmeans)
-            self.submitted += 1
+        if i not in self.futures:
+            chunk = self._chunk(i)
+            # Costliest first (palettes with more clusters, bigger weights), so the workers finish together.
+            for j in sorted(chunk, key=lambda j: -_cost(*self.trials[j])):
+                layer, spec = self.trials[j]
+                self.futures[j] = self.pool.submit(self.cache.get, spec, self.weights[layer.layer], layer.op_type,
+                                                   self.kmeans)
+            wait_all([self.futures[j] for j in chunk])
         self.futures.pop(i).result()
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cost(layer: Layer, spec: Spec) -> float:
+    """Rough relative cost of simulating ``spec`` on ``layer``: k-means grows with the palette size."""
+    clusters = max((1 << (part.nbits or 8) if isinstance(part, PalettizeSpec) else 1) for part in spec.parts)
+    return layer.params * clusters
 
 
 def _progress(total: int, enabled: bool):

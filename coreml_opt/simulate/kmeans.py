@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..determinism import single_threaded
-from . import optimal1d
+from . import optimal1d, sklearn_kmeans
 from .numerics import h
 
 MAX_LLOYD_ITERS = 500
@@ -35,6 +35,14 @@ def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.nd
         clusters, centroids = optimal1d.cluster(distinct, counts, min(len(distinct), 1 << nbits))
         lut[:len(centroids)] = centroids
         return lut.astype(values.dtype), clusters[inverse.reshape(-1)]
+    if cluster_dim == 1 and values.dtype != np.float32 and sklearn_kmeans.available():
+        # As coremltools: scikit-learn's KMeans, here its bit-identical replica (under one BLAS thread too).
+        n_clusters = min(values.size, 1 << nbits)
+        with single_threaded():
+            centers, labels = sklearn_kmeans.kmeans_1d_like_sklearn(values.reshape(-1), n_clusters)
+        lut = np.zeros((1 << nbits, 1))
+        lut[:n_clusters, 0] = centers
+        return lut.astype(values.dtype), labels.astype(np.int64)
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
     with single_threaded():  # as compress() runs it: palettes independent of the core count
