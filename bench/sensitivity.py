@@ -75,9 +75,11 @@ def main() -> None:
 
 
 def _palette_seconds(model, result, kmeans: str) -> float:
-    """Time to compute every palettized trial's LUT once, single-threaded, with no cache."""
-    from coreml_opt.simulate import simulate
+    """Time to compute every palettized trial's LUT once, single-threaded, with no cache and no kept
+    k-means tables (the sweep reuses pal6's for pal4 and pal2)."""
+    from coreml_opt.simulate import optimal1d, simulate
 
+    optimal1d.clear_tables()
     folded = fold_batchnorm(model)
     total = 0.0
     with torch.no_grad():

@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _lock = threading.Lock()
 _holders = 0
-_limiter: Any = None
+_blas_limit: Any = None
+_controller: Any = None
+_modules_seen = -1
+
+
+def _threadpools() -> Any:
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries, rescanned only after new imports
+    (a scan walks every loaded library, several ms; a limit on a known one costs microseconds)."""
+    global _controller, _modules_seen
+    with _lock:
+        if _controller is None or len(sys.modules) != _modules_seen:
+            from threadpoolctl import ThreadpoolController  # a scikit-learn dependency
+
+            _modules_seen = len(sys.modules)
+            _controller = ThreadpoolController()
+        return _controller
 
 
 @contextlib.contextmanager
@@ -19,19 +36,18 @@ def single_threaded() -> Iterator[None]:
     BLAS thread counts are process-wide, so that limit is shared: the first thread inside sets it and
     the last one out restores it (per-thread limits would restore each other's settings early).
     OpenMP's count is per thread, so each thread sets and restores its own."""
-    global _holders, _limiter
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
+    global _holders, _blas_limit
+    pools = _threadpools()
     with _lock:
         if _holders == 0:
-            _limiter = threadpool_limits(limits=1, user_api="blas")
+            _blas_limit = pools.select(user_api="blas").limit(limits=1)
         _holders += 1
     try:
-        with threadpool_limits(limits=1, user_api="openmp"):
+        with pools.select(user_api="openmp").limit(limits=1):
             yield
     finally:
         with _lock:
             _holders -= 1
             if _holders == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
+                _blas_limit.restore_original_limits()
+                _blas_limit = None

@@ -84,3 +84,30 @@ def test_without_the_extension_the_vendored_routine_runs(monkeypatch):
     monkeypatch.setattr(optimal1d, "native", lambda: None)
     fallback = optimal1d.cluster(values, counts, 8)
     assert _same(built[0], fallback[0]) and _same(built[1], fallback[1])
+
+
+@pytest.mark.parametrize("zeros", ["none", "positive", "negative", "both"])
+def test_fp16_unique_equals_numpy(zeros):
+    rng = np.random.default_rng(len(zeros))
+    v = (rng.standard_t(3, 20_000) * 0.02).astype(np.float16)
+    v[::97] = rng.choice([-1e-7, 6e-8, 65504.0, -65504.0, 1.0], size=len(v[::97])).astype(np.float16)
+    if zeros in ("positive", "both"):
+        v[::13] = np.float16(0.0)
+    if zeros in ("negative", "both"):
+        v[5::17] = np.float16(-0.0)
+    ours = optimal1d.fp16_unique(v.reshape(40, 500))
+    ref = np.unique(v.reshape(40, 500), return_inverse=True, return_counts=True)
+    assert _same(ours[0], ref[0])
+    assert np.array_equal(ours[1], ref[1].reshape(-1)) and np.array_equal(ours[2], ref[2])
+
+
+def test_tables_are_reused_and_extended_without_changing_results(monkeypatch):
+    """pal6 then pal4 reuses the table; pal2 then pal6 extends it: each equals a fresh run."""
+    monkeypatch.setattr(optimal1d, "_tables", type(optimal1d._tables)())
+    rng = np.random.default_rng(11)
+    values, counts = np.unique(_draw(rng, 2, 5000), return_counts=True)
+    for k in (64, 16, 4, 2, 128, 256, 3):
+        ours, ref = optimal1d.cluster(values, counts, k), _reference(values, counts, k)
+        assert _same(ours[0], ref[0]) and _same(ours[1], ref[1]), k
+    (table,) = optimal1d._tables.values()
+    assert table.levels == 256

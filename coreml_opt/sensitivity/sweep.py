@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,7 +297,8 @@ class _ChunkSimulator:
 
     Simulation and evaluation take turns instead of overlapping: torch's intra-op threads and the
     k-means workers would fight over the same cores (measured: overlapping was slower than the two
-    phases back to back). Workers read private copies of the fp16 weights (the model's own are
+    phases back to back). A layer's trials run on one worker, most clusters first, so pal4 and pal2
+    reuse pal6's k-means table. Workers read private copies of the fp16 weights (the model's own are
     swapped during trials) and fill the simulation cache, which ``apply_spec`` then hits: results
     are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights."""
 
@@ -308,7 +309,7 @@ class _ChunkSimulator:
         # Exact k-means (coremltools' own routines) dominates a trial; fast k-means runs on torch's threads.
         workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
-        self.futures: dict[int, Future] = {}
+        self.errors: dict[int, Optional[BaseException]] = {}
 
     def _chunk(self, first: int) -> range:
         end, size = first, 0
@@ -319,19 +320,29 @@ class _ChunkSimulator:
             end += 1
         return range(first, end)
 
+    def _simulate(self, indices: list[int]) -> None:
+        for j in indices:
+            layer, spec = self.trials[j]
+            try:
+                self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
+                self.errors[j] = None
+            except Exception as exc:  # raised when the sweep reaches this trial
+                self.errors[j] = exc
+
     def wait(self, i: int) -> None:
         """Block until trial ``i``'s simulated weight is cached (raising its error, if any)."""
         if self.pool is None:
             return
-        if i not in self.futures:
-            chunk = self._chunk(i)
-            # Costliest first (palettes with more clusters, bigger weights), so the workers finish together.
-            for j in sorted(chunk, key=lambda j: -_cost(*self.trials[j])):
-                layer, spec = self.trials[j]
-                self.futures[j] = self.pool.submit(self.cache.get, spec, self.weights[layer.layer], layer.op_type,
-                                                   self.kmeans)
-            wait_all([self.futures[j] for j in chunk])
-        self.futures.pop(i).result()
+        if i not in self.errors:
+            by_layer: dict[str, list[int]] = {}
+            for j in self._chunk(i):
+                by_layer.setdefault(self.trials[j][0].layer, []).append(j)
+            bundles = [sorted(js, key=lambda j: -_cost(*self.trials[j])) for js in by_layer.values()]
+            bundles.sort(key=lambda js: -sum(_cost(*self.trials[j]) for j in js))  # longest first
+            wait_all([self.pool.submit(self._simulate, js) for js in bundles])
+        error = self.errors.pop(i)
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if self.pool is not None:

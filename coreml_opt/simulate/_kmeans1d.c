@@ -18,6 +18,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef __FAST_MATH__
 #error "_kmeans1d must be compiled without -ffast-math: palettes must match coremltools bit for bit"
@@ -91,23 +92,16 @@ static void smawk(Dp *dp, size_t row0, size_t step, size_t nrows, const size_t *
     }
 }
 
-/*
- * Cluster n strictly increasing values x with weights w into k clusters (1 <= k <= n).
- * Writes each value's cluster to `clusters` and the k centroids to `centroids` (entries of
- * clusters that end up empty stay 0). Returns 0, or -1 when memory runs out.
- */
 #if defined(_WIN32) || defined(__CYGWIN__)
-__declspec(dllexport)
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT
 #endif
-int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int64_t *clusters,
-                      double *centroids) {
-    int status = -1;
-    double *cum = malloc(3 * (n + 1) * sizeof(double));
-    double *rows = malloc(3 * n * sizeof(double));  /* two DP rows and the reduce step's values */
-    size_t *work = malloc(5 * n * sizeof(size_t));  /* argmin, position, columns, 2n of stacks */
-    uint32_t *start_of = malloc(k * n * sizeof(uint32_t));
-    if (!cum || !rows || !work || !start_of || n > UINT32_MAX) goto done;
 
+/* Prefix sums of w, w*x and w*x*x (n + 1 entries each), summed in the reference's order. */
+static double *prefix_sums(const double *x, const double *w, size_t n) {
+    double *cum = malloc(3 * (n + 1) * sizeof(double));
+    if (!cum) return NULL;
     double *cum_w = cum, *cum_s = cum + n + 1, *cum_q = cum + 2 * (n + 1);
     cum_w[0] = cum_s[0] = cum_q[0] = 0.0;
     for (size_t i = 0; i < n; ++i) {
@@ -115,15 +109,36 @@ int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int6
         cum_s[i + 1] = w[i] * x[i] + cum_s[i];
         cum_q[i + 1] = w[i] * x[i] * x[i] + cum_q[i];
     }
-    double *prev = rows, *cur = rows + n;
-    Dp dp = {cum_w, cum_s, cum_q, prev, work, cur, work + n, rows + 2 * n};
+    return cum;
+}
+
+/*
+ * The DP over n strictly increasing values x with weights w, from `done` levels (clusters) to
+ * `k`. Level l's row of `start_of` (k * n entries) gets, for each last value i, where the last of
+ * l + 1 clusters starts; `row` holds the last level's costs on entry (when done > 0) and on exit.
+ * Levels do not depend on k, so a table for k clusters serves every smaller k. Returns 0, or -1
+ * when memory runs out.
+ */
+EXPORT int kmeans1d_levels(const double *x, const double *w, size_t n, size_t done, size_t k, double *row,
+                           uint32_t *start_of) {
+    int status = -1;
+    double *cum = prefix_sums(x, w, n);
+    double *scratch = malloc(2 * n * sizeof(double));  /* the next DP row, the reduce step's values */
+    size_t *work = malloc(5 * n * sizeof(size_t));  /* argmin, position, columns, 2n of stacks */
+    if (!cum || !scratch || !work || n > UINT32_MAX) goto done;
+
+    double *prev = row, *cur = scratch;
+    Dp dp = {cum, cum + n + 1, cum + 2 * (n + 1), prev, work, cur, work + n, scratch + n};
     size_t *all_cols = work + 2 * n, *stack = work + 3 * n;
-    for (size_t i = 0; i < n; ++i) {
-        prev[i] = cluster_cost(&dp, 0, i);
-        start_of[i] = 0;
-        all_cols[i] = i;
+    for (size_t i = 0; i < n; ++i) all_cols[i] = i;
+    if (done == 0) {
+        for (size_t i = 0; i < n; ++i) {
+            prev[i] = cluster_cost(&dp, 0, i);
+            start_of[i] = 0;
+        }
+        done = 1;
     }
-    for (size_t level = 1; level < k; ++level) {
+    for (size_t level = done; level < k; ++level) {
         dp.prev = prev;
         dp.least = cur;
         smawk(&dp, 0, 1, n, all_cols, n, stack);
@@ -133,7 +148,23 @@ int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int6
         prev = cur;
         cur = swap;
     }
+    if (prev != row) memcpy(row, prev, n * sizeof(double));
+    status = 0;
+done:
+    free(cum);
+    free(scratch);
+    free(work);
+    return status;
+}
 
+/*
+ * Clusters of k (1 <= k <= levels in start_of) from the DP table: each value's cluster and the k
+ * centroids (clusters that end up empty keep centroid 0). Returns 0, or -1 when memory runs out.
+ */
+EXPORT int kmeans1d_backtrack(const double *x, const double *w, size_t n, size_t k, const uint32_t *start_of,
+                              int64_t *clusters, double *centroids) {
+    double *cum_w = prefix_sums(x, w, n);
+    if (!cum_w) return -1;
     for (size_t c = 0; c < k; ++c) centroids[c] = 0.0;
     size_t end = n, level = k - 1, last = n - 1, begin;
     do {
@@ -150,13 +181,8 @@ int kmeans1d_weighted(const double *x, const double *w, size_t n, size_t k, int6
         last = begin - 1;
         end = begin;
     } while (begin > 0);
-    status = 0;
-done:
-    free(cum);
-    free(rows);
-    free(work);
-    free(start_of);
-    return status;
+    free(cum_w);
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kmeans1d", NULL, -1, NULL};

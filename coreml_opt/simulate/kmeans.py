@@ -30,7 +30,7 @@ def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.nd
     if cluster_dim == 1 and values.size >= KMEANS1D_MIN_VALUES and values.dtype == np.float16 \
             and optimal1d.native() is not None and np.isfinite(values).all():
         # As coremltools: optimal clusters of the distinct values weighted by their counts.
-        distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        distinct, inverse, counts = optimal1d.fp16_unique(values)
         lut = np.zeros(1 << nbits)
         clusters, centroids = optimal1d.cluster(distinct, counts, min(len(distinct), 1 << nbits))
         lut[:len(centroids)] = centroids
