@@ -5,7 +5,7 @@ import sys
 
 from setuptools import Extension, setup
 
-FLAGS = [] if sys.platform == "win32" else ["-O2", "-ffp-contract=off", "-fno-fast-math"]
+FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 
 setup(ext_modules=[Extension("coreml_opt.simulate._kmeans1d", ["coreml_opt/simulate/_kmeans1d.c"],
                              extra_compile_args=FLAGS, optional=True)])

@@ -139,6 +139,56 @@ class _Branchy(nn.Module):
         return self.b(torch.relu(h))
 
 
+class _InPlace(nn.Module):
+    """A residual block whose suffix doubles a cached activation in place (after reading it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.c = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x.flatten(1)))
+        y = self.b(h)
+        h.mul_(2.0)
+        return self.c(torch.relu(y + h))
+
+
+def test_suffix_that_mutates_its_cached_input_falls_back_to_full_forward():
+    data = torch.rand(40, 64)
+    kwargs = dict(metric="sqnr", candidates="int8,int4/block32,pal2", progress=False, include_all=True)
+    fast = analyse(_InPlace(), (1, 64), data, **kwargs)
+    slow = analyse(_InPlace(), (1, 64), data, use_suffix=False, **kwargs)
+    assert len(fast.trials) == 9 and len({t.metric for t in fast.trials}) > 5
+    assert [t.metric for t in fast.trials] == [t.metric for t in slow.trials]
+
+
+def test_in_place_ops_are_recognised():
+    from torch import fx
+
+    from coreml_opt.sensitivity.suffix import _mutates
+
+    class Ops(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act, self.plain = nn.ReLU(inplace=True), nn.ReLU()
+
+        def forward(self, x):
+            x = self.plain(x)
+            y = torch.nn.functional.relu(x, inplace=True)
+            y += 1
+            y.mul_(2.0)
+            return self.act(torch.relu(y)).sum()
+
+    gm = fx.symbolic_trace(Ops())
+    flags = {n.name: _mutates(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+    # fx records ``y += 1`` on a proxy as an out-of-place add
+    assert flags == {"plain": False, "relu": True, "add": False, "mul_": True, "relu_1": False, "act": True,
+                     "sum_1": False}
+
+
 def test_tied_weights_are_one_layer():
     data = torch.randint(0, 100, (32, 6)).float()
     result = analyse(_Tied(), (1, 6), data, metric="cosine", candidates="int8", progress=False)

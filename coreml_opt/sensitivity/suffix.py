@@ -3,14 +3,19 @@
 The model is traced once with ``torch.fx``. For each layer we cut the graph just before the first
 node that reads its weight; everything before the cut is unchanged by compressing that layer, so the
 values that cross the cut are computed once for the evaluation data and cached. A trial then runs
-only the nodes after the cut. A cut is used only if replaying it with the baseline weights gives
-bit-identical outputs; otherwise (or when the model cannot be traced, or the cache would exceed its
-byte budget) the trial falls back to the full forward pass.
+only the nodes after the cut: the traced graph's own nodes, on the values it produced. Cuts are used
+only if the traced graph reproduces the model's own outputs bit for bit on the evaluation data.
+A graph with in-place ops could change a cached value (while recording, or in a trial), so there
+each cut must also replay the baseline exactly and leave its cached values as they were. Otherwise
+(or when the model cannot be traced, or the cache would exceed its byte budget) trials run the full
+forward pass.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+import operator
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -66,6 +71,7 @@ class SuffixRunner:
         self._suffix: dict[str, fx.GraphModule] = {}
         self._inputs: dict[str, list[fx.Node]] = {}
         self._cache: dict[str, list[tuple]] = {}
+        self._unchecked: set[str] = set()  # layers whose suffix has not run yet
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as exc:  # data-dependent control flow etc.: full forward for every trial
@@ -89,7 +95,7 @@ class SuffixRunner:
         return [layer for layer in self._suffix if layer in self._cache]
 
     @staticmethod
-    def _cut_index(nodes: list[fx.Node], paths: Sequence[str]) -> Optional[int]:
+    def _cut_index(nodes: list[fx.Node], paths: Sequence[str]) -> int | None:
         for i, n in enumerate(nodes):
             if n.op in ("call_module", "get_attr") and any(
                     p == n.target or p.startswith(f"{n.target}.") for p in paths):
@@ -109,16 +115,20 @@ class SuffixRunner:
         return fx.GraphModule(self.gm, graph)
 
     def prepare(self, batches: Sequence[torch.Tensor], baseline: Sequence[torch.Tensor]) -> None:
-        """Record the activations crossing every cut, then keep only cuts that replay bit-identically."""
+        """Record the activations crossing every cut, if the graph reproduces ``baseline`` exactly."""
         if self.gm is None or not self._suffix:
             return
         wanted = {n for live in self._inputs.values() for n in live}
         per_batch: list[dict[fx.Node, Any]] = []
         with torch.no_grad():
-            for x in batches:
+            for x, expected in zip(batches, baseline):
                 recorder = _Recorder(self.gm, wanted)
-                recorder.run(x)
+                if not torch.equal(first_tensor(recorder.run(x)), expected):
+                    logger.info("the traced graph does not reproduce the model's outputs exactly; "
+                                "evaluating full forward passes")
+                    return
                 per_batch.append(recorder.values)
+        in_place = any(_mutates(self.gm, n) for n in self.gm.graph.nodes)
         used = 0
         for layer, live in self._inputs.items():
             cached = [tuple(values[n] for n in live) for values in per_batch]
@@ -126,14 +136,25 @@ class SuffixRunner:
             if used + size > self.max_cache_bytes:
                 logger.info("activation cache budget reached; %s runs full forward passes", layer)
                 continue
-            self._cache[layer] = cached
-            if all(torch.equal(out, ref) for out, ref in zip(self.outputs(layer), baseline)):
-                used += size
-            else:
+            if in_place and not self._replays(layer, cached, baseline):
                 logger.info("suffix of %s does not replay the baseline exactly; using full forward", layer)
-                del self._cache[layer]
+                continue
+            self._cache[layer] = cached
+            used += size
 
-    def outputs(self, layer: str) -> Optional[list[torch.Tensor]]:
+    def _replays(self, layer: str, cached: list[tuple], baseline: Sequence[torch.Tensor]) -> bool:
+        """The suffix gives the baseline outputs and leaves its cached inputs unchanged."""
+        saved = [tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values) for values in cached]
+        try:
+            with torch.no_grad():
+                out = [first_tensor(self._suffix[layer](*values)) for values in cached]
+        except Exception:
+            return False
+        return all(torch.equal(o, b) for o, b in zip(out, baseline)) and all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) else a is b
+            for values, kept in zip(cached, saved) for a, b in zip(values, kept))
+
+    def outputs(self, layer: str) -> list[torch.Tensor] | None:
         """Per-batch outputs with the model's current weights, running only the suffix; None if unavailable."""
         cached = self._cache.get(layer)
         if cached is None:
@@ -141,3 +162,21 @@ class SuffixRunner:
         suffix = self._suffix[layer]
         with torch.no_grad():
             return [first_tensor(suffix(*values)) for values in cached]
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a node may change one of its inputs in place (``x.add_``, ``x += y``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+    if node.op == "call_function" and node.target in _IN_PLACE_OPERATORS:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+        and not name.endswith("__")

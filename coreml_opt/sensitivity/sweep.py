@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,28 +188,6 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                          "pass --all-layers or a lower --weight-threshold")
     timing["setup"] = time.perf_counter() - start
 
-    t0 = time.perf_counter()
-    if evaluator.user_fn is None:
-        evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
-        fp32_metric = evaluator.score([evaluator.reference])
-        baseline_outputs = run_batches(base, evaluator.batches)
-        baseline = evaluator.score(baseline_outputs)
-    else:
-        fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
-    timing["baseline"] = time.perf_counter() - t0
-    del folded
-    logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
-                label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
-
-    t0 = time.perf_counter()
-    runner = None
-    if use_suffix and evaluator.user_fn is None:
-        runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
-        runner.prepare(evaluator.batches, baseline_outputs)
-        logger.info("cached activations: %d of %d layers evaluate only their suffix",
-                    len(runner.available), len(layers))
-    timing["activation_cache"] = time.perf_counter() - t0
-
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -236,6 +214,29 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     prefetch = _ChunkSimulator(runnable, weights, cache, kmeans)
     bar = _progress(len(runnable), progress)
     try:
+        prefetch.start(0)  # the first chunk's k-means runs while the baselines are measured
+        t0 = time.perf_counter()
+        if evaluator.user_fn is None:
+            evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+            fp32_metric = evaluator.score([evaluator.reference])
+            baseline_outputs = run_batches(base, evaluator.batches)
+            baseline = evaluator.score(baseline_outputs)
+        else:
+            fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
+        timing["baseline"] = time.perf_counter() - t0
+        del folded
+        logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
+                    label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
+
+        t0 = time.perf_counter()
+        runner = None
+        if use_suffix and evaluator.user_fn is None:
+            runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
+            runner.prepare(evaluator.batches, baseline_outputs)
+            logger.info("cached activations: %d of %d layers evaluate only their suffix",
+                        len(runner.available), len(layers))
+        timing["activation_cache"] = time.perf_counter() - t0
+
         for i, (layer, spec) in enumerate(runnable):
             if time_budget is not None and time.perf_counter() - start >= time_budget:
                 logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
@@ -310,6 +311,8 @@ class _ChunkSimulator:
         workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
         self.errors: dict[int, Optional[BaseException]] = {}
+        self.running: list[Future] = []
+        self.submitted = 0  # trials before this one are simulated or being simulated
 
     def _chunk(self, first: int) -> range:
         end, size = first, 0
@@ -329,17 +332,26 @@ class _ChunkSimulator:
             except Exception as exc:  # raised when the sweep reaches this trial
                 self.errors[j] = exc
 
+    def start(self, i: int) -> None:
+        """Start simulating the chunk that begins at trial ``i`` unless it is done or running."""
+        if self.pool is None or i in self.errors or i < self.submitted or i >= len(self.trials):
+            return
+        by_layer: dict[str, list[int]] = {}
+        chunk = self._chunk(i)
+        for j in chunk:
+            by_layer.setdefault(self.trials[j][0].layer, []).append(j)
+        bundles = [sorted(js, key=lambda j: -_cost(*self.trials[j])) for js in by_layer.values()]
+        bundles.sort(key=lambda js: -sum(_cost(*self.trials[j]) for j in js))  # longest first
+        self.running = [self.pool.submit(self._simulate, js) for js in bundles]
+        self.submitted = chunk.stop
+
     def wait(self, i: int) -> None:
         """Block until trial ``i``'s simulated weight is cached (raising its error, if any)."""
         if self.pool is None:
             return
+        self.start(i)
         if i not in self.errors:
-            by_layer: dict[str, list[int]] = {}
-            for j in self._chunk(i):
-                by_layer.setdefault(self.trials[j][0].layer, []).append(j)
-            bundles = [sorted(js, key=lambda j: -_cost(*self.trials[j])) for js in by_layer.values()]
-            bundles.sort(key=lambda js: -sum(_cost(*self.trials[j]) for j in js))  # longest first
-            wait_all([self.pool.submit(self._simulate, js) for js in bundles])
+            wait_all(self.running)
         error = self.errors.pop(i)
         if error is not None:
             raise error
