@@ -7,14 +7,15 @@ import time
 import numpy  # noqa: F401  (loads the BLAS whose thread count is limited)
 from threadpoolctl import threadpool_info
 
-from coreml_opt.determinism import single_threaded
+from coreml_opt.determinism import blas_single_threaded, single_threaded
 
 
 def _threads() -> dict[str, int]:
     return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info()}
 
 
-def test_overlapping_threads_keep_the_limit_until_the_last_leaves():
+def test_workers_run_single_threaded_while_the_main_thread_holds_the_blas_limit():
+    """As sweeps run palettes: workers inside single_threaded(), the main thread holding BLAS."""
     before = _threads()
     seen: list[dict[str, int]] = []
 
@@ -25,11 +26,12 @@ def test_overlapping_threads_keep_the_limit_until_the_last_leaves():
                 seen.append(_threads())
                 time.sleep(0.01)
 
-    threads = [threading.Thread(target=work, args=(0.013 * i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with blas_single_threaded():
+        threads = [threading.Thread(target=work, args=(0.013 * i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert seen and all(n == 1 for snapshot in seen for n in snapshot.values())
     assert _threads() == before
 

@@ -7,6 +7,7 @@ where the model allows (see suffix.py), which changes no result.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..determinism import blas_single_threaded
 from ..errors import ModelError, SpecError
 from ..metrics import drop as metric_drop
 from ..metrics import get_metric
@@ -310,6 +312,10 @@ class _ChunkSimulator:
         # Exact k-means (coremltools' own routines) dominates a trial; fast k-means runs on torch's threads.
         workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
+        # Palettes on worker threads need the process-wide BLAS limit set from this (the main) thread.
+        self.blas_limit = contextlib.ExitStack()
+        if self.pool is not None:
+            self.blas_limit.enter_context(blas_single_threaded())
         self.errors: dict[int, Optional[BaseException]] = {}
         self.running: list[Future] = []
         self.submitted = 0  # trials before this one are simulated or being simulated
@@ -359,6 +365,7 @@ class _ChunkSimulator:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        self.blas_limit.close()
 
 
 def _cost(layer: Layer, spec: Spec) -> float:
