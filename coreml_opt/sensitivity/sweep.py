@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -263,6 +264,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
             bar.update(1)
     finally:
         prefetch.close()
+        if prefetch.pool is not None:
+            timing["compression_cpu"] = prefetch.cpu_seconds
         bar.close()
         store.close()
 
@@ -318,6 +321,8 @@ class _ChunkSimulator:
             self.blas_limit.enter_context(blas_single_threaded())
         self.errors: dict[int, Optional[BaseException]] = {}
         self.running: list[Future] = []
+        self.lock = threading.Lock()
+        self.cpu_seconds = 0.0  # spent simulating on the workers
         self.submitted = 0  # trials before this one are simulated or being simulated
 
     def _chunk(self, first: int) -> range:
@@ -330,6 +335,7 @@ class _ChunkSimulator:
         return range(first, end)
 
     def _simulate(self, indices: list[int]) -> None:
+        start = time.perf_counter()
         for j in indices:
             layer, spec = self.trials[j]
             try:
@@ -337,6 +343,8 @@ class _ChunkSimulator:
                 self.errors[j] = None
             except Exception as exc:  # raised when the sweep reaches this trial
                 self.errors[j] = exc
+        with self.lock:
+            self.cpu_seconds += time.perf_counter() - start
 
     def start(self, i: int) -> None:
         """Start simulating the chunk that begins at trial ``i`` unless it is done or running."""
