@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..determinism import single_threaded
-from ..spec import Spec, parse_spec
 from ..model.convert import find_const
+from ..spec import Spec, parse_spec
 from .layers import Layer
 
 logger = logging.getLogger(__name__)

@@ -7,14 +7,10 @@ where the model allows (see suffix.py), which changes no result.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -22,15 +18,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..determinism import blas_single_threaded
 from ..errors import ModelError, SpecError
 from ..metrics import drop as metric_drop
 from ..metrics import get_metric
 from ..model.convert import fold_batchnorm
 from ..simulate import SimCache, apply_spec
-from ..spec import PalettizeSpec, Spec, parse_spec
+from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
+from .chunks import ChunkSimulator
 from .evaluate import (
     DEFAULT_BATCH_SIZE,
     Evaluator,
@@ -214,7 +210,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     new_keys: set[tuple[str, str]] = set()
     cache = SimCache()
     runnable = pending[:max_trials] if max_trials is not None else pending
-    prefetch = _ChunkSimulator(runnable, weights, cache, kmeans)
+    prefetch = ChunkSimulator(runnable, weights, cache, kmeans)
     bar = _progress(len(runnable), progress)
     try:
         prefetch.start(0)  # the first chunk's k-means runs while the baselines are measured
@@ -296,90 +292,6 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
 
         write_json(out_path / "sweep.json", result.sweep_dict())
     return result
-
-
-class _ChunkSimulator:
-    """Simulates trials' weights a chunk at a time on every core, before the chunk is evaluated.
-
-    Simulation and evaluation take turns instead of overlapping: torch's intra-op threads and the
-    k-means workers would fight over the same cores (measured: overlapping was slower than the two
-    phases back to back). A layer's trials run on one worker, most clusters first, so pal4 and pal2
-    reuse pal6's k-means table. Workers read private copies of the fp16 weights (the model's own are
-    swapped during trials) and fill the simulation cache, which ``apply_spec`` then hits: results
-    are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights."""
-
-    def __init__(self, trials: list[tuple[Layer, Spec]], weights: dict[str, torch.Tensor], cache: SimCache,
-                 kmeans: str, max_trials: int = 64, max_bytes: int = 256 << 20) -> None:
-        self.trials, self.weights, self.cache, self.kmeans = trials, weights, cache, kmeans
-        self.max_trials, self.max_bytes = max_trials, max_bytes
-        # Exact k-means (coremltools' own routines) dominates a trial; fast k-means runs on torch's threads.
-        workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
-        # Palettes on worker threads need the process-wide BLAS limit set from this (the main) thread.
-        self.blas_limit = contextlib.ExitStack()
-        if self.pool is not None:
-            self.blas_limit.enter_context(blas_single_threaded())
-        self.errors: dict[int, Optional[BaseException]] = {}
-        self.running: list[Future] = []
-        self.lock = threading.Lock()
-        self.cpu_seconds = 0.0  # spent simulating on the workers
-        self.submitted = 0  # trials before this one are simulated or being simulated
-
-    def _chunk(self, first: int) -> range:
-        end, size = first, 0
-        while end < len(self.trials) and end - first < self.max_trials:
-            size += self.weights[self.trials[end][0].layer].numel() * 4
-            if size > self.max_bytes and end > first:
-                break
-            end += 1
-        return range(first, end)
-
-    def _simulate(self, indices: list[int]) -> None:
-        start = time.perf_counter()
-        for j in indices:
-            layer, spec = self.trials[j]
-            try:
-                self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
-                self.errors[j] = None
-            except Exception as exc:  # raised when the sweep reaches this trial
-                self.errors[j] = exc
-        with self.lock:
-            self.cpu_seconds += time.perf_counter() - start
-
-    def start(self, i: int) -> None:
-        """Start simulating the chunk that begins at trial ``i`` unless it is done or running."""
-        if self.pool is None or i in self.errors or i < self.submitted or i >= len(self.trials):
-            return
-        by_layer: dict[str, list[int]] = {}
-        chunk = self._chunk(i)
-        for j in chunk:
-            by_layer.setdefault(self.trials[j][0].layer, []).append(j)
-        bundles = [sorted(js, key=lambda j: -_cost(*self.trials[j])) for js in by_layer.values()]
-        bundles.sort(key=lambda js: -sum(_cost(*self.trials[j]) for j in js))  # longest first
-        self.running = [self.pool.submit(self._simulate, js) for js in bundles]
-        self.submitted = chunk.stop
-
-    def wait(self, i: int) -> None:
-        """Block until trial ``i``'s simulated weight is cached (raising its error, if any)."""
-        if self.pool is None:
-            return
-        self.start(i)
-        if i not in self.errors:
-            wait_all(self.running)
-        error = self.errors.pop(i)
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.blas_limit.close()
-
-
-def _cost(layer: Layer, spec: Spec) -> float:
-    """Rough relative cost of simulating ``spec`` on ``layer``: k-means grows with the palette size."""
-    clusters = max((1 << (part.nbits or 8) if isinstance(part, PalettizeSpec) else 1) for part in spec.parts)
-    return layer.params * clusters
 
 
 def _progress(total: int, enabled: bool):
