@@ -111,3 +111,26 @@ def test_tables_are_reused_and_extended_without_changing_results(monkeypatch):
         assert _same(ours[0], ref[0]) and _same(ours[1], ref[1]), k
     (table,) = optimal1d._tables.values()
     assert table.levels == 256
+
+
+def _coremltools_group(values: np.ndarray, nbits: int):
+    from coreml_opt.determinism import single_threaded
+
+    with single_threaded():
+        lut, indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False, cluster_dim=1,
+                                                           vector_axis=0)
+    return lut.astype(np.float16), np.asarray(indices).reshape(-1)
+
+
+@pytest.mark.parametrize("case", ["no extension", "infinite value"])
+def test_large_groups_keep_coremltools_dispatch(monkeypatch, case):
+    """Without the extension, or with a value it does not take, a large group still gets kmeans1d's
+    palette (coremltools' own call), never scikit-learn's."""
+    values = (np.random.default_rng(3).standard_normal((100, 120)) * 0.05).astype(np.float16)
+    if case == "no extension":
+        monkeypatch.setattr(optimal1d, "native", lambda: None)
+    else:
+        values[7, 9] = np.inf
+    lut, indices = exact_group(values, 3, 1)
+    ref_lut, ref_indices = _coremltools_group(values, 3)
+    assert _same(lut.reshape(-1), ref_lut.reshape(-1)) and np.array_equal(indices, ref_indices)

@@ -26,16 +26,21 @@ KMEANS1D_MIN_VALUES = 10_000  # coremltools' switch from scikit-learn to the opt
 
 
 def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """coremltools' k-means on one group (fp16, channel axis first): (lut fp16, indices)."""
-    if cluster_dim == 1 and values.size >= KMEANS1D_MIN_VALUES and values.dtype == np.float16 \
-            and optimal1d.native() is not None and np.isfinite(values).all():
+    """coremltools' k-means on one group (fp16, channel axis first): (lut fp16, indices).
+
+    The same dispatch as coremltools: fp16 scalar groups of >= 10,000 values get the optimal 1-D
+    k-means, from our compiled copy when it is built and the values are finite; other scalar groups
+    get scikit-learn's k-means, from its replica where that is verified; the rest coremltools' own."""
+    kmeans1d = cluster_dim == 1 and values.size >= KMEANS1D_MIN_VALUES and values.dtype == np.float16
+    if kmeans1d and optimal1d.native() is not None and np.isfinite(values).all():
         # As coremltools: optimal clusters of the distinct values weighted by their counts.
         distinct, inverse, counts = optimal1d.fp16_unique(values)
         lut = np.zeros(1 << nbits)
         clusters, centroids = optimal1d.cluster(distinct, counts, min(len(distinct), 1 << nbits))
         lut[:len(centroids)] = centroids
         return lut.astype(values.dtype), clusters[inverse.reshape(-1)]
-    if cluster_dim == 1 and values.dtype != np.float32 and sklearn_kmeans.available():
+    if not kmeans1d and cluster_dim == 1 and values.dtype != np.float32 and np.isfinite(values).all() \
+            and sklearn_kmeans.available():
         # As coremltools: scikit-learn's KMeans, here its bit-identical replica (under one BLAS thread too).
         n_clusters = min(values.size, 1 << nbits)
         with single_threaded():
