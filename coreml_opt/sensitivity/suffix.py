@@ -4,16 +4,15 @@ The model is traced once with ``torch.fx``. For each layer we cut the graph just
 node that reads its weight; everything before the cut is unchanged by compressing that layer, so the
 values that cross the cut are computed once for the evaluation data and cached. A trial then runs
 only the nodes after the cut: the traced graph's own nodes, on the values it produced. Cuts are used
-only if the traced graph reproduces the model's own outputs bit for bit on the evaluation data.
-A graph with in-place ops could change a cached value (while recording, or in a trial), so there
-each cut must also replay the baseline exactly and leave its cached values as they were. Otherwise
-(or when the model cannot be traced, or the cache would exceed its byte budget) trials run the full
-forward pass.
+only if the traced graph reproduces the model's own outputs bit for bit on the evaluation data, and
+a cut is dropped when a value crossing it is changed in place later in the forward pass (tensor
+version counters tell, whatever op did it): a trial would then start from the changed value, or
+change it for the next trial. Dropped cuts, untraceable models and caches over their byte budget
+run the full forward pass.
 """
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,19 +45,37 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
 class _Recorder(fx.Interpreter):
-    """Runs the traced graph and keeps the values of the requested nodes."""
+    """Runs the traced graph and keeps the values of the requested nodes, with the version counters
+    their tensors had when produced (an in-place op later bumps them, views included)."""
 
     def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
         super().__init__(gm)
         self.wanted = wanted
         self.values: dict[fx.Node, Any] = {}
+        self.versions: dict[fx.Node, list[int]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if n in self.wanted:
             self.values[n] = result
+            self.versions[n] = [t._version for t in _tensors(result)]
         return result
+
+    def changed(self) -> set[fx.Node]:
+        """Recorded nodes whose tensors were changed in place after they were produced."""
+        return {n for n, versions in self.versions.items()
+                if [t._version for t in _tensors(self.values[n])] != versions}
 
 
 class SuffixRunner:
@@ -71,7 +88,6 @@ class SuffixRunner:
         self._suffix: dict[str, fx.GraphModule] = {}
         self._inputs: dict[str, list[fx.Node]] = {}
         self._cache: dict[str, list[tuple]] = {}
-        self._unchecked: set[str] = set()  # layers whose suffix has not run yet
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as exc:  # data-dependent control flow etc.: full forward for every trial
@@ -120,6 +136,7 @@ class SuffixRunner:
             return
         wanted = {n for live in self._inputs.values() for n in live}
         per_batch: list[dict[fx.Node, Any]] = []
+        changed: set[fx.Node] = set()
         with torch.no_grad():
             for x, expected in zip(batches, baseline):
                 recorder = _Recorder(self.gm, wanted)
@@ -128,31 +145,20 @@ class SuffixRunner:
                                 "evaluating full forward passes")
                     return
                 per_batch.append(recorder.values)
-        in_place = any(_mutates(self.gm, n) for n in self.gm.graph.nodes)
+                changed |= recorder.changed()
         used = 0
         for layer, live in self._inputs.items():
+            if changed.intersection(live):
+                logger.info("a value crossing the cut before %s is changed in place later; using full forward",
+                            layer)
+                continue
             cached = [tuple(values[n] for n in live) for values in per_batch]
             size = sum(_nbytes(list(c)) for c in cached)
             if used + size > self.max_cache_bytes:
                 logger.info("activation cache budget reached; %s runs full forward passes", layer)
                 continue
-            if in_place and not self._replays(layer, cached, baseline):
-                logger.info("suffix of %s does not replay the baseline exactly; using full forward", layer)
-                continue
             self._cache[layer] = cached
             used += size
-
-    def _replays(self, layer: str, cached: list[tuple], baseline: Sequence[torch.Tensor]) -> bool:
-        """The suffix gives the baseline outputs and leaves its cached inputs unchanged."""
-        saved = [tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values) for values in cached]
-        try:
-            with torch.no_grad():
-                out = [first_tensor(self._suffix[layer](*values)) for values in cached]
-        except Exception:
-            return False
-        return all(torch.equal(o, b) for o, b in zip(out, baseline)) and all(
-            torch.equal(a, b) if isinstance(a, torch.Tensor) else a is b
-            for values, kept in zip(cached, saved) for a, b in zip(values, kept))
 
     def outputs(self, layer: str) -> list[torch.Tensor] | None:
         """Per-batch outputs with the model's current weights, running only the suffix; None if unavailable."""
@@ -162,21 +168,3 @@ class SuffixRunner:
         suffix = self._suffix[layer]
         with torch.no_grad():
             return [first_tensor(suffix(*values)) for values in cached]
-
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
-
-
-def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether a node may change one of its inputs in place (``x.add_``, ``x += y``, ``inplace=True``)."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_module":
-        return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
-    if node.op == "call_function" and node.target in _IN_PLACE_OPERATORS:
-        return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
-        and not name.endswith("__")
