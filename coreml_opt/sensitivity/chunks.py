@@ -24,12 +24,16 @@ class ChunkSimulator:
     phases back to back). A layer's trials run on one worker, most clusters first, so pal4 and pal2
     reuse pal6's k-means table. Workers read private copies of the fp16 weights (the model's own are
     swapped during trials) and fill the simulation cache, which ``apply_spec`` then hits: results
-    are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights."""
+    are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights. Workers
+    stop taking trials at ``deadline`` (a ``time.perf_counter()`` value) or once closed; a trial they
+    skipped is simulated when the sweep waits for it."""
 
     def __init__(self, trials: list[tuple[Layer, Spec]], weights: dict[str, torch.Tensor], cache: SimCache,
-                 kmeans: str, max_trials: int = 64, max_bytes: int = 256 << 20) -> None:
+                 kmeans: str, max_trials: int = 64, max_bytes: int = 256 << 20,
+                 deadline: Optional[float] = None) -> None:
         self.trials, self.weights, self.cache, self.kmeans = trials, weights, cache, kmeans
-        self.max_trials, self.max_bytes = max_trials, max_bytes
+        self.max_trials, self.max_bytes, self.deadline = max_trials, max_bytes, deadline
+        self.stopped = False
         # Exact k-means (coremltools' own routines) dominates a trial; fast k-means runs on torch's threads.
         workers = min(torch.get_num_threads(), len(trials)) if kmeans == "exact" else 0
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="simulate") if workers > 1 else None
@@ -54,15 +58,23 @@ class ChunkSimulator:
 
     def _simulate(self, indices: list[int]) -> None:
         start = time.perf_counter()
-        for j in indices:
-            layer, spec = self.trials[j]
-            try:
-                self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
-                self.errors[j] = None
-            except Exception as exc:  # raised when the sweep reaches this trial
-                self.errors[j] = exc
-        with self.lock:
-            self.cpu_seconds += time.perf_counter() - start
+        try:
+            for j in indices:
+                if self.stopped or (self.deadline is not None and time.perf_counter() >= self.deadline):
+                    return
+                self.errors[j] = self._one(j)
+        finally:
+            with self.lock:
+                self.cpu_seconds += time.perf_counter() - start
+
+    def _one(self, j: int) -> Optional[BaseException]:
+        """Simulate trial ``j`` into the cache; its error, raised when the sweep reaches it, or None."""
+        layer, spec = self.trials[j]
+        try:
+            self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
+        except BaseException as exc:
+            return exc
+        return None
 
     def start(self, i: int) -> None:
         """Start simulating the chunk that begins at trial ``i`` unless it is done or running."""
@@ -84,11 +96,13 @@ class ChunkSimulator:
         self.start(i)
         if i not in self.errors:
             wait_all(self.running)
-        error = self.errors.pop(i)
+        error = self.errors.pop(i) if i in self.errors else self._one(i)  # skipped: past the deadline
         if error is not None:
             raise error
 
     def close(self) -> None:
+        """Stop the workers after their current trial and release the BLAS limit."""
+        self.stopped = True
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.blas_limit.close()

@@ -210,8 +210,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     new_keys: set[tuple[str, str]] = set()
     cache = SimCache()
     runnable = pending[:max_trials] if max_trials is not None else pending
-    prefetch = ChunkSimulator(runnable, weights, cache, kmeans)
     bar = _progress(len(runnable), progress)
+    deadline = start + time_budget if time_budget is not None else None
+    prefetch = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
     try:
         prefetch.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
