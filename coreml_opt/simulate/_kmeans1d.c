@@ -121,11 +121,12 @@ static double *prefix_sums(const double *x, const double *w, size_t n) {
  */
 EXPORT int kmeans1d_levels(const double *x, const double *w, size_t n, size_t done, size_t k, double *row,
                            uint32_t *start_of) {
+    if (n > UINT32_MAX) return -1;  /* start_of holds 32-bit positions */
     int status = -1;
     double *cum = prefix_sums(x, w, n);
     double *scratch = malloc(2 * n * sizeof(double));  /* the next DP row, the reduce step's values */
     size_t *work = malloc(5 * n * sizeof(size_t));  /* argmin, position, columns, 2n of stacks */
-    if (!cum || !scratch || !work || n > UINT32_MAX) goto done;
+    if (!cum || !scratch || !work) goto done;
 
     double *prev = row, *cur = scratch;
     Dp dp = {cum, cum + n + 1, cum + 2 * (n + 1), prev, work, cur, work + n, scratch + n};
@@ -163,8 +164,10 @@ done:
  */
 EXPORT int kmeans1d_backtrack(const double *x, const double *w, size_t n, size_t k, const uint32_t *start_of,
                               int64_t *clusters, double *centroids) {
-    double *cum_w = prefix_sums(x, w, n);
+    double *cum_w = malloc((n + 1) * sizeof(double));
     if (!cum_w) return -1;
+    cum_w[0] = 0.0;
+    for (size_t i = 0; i < n; ++i) cum_w[i + 1] = w[i] + cum_w[i];  /* as prefix_sums sums them */
     for (size_t c = 0; c < k; ++c) centroids[c] = 0.0;
     size_t end = n, level = k - 1, last = n - 1, begin;
     do {

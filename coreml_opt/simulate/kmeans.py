@@ -48,7 +48,9 @@ def exact_group(values: np.ndarray, nbits: int, cluster_dim: int) -> tuple[np.nd
         lut = np.zeros((1 << nbits, 1))
         lut[:n_clusters, 0] = centers
         return lut.astype(values.dtype), labels.astype(np.int64)
-    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+    from coremltools.models.neural_network.quantization_utils import (
+        _get_kmeans_lookup_table_and_weight,
+    )
 
     with single_threaded():  # as compress() runs it: palettes independent of the core count
         lut, indices = _get_kmeans_lookup_table_and_weight(nbits, values, force_kmeans1d=False,

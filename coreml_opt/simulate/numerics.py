@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def h(x: torch.Tensor) -> torch.Tensor:
     """Round a float32 tensor to the nearest fp16 value (ties to even), kept as float32."""
     return x.to(torch.float16).to(torch.float32)
@@ -17,6 +18,19 @@ def h(x: torch.Tensor) -> torch.Tensor:
 def to_fp16_values(weight: torch.Tensor) -> torch.Tensor:
     """The weight as Core ML stores it after conversion (cast to fp16), as float32."""
     return h(weight.detach().to(torch.float32))
+
+
+def fp16_order_keys(values: np.ndarray) -> np.ndarray:
+    """uint16 keys in the order of the fp16 ``values`` (-0.0 just below +0.0; NaN outside): sorting
+    or counting the keys sorts or counts the values, without fp16 arithmetic (numpy's is software)."""
+    bits = np.ascontiguousarray(values, dtype=np.float16).view(np.uint16)
+    return np.where(bits & 0x8000, 0xFFFF - bits, bits | 0x8000).astype(np.uint16)
+
+
+def fp16_from_order_keys(keys: np.ndarray) -> np.ndarray:
+    """The fp16 values of :func:`fp16_order_keys` keys."""
+    keys = np.asarray(keys)
+    return np.where(keys & 0x8000, keys & 0x7FFF, 0xFFFF - keys).astype(np.uint16).view(np.float16)
 
 
 def fp16_scalar(value: float) -> float:

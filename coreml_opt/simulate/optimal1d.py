@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .numerics import fp16_from_order_keys, fp16_order_keys
+
 logger = logging.getLogger(__name__)
 
 MAX_TABLE_BYTES = 256 << 20
@@ -83,7 +85,9 @@ def _table(lib: Any, x: np.ndarray, w: np.ndarray, k: int) -> _Table:
         raise MemoryError(f"1-D k-means of {n} values into {k} clusters ran out of memory")
     table.start_of, table.levels = start_of, k
     with _tables_lock:
-        _tables[key] = table
+        kept = _tables.get(key)
+        if kept is None or kept.levels < table.levels:  # a racing thread may have built a bigger one
+            _tables[key] = table
         _tables.move_to_end(key)
         total = sum(t.nbytes for t in _tables.values())
         while total > MAX_TABLE_BYTES and len(_tables) > 1:
@@ -104,16 +108,14 @@ def fp16_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     np.unique keeps one of -0.0 and +0.0 (whichever its sort puts first) when both occur: then it
     runs itself."""
     flat = np.ascontiguousarray(values, dtype=np.float16).reshape(-1)
-    bits = flat.view(np.uint16)
-    keys = np.where(bits & 0x8000, 0xFFFF - bits, bits | 0x8000).astype(np.intp)  # in value order
+    keys = fp16_order_keys(flat).astype(np.intp)
     counts = np.bincount(keys, minlength=1 << 16)
     if counts[0x7FFF] and counts[0x8000]:  # -0.0 and +0.0
         distinct, inverse, found = np.unique(flat, return_inverse=True, return_counts=True)
         return distinct, inverse.reshape(-1), found
     present = np.flatnonzero(counts)
     rank = np.cumsum(counts > 0) - 1
-    pattern = np.where(present & 0x8000, present & 0x7FFF, 0xFFFF - present).astype(np.uint16)
-    return pattern.view(np.float16), rank[keys], counts[present]
+    return fp16_from_order_keys(present), rank[keys], counts[present]
 
 
 def cluster(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .numerics import fp16_order_keys
+
 #: scikit-learn (major, minor) versions whose KMeans this replica was verified against bit for bit.
 SUPPORTED: tuple[tuple[int, int], ...] = ((1, 9),)
 
@@ -141,9 +143,7 @@ def _argsort(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """An order that sorts ``x`` (ties in any order): for float16 input, a radix sort of the
     order-preserving integer keys (x is the input minus a constant, hence in the same order)."""
     if raw.dtype == np.float16:
-        bits = raw.view(np.int16)
-        keys = bits ^ ((bits >> 15) & np.int16(0x7FFF))
-        return np.argsort(keys, kind="stable")
+        return np.argsort(fp16_order_keys(raw), kind="stable")
     return np.argsort(x)
 
 
