@@ -212,9 +212,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
-    prefetch = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+    simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
     try:
-        prefetch.start(0)  # the first chunk's k-means runs while the baselines are measured
+        simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
         if evaluator.user_fn is None:
             evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
@@ -238,11 +238,11 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
         timing["activation_cache"] = time.perf_counter() - t0
 
         for i, (layer, spec) in enumerate(runnable):
-            if time_budget is not None and time.perf_counter() - start >= time_budget:
+            if deadline is not None and time.perf_counter() >= deadline:
                 logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
                 break
             t0 = time.perf_counter()
-            prefetch.wait(i)
+            simulator.wait(i)
             with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
                 t1 = time.perf_counter()
                 if evaluator.user_fn is not None:
@@ -260,9 +260,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
             ran += 1
             bar.update(1)
     finally:
-        prefetch.close()
-        if prefetch.pool is not None:
-            timing["compression_cpu"] = prefetch.cpu_seconds
+        simulator.close()
+        if simulator.pool is not None:
+            timing["compression_cpu"] = simulator.cpu_seconds
         bar.close()
         store.close()
 
