@@ -40,7 +40,9 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
 # ---- subcommands ----------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     from .model.convert import convert
+    from .model.package import check_package_output
 
+    check_package_output(args.output)  # a bad output path fails before the conversion, not after
     mlmodel, mapping = convert(args.model, args.input_shape, target=args.target, output_path=args.output)
     print(f"wrote {args.output}: ML Program for {args.target}, {len(mapping)} weights mapped to PyTorch names")
     return 0

@@ -9,7 +9,7 @@ from typing import Callable
 
 from .errors import PlanError
 from .model.inventory import Inventory
-from .model.package import atomic_output, load_package, normalize_package
+from .model.package import atomic_output, check_package_output, load_package, normalize_package
 from .plan import Plan
 from .spec import Spec
 
@@ -59,6 +59,7 @@ def _fast_lut_function(spec: Spec) -> Callable:
 
 def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) -> CompressionReport:
     """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed."""
+    check_package_output(output, model)  # an .mlpackage path outside the input, before any work
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
@@ -66,8 +67,6 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
                             resolved=resolved)
-    if Path(output).resolve() == Path(model).resolve():
-        raise PlanError(str(output), "is the input model", "write the compressed model to a new path")
     mlmodel = loaded.mlmodel
     for compression_pass in passes:
         logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
@@ -106,15 +105,16 @@ def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:
                             "choose another spec for this layer or skip it in the plan")
 
 
-def _check_applied(resolved: dict[str, Spec], after: Inventory) -> None:
-    """coremltools skips weights with only a log warning; refuse to ship such a package."""
+def _check_applied(resolved: dict[str, Spec], after: Inventory, by: str = "coremltools") -> None:
+    """coremltools (and optimize.torch, ``by``) skips weights with only a log warning; refuse to ship such a
+    package. ``resolved``: const name -> spec of the weights to check."""
     after_by_name = after.by_name()
     for name, spec in resolved.items():
         weight = after_by_name.get(name)
         if weight is None:
             raise PlanError(f"weight {name!r}", "disappeared from the compressed model", "report this as a bug")
         if not spec.is_none and weight.compression == "fp16":
-            raise PlanError(f"weight {name!r} (spec {spec})", "was skipped by coremltools",
+            raise PlanError(f"weight {name!r} (spec {spec})", f"was skipped by {by}",
                             "choose another spec for this layer or skip it in the plan")
         if spec.is_none and weight.compression != "fp16":
             raise PlanError(f"weight {name!r}", f"was compressed ({weight.compression}) though the plan skips it",

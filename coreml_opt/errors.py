@@ -26,3 +26,7 @@ class ModelError(CoreMLOptError):
 
 class DataError(CoreMLOptError):
     """Evaluation or calibration data that is missing, empty or unreadable."""
+
+
+class OutputError(CoreMLOptError):
+    """An output path that cannot be written: wrong suffix, inside an input, unwritable folder or full disk."""

@@ -27,6 +27,10 @@ DEFAULT_WEIGHT_THRESHOLD = 2048
 PASS_ORDER = (("prune", "prune_weights"), ("palettize", "palettize_weights"), ("quantize", "linear_quantize_weights"))
 _PASS_OF_TECHNIQUE = {"prune": "prune", "palettize": "palettize", "quantize": "quantize", "lut": "quantize"}
 _PLAN_KEYS = {"target", "weight_threshold", "global", "op_types", "layers", "skip", "kmeans"}
+# Core ML (MIL) op types that read weights coremltools' compression passes configure under `op_types:`.
+OP_TYPES = ("conv", "conv_transpose", "linear", "matmul", "einsum", "gather", "gather_nd", "gather_along_axis",
+            "lstm", "gru", "rnn", "batch_norm", "instance_norm", "layer_norm", "scaled_dot_product_attention",
+            "add", "sub", "mul", "real_div")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Plan:
                             "use e.g. 2048 (coremltools' default)")
         if self.kmeans not in ("exact", "fast"):
             raise PlanError(f"kmeans {self.kmeans!r}", "is not a k-means mode", "use exact or fast")
+        for op_type in self.op_types:
+            check_op_type(op_type, f"op_types.{op_type}")
 
     # ---- construction and YAML -------------------------------------------------------------
     @classmethod
@@ -86,6 +92,9 @@ class Plan:
             entries = data.get(section) or {}
             if not isinstance(entries, dict):
                 raise PlanError(f"{source}: {section}", "must be a mapping of name: spec", "e.g. `conv: pal4`")
+            if section == "op_types":
+                for key in entries:
+                    check_op_type(key, f"{source}: {section}.{key}")
             return {str(k): _parse_in(v, f"{source}: {section}.{k}") for k, v in entries.items()}
 
         layers = specs("layers")
@@ -318,6 +327,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.dtype):
         return value.name
     return value
+
+
+def check_op_type(op_type: Any, where: str) -> None:
+    """Refuse an ``op_types:`` key that is not a Core ML op type (e.g. the PyTorch class name ``Linear``),
+    which coremltools would silently never match."""
+    if op_type in OP_TYPES:
+        return
+    close = difflib.get_close_matches(str(op_type).lower(), OP_TYPES, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise PlanError(where, "is not a Core ML op type", f"{hint}use one of {', '.join(OP_TYPES)} "
+                    "(`coreml-opt inspect MODEL` shows each weight's op type)")
 
 
 def _parse_in(value: Any, where: str) -> Spec:

@@ -116,7 +116,7 @@ def _data_references(workflow: Any) -> list[str]:
 def workflow_fingerprint(path: Path, workflow: Any, stage: str,
                          extra: Sequence[Path] = ()) -> dict[str, Any]:
     """Everything a workflow's output depends on: the workflow file, its plan file, the data folders and files
-    it names (relative to the working directory, as the workflow reads them), the factory's model state and
+    it names (relative ones beside the workflow file, as the workflow reads them), the factory's model state and
     source file, the stage taken, ``extra`` files, and the coreml-opt, coremltools and torch versions."""
     from .model.convert import load_factory
     from .workflows.runner import BUILTIN_DATA

@@ -66,8 +66,9 @@ def workflow_plan_file(raw: Any, workflow: Path) -> Path | None:
     value = raw.get("plan") if isinstance(raw, dict) else None
     if not isinstance(value, str) or not (value.endswith((".yaml", ".yml")) or os.sep in value):
         return None
-    path = Path(value) if Path(value).is_absolute() or Path(value).exists() else workflow.parent / value
-    return path.absolute()
+    from .yaml_files import path_beside
+
+    return path_beside(value, workflow.parent).absolute()
 
 
 def _candidate_keys(name: str, problem: str, whole_plan: bool) -> list[tuple[str, ...]]:

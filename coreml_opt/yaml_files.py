@@ -28,3 +28,18 @@ def read_yaml_mapping(path: str | os.PathLike, error: type[CoreMLOptError], kind
     if allowed is not None and set(data) - allowed:
         raise error(str(path), f"has unknown field(s) {sorted(set(data) - allowed)}", f"use only {sorted(allowed)}")
     return data
+
+
+def path_beside(value: str | os.PathLike, base: str | os.PathLike) -> Path:
+    """A path named in a YAML file: absolute as written, relative resolved against ``base`` (the folder of
+    the file that names it), never against the current directory."""
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_absolute() else Path(base) / path
+
+
+def data_beside(value: Any, base: str | os.PathLike, names: tuple[str, ...] = ()) -> Any:
+    """A ``data:`` value from a YAML file: built-in ``names`` and ``package.module:fn`` factories as written,
+    anything else a path resolved beside the file (see :func:`path_beside`)."""
+    if not isinstance(value, str) or value in names or (":" in value and not os.path.isabs(value)):
+        return value
+    return str(path_beside(value, base))

@@ -6,18 +6,21 @@ and the fix, and a failed or interrupted save never leaves a partial package at 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
 import struct
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ModelError
+from ..errors import ModelError, OutputError
 from .inventory import Inventory, build_inventory
 from .program import BLOB_HEADER_BYTES, Program, read_program, weight_file_path
 
@@ -161,33 +164,160 @@ def normalize_package(package: str | os.PathLike) -> None:
     proto_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
+PACKAGE_SUFFIX = ".mlpackage"
+# Errors that mean "this output cannot be written here": the user's to fix, so one line, never a traceback.
+_OUTPUT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a folder on its path is a file",
+                  errno.EEXIST: "a folder on its path is a file"}
+_STALE_UNKNOWN_OWNER_S = 3600  # temp folders whose writer cannot be told are stale after an hour
+
+
+def check_package_output(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output that is not an ``.mlpackage`` path or that overlaps an input package
+    (the same path, inside it, or holding it: replacing the output would destroy the input)."""
+    path = Path(output)
+    if path.suffix != PACKAGE_SUFFIX:
+        why = ("is an .mlmodel path, a format ML Programs cannot be saved in" if path.suffix == ".mlmodel"
+               else f"does not end in {PACKAGE_SUFFIX}" + (f" (it ends in {path.suffix})" if path.suffix else ""))
+        raise OutputError(str(output), why, f"name the output {path.with_suffix(PACKAGE_SUFFIX).name}")
+    out = path.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out == src:
+            raise OutputError(str(output), "is the input model", "write the result to a new .mlpackage path")
+        if src in out.parents:
+            raise OutputError(str(output), f"is inside the input package {source}",
+                              "write the result outside the input .mlpackage")
+        if out in src.parents:
+            raise OutputError(str(output), f"holds the input model {source}; replacing it would delete the input",
+                              "write the result to a new .mlpackage path")
+    return path
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(str(path), f"cannot be written: {_OUTPUT_ERRNOS[exc.errno]} (in {path.parent})",
+                       "free space or choose a writable folder for the output" if exc.errno in
+                       (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder for the output")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_outputs(path: str | os.PathLike) -> list[Path]:
+    """Remove temp folders that killed earlier writes of ``path`` left beside it (``.NAME.PID.XXXX.tmp``, the
+    writer's process gone); if the kill fell between moving the old output aside and the new one in, the old
+    output is put back first. Returns the folders removed."""
+    path = Path(path)
+    removed = []
+    prefix = _temp_prefix(path)
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for tmp_dir in siblings:
+        name = tmp_dir.name
+        if not (name.startswith(prefix) and name.endswith(".tmp") and tmp_dir.is_dir()):
+            continue
+        owner = name[len(prefix):].split(".")[0]
+        if owner.isdigit():
+            if int(owner) == os.getpid() or _pid_alive(int(owner)):
+                continue
+        else:  # written by an older version (no pid in the name): stale once old
+            try:
+                if time.time() - tmp_dir.stat().st_mtime < _STALE_UNKNOWN_OWNER_S:
+                    continue
+            except OSError:
+                continue
+        backup = tmp_dir / (path.name + ".old")
+        if backup.exists() and not os.path.lexists(path):
+            os.replace(backup, path)
+            logger.warning("restored %s from an interrupted earlier write", path)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        logger.info("removed %s left by an interrupted earlier write", tmp_dir)
+        removed.append(tmp_dir)
+    return removed
+
+
+def _exchange(new: Path, old: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(old))
+
+
+def _move_into_place(tmp_path: Path, path: Path, tmp_dir: Path) -> None:
+    """Put ``tmp_path`` at ``path``; an existing output stays in place until the new one replaces it."""
+    if not os.path.lexists(path) or (path.is_file() and tmp_path.is_file()):
+        os.replace(tmp_path, path)  # atomic for a new path or a file over a file
+        return
+    if _exchange(tmp_path, path):  # the old output is now in tmp_dir and is removed with it
+        return
+    backup = tmp_dir / (path.name + ".old")  # no exchange: move the old one aside (restored if killed here)
+    os.replace(path, backup)
+    try:
+        os.replace(tmp_path, path)
+    except BaseException:
+        if not os.path.lexists(path):
+            os.replace(backup, path)  # put the user's previous output back
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    Nothing partial ever appears at ``path``, and the old output stays there until the new one replaces it.
+    Temp folders of killed earlier writes are removed here; an unwritable folder or a full disk (while
+    writing, too) raises a one-line OutputError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_outputs(path)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp",
+                                        dir=path.parent))
+    except OSError as exc:
+        if exc.errno in _OUTPUT_ERRNOS:
+            raise _output_error(path, exc) from None
+        raise
     tmp_path = tmp_dir / path.name
     try:
         yield tmp_path
         if not tmp_path.exists():
             raise RuntimeError(f"nothing was written for {path}")
-        backup = None
-        if path.exists():  # a folder cannot be replaced over a non-empty one: move the old one aside
-            backup = tmp_dir / (path.name + ".old")
-            os.replace(path, backup)
-        try:
-            os.replace(tmp_path, path)
-        except BaseException:
-            if backup is not None and not path.exists():
-                os.replace(backup, path)  # put the user's previous output back
-            raise
+        _move_into_place(tmp_path, path, tmp_dir)
+    except OSError as exc:
+        ours = str(exc.filename or "").startswith((str(tmp_dir), str(path)))  # not, e.g., an input being read
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno in _OUTPUT_ERRNOS and ours):
+            raise _output_error(path, exc) from None
+        raise
     finally:  # runs on success, error and KeyboardInterrupt alike
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def save_package(mlmodel, path: str | os.PathLike) -> Path:
-    """Save an MLModel to ``path`` atomically (no partial package on error or Ctrl-C)."""
+    """Save an MLModel to ``path`` (an ``.mlpackage`` path) atomically (no partial package on error or Ctrl-C)."""
+    check_package_output(path)
     with atomic_output(path) as tmp:
         mlmodel.save(str(tmp))
     return Path(path)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import PlanError
+from ..errors import DataError, PlanError
+from ..yaml_files import data_beside
 from .costs import Problem, build_problem, drop_unit, fixed_weights
 from .pareto import Point, front, plot_front
 from .planner import PlanResult, plan_budget
@@ -57,8 +58,16 @@ class PlanningSession:
             from ..sensitivity import make_evaluator
 
             shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
-            evaluator = make_evaluator(original, data if data is not None else sweep.get("data"), problem.metric,
-                                       input_shape=shape)
+            recorded = data_beside(sweep.get("data"), sweep_dir)  # relative: beside sweep.json, never the cwd
+            try:
+                evaluator = make_evaluator(original, data if data is not None else recorded, problem.metric,
+                                           input_shape=shape)
+            except DataError as exc:
+                if data is not None or recorded is None:
+                    raise
+                raise DataError(f"{Path(sweep_dir) / 'sweep.json'}: data {sweep['data']!r}",
+                                f"{exc.input_name}: {exc.problem}",
+                                "restore the data the sweep used, or rerun the sweep with --data") from None
         return cls(problem, folded, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
 
     @property

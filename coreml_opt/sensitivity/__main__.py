@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..cli import parse_shape, quiet_coremltools
@@ -17,7 +18,8 @@ EPILOG = """examples:
   python -m coreml_opt.sensitivity sensitivity/digits.yaml
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
-candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans).
+candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans);
+relative data and out paths in it resolve beside the file, not the current directory.
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Sweep-file fields, checked and converted like the matching command-line options."""
-    from ..yaml_files import read_yaml_mapping
+    """Sweep-file fields, checked and converted like the matching command-line options; relative ``data`` and
+    ``out`` paths resolve beside the sweep file."""
+    from ..yaml_files import data_beside, path_beside, read_yaml_mapping
 
     doc = read_yaml_mapping(path, DataError, "sweep", SWEEP_KEYS)
     actions = {action.dest: action for action in parser._actions}
@@ -78,6 +81,10 @@ def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentPar
         if value is not None and action.choices is not None and value not in action.choices:
             raise DataError(f"{path}: {key}", f"{value!r} is not one of {list(action.choices)}",
                             f"use one of {list(action.choices)}")
+        if key == "out" and value is not None:
+            value = str(path_beside(value, Path(path).parent))
+        if key == "data":
+            value = data_beside(value, Path(path).parent)
         setattr(args, key, value)
     return args
 

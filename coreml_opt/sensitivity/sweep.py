@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,7 +101,10 @@ class SweepResult:
 
     def sweep_dict(self) -> dict[str, Any]:
         """The ``sweep.json`` document the planner reads."""
-        return {"model": self.model, "input_shape": self.input_shape, "data": self.data, "metric": self.metric,
+        data = self.data
+        if data is not None and os.path.isabs(data) and self.out_dir is not None:  # portable: beside sweep.json
+            data = os.path.relpath(data, self.out_dir.absolute())
+        return {"model": self.model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
                 "target": self.target, "candidates": self.candidates, "baseline": self.baseline,
                 "fp32_metric": self.fp32_metric, "fp16_drop": self.fp16_drop,
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
@@ -279,7 +283,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                             from_store=(layer.layer, str(spec)) not in new_keys))
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
                          evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target, factory,
-                         data if isinstance(data, str) else None, list(shape), timing, ran, reused,
+                         _data_reference(data), list(shape), timing, ran, reused,
                          len(plan) - len(trials), out_path, kmeans)
     if out_path is not None:
         from .outputs import write_outputs
@@ -293,6 +297,14 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
 
         write_json(out_path / "sweep.json", result.sweep_dict())
     return result
+
+
+def _data_reference(data: Any) -> Optional[str]:
+    """What sweep.json records of ``data``: a factory as written, a path made absolute (``sweep_dict`` stores
+    it relative to sweep.json so ``plan`` works from any directory), anything else None."""
+    if not isinstance(data, str):
+        return None
+    return data if ":" in data and not os.path.exists(data) else os.path.abspath(data)
 
 
 def _progress(total: int, enabled: bool):

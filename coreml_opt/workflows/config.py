@@ -9,9 +9,9 @@ plan: {global: pal2}                    # a plan mapping, a plan YAML path, or o
 eval: {data: digits-test, metric: accuracy}
 stages:
   - data_free: {}
-  - calibration: {method: skm, data: calibration_data/digits}
+  - calibration: {method: skm, data: ../calibration_data/digits}
   - finetune: {method: dkm, data: digits-train, epochs: 4, distill: {temperature: 2.0}}
-out: out/digits-pal2
+out: ../out/digits-pal2                  # relative paths (plan, data, out) resolve beside this file
 ```
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 from ..errors import CoreMLOptError, PlanError, SpecError
 from ..plan import Plan
 from ..targets import target_name
-from ..yaml_files import read_yaml_mapping
+from ..yaml_files import data_beside, path_beside, read_yaml_mapping
 
+BUILTIN_DATA = ("digits-train", "digits-test")  # data names the runner resolves itself
 STAGE_KINDS = ("data_free", "calibration", "finetune")
 CALIBRATION_METHODS = ("skm", "gptq", "sparsegpt", "w8a8")
 FINETUNE_METHODS = ("qat", "dkm", "prune")
@@ -114,8 +115,7 @@ def _parse_plan(value: Any, source: str, base: Path) -> Plan:
         if isinstance(value, dict):
             return Plan.from_dict(value, f"{source}: plan")
         if isinstance(value, str) and (value.endswith((".yaml", ".yml")) or os.sep in value):
-            path = Path(value) if Path(value).is_absolute() or Path(value).exists() else base / value
-            return Plan.load(path)
+            return Plan.load(path_beside(value, base))
         if isinstance(value, str):
             return Plan.from_spec(value)
     except (PlanError, SpecError) as exc:
@@ -123,12 +123,14 @@ def _parse_plan(value: Any, source: str, base: Path) -> Plan:
     raise _fail(source, "plan", "is missing or not a mapping, path or spec", "e.g. `plan: {global: pal4}`")
 
 
-def _parse_auto_plan(value: Any, source: str) -> dict[str, Any] | None:
+def _parse_auto_plan(value: Any, source: str, base: Path) -> dict[str, Any] | None:
     """``auto_plan: {sensitivity: {metric, data, candidates, ...}, budget: {bpw | size | ratio, max_drop}}``."""
     if value is None:
         return None
     value = _check_keys(value, _AUTO_PLAN_KEYS, source, "auto_plan")
     sweep = _check_keys(value.get("sensitivity") or {}, _SWEEP_OPTIONS, source, "auto_plan.sensitivity")
+    if "data" in sweep:
+        sweep["data"] = data_beside(sweep["data"], base, BUILTIN_DATA)
     budget = _check_keys(value.get("budget"), _BUDGET_KEYS, source, "auto_plan.budget")
     sizes = [k for k in ("bpw", "size", "ratio") if k in budget]
     if len(sizes) > 1 or not (sizes or "max_drop" in budget):
@@ -137,7 +139,7 @@ def _parse_auto_plan(value: Any, source: str) -> dict[str, Any] | None:
     return {"sensitivity": dict(sweep), "budget": dict(budget)}
 
 
-def _parse_stage(item: Any, index: int, source: str) -> StageConfig:
+def _parse_stage(item: Any, index: int, source: str, base: Path) -> StageConfig:
     where = f"stages[{index}]"
     if not isinstance(item, dict) or len(item) != 1:
         raise _fail(source, where, "must be a one-key mapping such as `calibration: {method: skm}`",
@@ -156,6 +158,8 @@ def _parse_stage(item: Any, index: int, source: str) -> StageConfig:
                     f"use one of {list(FINETUNE_METHODS)}")
     if kind in ("calibration", "finetune") and options.get("data") is None:
         raise _fail(source, f"{prefix}.data", "is missing", "name a calibration folder, an .npz, or digits-train")
+    if "data" in options:
+        options["data"] = data_beside(options["data"], base, BUILTIN_DATA)
     for key in ("samples", "batch_size", "epochs", "max_steps"):
         if key in options:
             options[key] = _positive_int(options[key], source, f"{prefix}.{key}")
@@ -181,10 +185,11 @@ def _parse_stage(item: Any, index: int, source: str) -> StageConfig:
 
 
 def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None) -> Workflow:
-    """Validate a workflow mapping (the YAML document) into a :class:`Workflow`."""
+    """Validate a workflow mapping (the YAML document) into a :class:`Workflow`; relative paths in it (plan,
+    data, out) resolve against ``base`` (the workflow file's folder; default the current directory)."""
     base = base or Path(".")
     data = _check_keys(data, _TOP_KEYS, source, "")
-    auto_plan = _parse_auto_plan(data.get("auto_plan"), source)
+    auto_plan = _parse_auto_plan(data.get("auto_plan"), source, base)
     for key in ("model", "input_shape", "plan", "stages"):
         if data.get(key) is None and not (key == "plan" and auto_plan):
             raise _fail(source, key, "is missing", "see workflows/*.yaml for complete examples")
@@ -206,7 +211,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     stages = data["stages"]
     if not isinstance(stages, list) or not stages:
         raise _fail(source, "stages", "must be a non-empty list", "e.g. `stages: [data_free: {}]`")
-    parsed = [_parse_stage(item, i, source) for i, item in enumerate(stages)]
+    parsed = [_parse_stage(item, i, source, base) for i, item in enumerate(stages)]
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         raise _fail(source, "stages", f"repeats a stage ({names})", "give each stage a different kind or method")
@@ -215,14 +220,15 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _fail(source, "seed", f"must be an integer, got {seed!r}", "e.g. 0")
     return Workflow(name=name, model=model, input_shape=tuple(shape), plan=plan, stages=parsed, auto_plan=auto_plan,
-                    out=Path(data.get("out") or Path("out") / name), target=target,
-                    eval_data=evaluation.get("data", "digits-test"), metric=evaluation.get("metric", "accuracy"),
+                    out=path_beside(data["out"], base) if data.get("out") else Path("out") / name, target=target,
+                    eval_data=data_beside(evaluation.get("data", "digits-test"), base, BUILTIN_DATA),
+                    metric=evaluation.get("metric", "accuracy"),
                     eval_batch_size=_positive_int(evaluation.get("batch_size", 512), source, "eval.batch_size"),
                     seed=seed, source=source)
 
 
 def load_workflow(path: str | os.PathLike) -> Workflow:
-    """Read and validate a workflow YAML file; relative plan paths resolve beside the file."""
+    """Read and validate a workflow YAML file; relative paths in it (plan, data, out) resolve beside the file."""
     path = Path(path)
     data = read_yaml_mapping(path, WorkflowError, "workflow")
     return parse_workflow(data, str(path), path.parent)

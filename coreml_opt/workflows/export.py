@@ -66,11 +66,22 @@ def param_aliases(compressed: nn.Module, reference: nn.Module) -> dict[str, str]
     return dict(zip(ours, theirs))
 
 
+def check_planned_compressed(inventory: Inventory, planned: dict[str, object], compressor: str) -> None:
+    """Refuse a package in which a planned layer stayed fp16 (optimize.torch compressors skip module types they
+    do not support, e.g. ConvTranspose2d, without an error): compress's applied-check, by torch module name."""
+    from ..compress import _check_applied
+
+    resolved = {w.name: planned[module] for w in inventory.weights if w.torch_name
+                for module, _, leaf in [w.torch_name.rpartition(".")] if leaf == "weight" and module in planned}
+    _check_applied(resolved, inventory, by=compressor)  # type: ignore[arg-type]
+
+
 def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tuple[int, ...], target: str,
-                   output: str | os.PathLike, planned: dict[str, object]) -> Exported:
+                   output: str | os.PathLike, planned: dict[str, object], compressor: str = "the compressor") -> Exported:
     """Convert ``compressed`` (compression kept) to ``output`` atomically and check it against torch.
 
-    ``reference`` is the uncompressed BN-folded model; ``planned`` the module names the plan compresses."""
+    ``reference`` is the uncompressed BN-folded model; ``planned`` the module names the plan compresses (each
+    must come out compressed, else ModelError/PlanError naming ``compressor`` and nothing is written)."""
     from ..model.convert import convert
     from ..sensitivity.reference import decompressed_consts
 
@@ -131,6 +142,7 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
     with atomic_output(output) as tmp:
         mlmodel.save(str(tmp))
         saved = load_package(tmp, load_weights=False).inventory
+        check_planned_compressed(saved, planned, compressor)  # nothing is written if a layer was skipped
     logger.info("wrote %s (%d weights, %d bytes)", output, len(saved.weights), saved.total_bytes)
     return Exported(Path(output), saved, package_model, diffs, notes)
 

@@ -19,12 +19,10 @@ from torch import nn
 
 from ..data import Dataset
 from ..model.package import atomic_output, load_package
-from .config import Workflow, load_workflow
+from .config import BUILTIN_DATA, Workflow, load_workflow
 from .stages import StageContext, StageOutcome, check_stage, method_of, run_stage
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_DATA = ("digits-train", "digits-test")
 
 
 @dataclass

@@ -61,6 +61,12 @@ class StageOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# optimize.torch class behind each method, as named in errors.
+COMPRESSOR_NAMES = {"skm": "SKMPalettizer", "dkm": "DKMPalettizer", "gptq": "GPTQ (LayerwiseCompressor)",
+                    "sparsegpt": "SparseGPT (LayerwiseCompressor)", "qat": "LinearQuantizer",
+                    "w8a8": "LinearQuantizer", "prune": "MagnitudePruner"}
+
+
 def method_of(stage: StageConfig, specs: dict[str, Spec]) -> str:
     """The stage's method: as written, or the plan technique's default."""
     if stage.kind == "data_free":
@@ -204,7 +210,8 @@ def _finish(method: str, compressed: nn.Module, ctx: StageContext, output: Path,
     """Measure the torch model, export the package, measure the package's weights."""
     compressed.eval()
     torch_metric = ctx.evaluate(compressed)
-    exported: Exported = export_package(compressed, ctx.reference, ctx.input_shape, ctx.target, output, ctx.specs)
+    exported: Exported = export_package(compressed, ctx.reference, ctx.input_shape, ctx.target, output, ctx.specs,
+                                        COMPRESSOR_NAMES.get(method, method))
     package_metric = ctx.evaluate(exported.package_model)
     outcome = StageOutcome(method, output, exported.inventory, package_metric, torch_metric,
                            exported.max_relative_diff, notes + exported.notes)
