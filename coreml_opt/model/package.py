@@ -181,6 +181,7 @@ def check_package_output(output: str | os.PathLike, *inputs: str | os.PathLike) 
         why = ("is an .mlmodel path, a format ML Programs cannot be saved in" if path.suffix == ".mlmodel"
                else f"does not end in {PACKAGE_SUFFIX}" + (f" (it ends in {path.suffix})" if path.suffix else ""))
         raise OutputError(str(output), why, f"name the output {path.with_suffix(PACKAGE_SUFFIX).name}")
+    check_output_folder(path)
     out = path.resolve()
     for source in inputs:
         src = Path(source).resolve()
@@ -193,6 +194,19 @@ def check_package_output(output: str | os.PathLike, *inputs: str | os.PathLike) 
             raise OutputError(str(output), f"holds the input model {source}; replacing it would delete the input",
                               "write the result to a new .mlpackage path")
     return path
+
+
+def check_output_folder(output: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose folder cannot be created or written (a file on its path, no
+    write permission); a full disk is only found while writing (see :func:`atomic_output`)."""
+    path = Path(output).absolute()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise _output_error(path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _output_error(path, OSError(errno.EACCES, os.strerror(errno.EACCES), str(folder)))
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
