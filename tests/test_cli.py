@@ -175,6 +175,7 @@ def test_failed_move_into_place_restores_the_previous_output(tmp_path, monkeypat
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr("coreml_opt.model.package._exchange", lambda new, old: False)  # the two-rename fallback
     with pytest.raises(OSError):
         with atomic_output(out) as tmp:
             tmp.mkdir()
