@@ -315,3 +315,16 @@ def test_sweep_json_data_path_works_from_another_cwd_and_names_sweep_json_when_m
     with pytest.raises(DataError) as info:
         PlanningSession.open(work / "sweep")
     assert str(info.value).startswith(f"{work / 'sweep' / 'sweep.json'}: data ") and "data64.npz" in str(info.value)
+
+
+def test_temp_folders_left_by_older_versions_go_once_an_hour_old(tmp_path):
+    out = tmp_path / "o.mlpackage"
+    old, fresh, other = (tmp_path / ".o.mlpackage.ab12cd34.tmp", tmp_path / ".o.mlpackage.zz99yy88.tmp",
+                         tmp_path / ".o.mlpackage.x.mlpackage.ab12cd34.tmp")  # another output's name
+    for folder in (old, fresh, other):
+        (folder / "o.mlpackage").mkdir(parents=True)
+        if folder is not fresh:
+            os.utime(folder, (0, 0))  # written in 1970: long stale
+    with atomic_output(out) as tmp:
+        tmp.write_text("x")
+    assert _temp_folders(tmp_path) == sorted([fresh.name, other.name]) and out.read_text() == "x"

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -170,6 +171,8 @@ _OUTPUT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quot
                   errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                   errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a folder on its path is a file",
                   errno.EEXIST: "a folder on its path is a file"}
+# The rest of a temp folder's name after ".NAME.": "PID.XXXXXXXX.tmp" (or "XXXXXXXX.tmp" from older versions).
+_TEMP_NAME = re.compile(r"(?:(\d+)\.)?[a-z0-9_]{8}\.tmp")
 _STALE_UNKNOWN_OWNER_S = 3600  # temp folders whose writer cannot be told are stale after an hour
 
 
@@ -242,11 +245,12 @@ def clean_stale_outputs(path: str | os.PathLike) -> list[Path]:
         return removed
     for tmp_dir in siblings:
         name = tmp_dir.name
-        if not (name.startswith(prefix) and name.endswith(".tmp") and tmp_dir.is_dir()):
+        match = _TEMP_NAME.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+        if match is None or not tmp_dir.is_dir():
             continue
-        owner = name[len(prefix):].split(".")[0]
-        if owner.isdigit():
-            if int(owner) == os.getpid() or _pid_alive(int(owner)):
+        if match.group(1):
+            owner = int(match.group(1))
+            if owner == os.getpid() or _pid_alive(owner):
                 continue
         else:  # written by an older version (no pid in the name): stale once old
             try:
