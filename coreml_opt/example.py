@@ -53,10 +53,11 @@ def run_example(out: str | os.PathLike = "out/example", spec: str | None = None,
                 plan_path: str | os.PathLike | None = None) -> ExampleResult:
     """Build (or load) the digits CNN, convert it, compress it by a plan and measure accuracy."""
     from .model.convert import convert, fold_batchnorm
+    from .model.package import make_output_folder
     from .zoo import EXAMPLE_INPUT_SHAPE, digits_cnn, digits_split, evaluate_accuracy
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     plan = load_plan(plan_path, spec=spec) if (plan_path or spec) else Plan.from_dict(EXAMPLE_PLAN, "example plan")
     model = digits_cnn()
     _, _, x_test, y_test = digits_split()

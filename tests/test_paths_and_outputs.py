@@ -328,3 +328,14 @@ def test_temp_folders_left_by_older_versions_go_once_an_hour_old(tmp_path):
     with atomic_output(out) as tmp:
         tmp.write_text("x")
     assert _temp_folders(tmp_path) == sorted([fresh.name, other.name]) and out.read_text() == "x"
+
+
+@pytest.mark.parametrize("argv", [["run", str(ROOT / "workflows" / "digits-pal2.yaml"), "--out", "{out}"],
+                                  ["example", "--out", "{out}"],
+                                  ["sensitivity", "--model", "coreml_opt.zoo:digits_cnn", "--input-shape", "1,1,8,8",
+                                   "--candidates", "int8", "--out", "{out}"]])
+def test_output_folders_that_cannot_be_created_are_one_line(argv, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(*[a.format(out=blocker / "sub") for a in argv])
+    _one_line_error(code, err, "cannot be written: a folder on its path is a file", str(blocker / "sub"))

@@ -212,6 +212,19 @@ def check_output_folder(output: str | os.PathLike) -> None:
         raise _output_error(path, OSError(errno.EACCES, os.strerror(errno.EACCES), str(folder)))
 
 
+def make_output_folder(folder: str | os.PathLike) -> Path:
+    """Create an output folder (and its parents), or raise a one-line OutputError naming it."""
+    folder = Path(folder)
+    check_output_folder(folder / "-")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in _OUTPUT_ERRNOS:
+            raise _output_error(folder / "-", exc) from None
+        raise
+    return folder
+
+
 def _output_error(path: Path, exc: OSError) -> OutputError:
     return OutputError(str(path), f"cannot be written: {_OUTPUT_ERRNOS[exc.errno]} (in {path.parent})",
                        "free space or choose a writable folder for the output" if exc.errno in

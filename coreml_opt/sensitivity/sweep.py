@@ -193,7 +193,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
 
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
-        out_path.mkdir(parents=True, exist_ok=True)
+        from ..model.package import make_output_folder
+
+        make_output_folder(out_path)  # one line for an unwritable folder
     store = ResultStore(out_path / STORE_NAME if out_path else None, model_hash(base), evaluator.data_hash,
                         evaluator.name, kmeans)
     done = store.finished()

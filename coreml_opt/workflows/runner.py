@@ -18,7 +18,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..data import Dataset
-from ..model.package import atomic_output, load_package
+from ..model.package import atomic_output, load_package, make_output_folder
 from .config import BUILTIN_DATA, Workflow, load_workflow
 from .stages import StageContext, StageOutcome, check_stage, method_of, run_stage
 
@@ -161,7 +161,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
     if not isinstance(workflow, Workflow):
         workflow = load_workflow(workflow)
     out_dir = Path(out) if out is not None else workflow.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)  # one line for an unwritable folder, before any work
     model = load_factory(workflow.model) if isinstance(workflow.model, str) else workflow.model
     if not isinstance(model, nn.Module):
         from ..errors import ModelError
