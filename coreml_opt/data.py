@@ -18,8 +18,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -287,10 +285,9 @@ def write_calibration_folder(path: Union[str, Path], x: ArrayLike, y: Optional[A
     names = [f"{i:0{width}d}.png" for i in range(len(xa))]
     fmt = {"input_shape": list(xa.shape[1:]), "mode": "L" if xa.shape[1] == 1 else "RGB",
            "divisor": divisor}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        staged = tmp / dest.name
+    from .model.package import atomic_output
+
+    with atomic_output(dest) as staged:  # the old folder stays until the new one replaces it
         staged.mkdir()
         for name, px in zip(names, pixels):
             (staged / name).write_bytes(_png_bytes(px))
@@ -298,11 +295,6 @@ def write_calibration_folder(path: Union[str, Path], x: ArrayLike, y: Optional[A
         if labels is not None:
             lines = ["file,label"] + [f"{n},{int(v)}" for n, v in zip(names, labels)]
             (staged / LABELS_FILE).write_text("\n".join(lines) + "\n")
-        if dest.exists():
-            os.replace(dest, tmp / "previous")
-        os.replace(staged, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -138,17 +137,11 @@ def _train_digits_cnn() -> DigitsCNN:
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """torch.save to ``path`` atomically (see ``atomic_output``: nothing partial, no temp file left by a kill)."""
+    from .model.package import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def digits_cnn(pretrained: bool = True,

@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +21,10 @@ CSV_COLUMNS = ("layer", "coreml_name", "op_type", "spec", "params", "bytes", "fp
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..model.package import atomic_output
+
+    with atomic_output(path) as tmp:  # no partial file, and no temp file left by a kill
+        tmp.write_bytes(data)
 
 
 def write_json(path: Path, obj: Any) -> None:
