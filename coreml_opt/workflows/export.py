@@ -70,10 +70,17 @@ def check_planned_compressed(inventory: Inventory, planned: dict[str, object], c
     """Refuse a package in which a planned layer stayed fp16 (optimize.torch compressors skip module types they
     do not support, e.g. ConvTranspose2d, without an error): compress's applied-check, by torch module name."""
     from ..compress import _check_applied
+    from ..errors import PlanError
 
-    resolved = {w.name: planned[module] for w in inventory.weights if w.torch_name
-                for module, _, leaf in [w.torch_name.rpartition(".")] if leaf == "weight" and module in planned}
-    _check_applied(resolved, inventory, by=compressor)  # type: ignore[arg-type]
+    modules = {w.name: module for w in inventory.weights if w.torch_name
+               for module, _, leaf in [w.torch_name.rpartition(".")] if leaf == "weight" and module in planned}
+    for name, module in modules.items():
+        try:
+            _check_applied({name: planned[module]}, inventory, by=compressor)  # type: ignore[dict-item]
+        except PlanError as exc:
+            raise PlanError(f"layer {module!r} ({name}, spec {planned[module]})", exc.problem,
+                            f"skip it in the plan (`skip: [{module}]`) or use the data_free stage, which "
+                            "compresses it") from None
 
 
 def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tuple[int, ...], target: str,
