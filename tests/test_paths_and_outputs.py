@@ -138,6 +138,10 @@ def test_output_inside_the_input_package_is_refused(example_mlpackage, tmp_path)
         code, _, err = run_cli("compress", str(model), "--spec", "int8", "-o", str(output))
         _one_line_error(code, err, str(output))
     assert sorted(str(p.relative_to(model)) for p in model.rglob("*")) == before
+    from coreml_opt.model.package import check_package_output
+
+    with pytest.raises(OutputError, match="holds the input model"):  # replacing it would delete the input
+        check_package_output(tmp_path / "x.mlpackage", tmp_path / "x.mlpackage" / "in.mlpackage")
 
 
 @pytest.fixture
