@@ -395,7 +395,7 @@ def test_convert_stock_transformer_encoder_layer(tmp_path):
     assert (tmp_path / "t.mlpackage" / "Manifest.json").exists()
 
 
-def test_unconvertible_op_is_one_line_naming_it():
+def test_unconvertible_op_is_one_line_naming_it(caplog):
     class Det(nn.Module):
         def forward(self, x):
             return torch.linalg.det(x)
@@ -405,3 +405,69 @@ def test_unconvertible_op_is_one_line_naming_it():
     msg = str(exc.value)
     assert msg.startswith("Det: uses a PyTorch op coremltools 9.0 cannot convert (") and "'linalg_det'" in msg
     assert "\n" not in msg
+    assert not [r for r in caplog.records if "ERROR - converting" in r.getMessage()]  # no second, multi-line copy
+
+
+# ----------------------------------------------------------------------------- the convert command
+
+_CLI_MODELS = '''
+import torch
+from torch import nn
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(300, 32), nn.Linear(32, 4)
+
+    def forward(self, ids, mask):
+        return self.fc(self.embed(ids) * mask.unsqueeze(-1))
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4))
+        self.body[1].running_mean.fill_(0.5)
+        self.body[1].running_var.fill_(4.0)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        h = self.body[0](x)
+        return self.body[1](h) + h
+'''
+
+
+@pytest.fixture
+def cli_models(tmp_path, monkeypatch):
+    (tmp_path / "cli_models_c.py").write_text(_CLI_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_convert_command_takes_int_and_float_inputs(cli_models):
+    from conftest import run_cli
+
+    out = cli_models / "tok.mlpackage"
+    code, stdout, stderr = run_cli("convert", "cli_models_c:Tokens", "--input", "ids:1,16:int32",
+                                   "--input", "mask:1,16", "-o", str(out))
+    assert code == 0, stderr
+    code, stdout, _ = run_cli("inspect", str(out), "--json")
+    weights = {w["torch_name"]: w for w in json.loads(stdout)["weights"]}
+    assert weights["embed.weight"]["op_type"] == "gather"
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["cli_models_c:Residual", "--input-shape", "1,2,3,3"],
+     "error: cli_models_c:Residual: folding BatchNorm changed its output by up to "),
+    (["cli_models_c:Tokens", "--input", "ids:1,16:int8", "--input", "mask:1,16"],
+     "error: --input ids:1,16:int8: has unknown dtype 'int8'; use one of fp32, fp16, int32"),
+])
+def test_convert_command_refusals_are_one_line_and_write_nothing(cli_models, argv, start):
+    from conftest import run_cli
+
+    out = cli_models / "x.mlpackage"
+    code, stdout, stderr = run_cli("convert", *argv, "-o", str(out))
+    assert code == 2 and stderr.startswith(start), stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    assert sorted(p.name for p in cli_models.iterdir() if not p.name.startswith("__")) == ["cli_models_c.py"]

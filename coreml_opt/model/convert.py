@@ -151,6 +151,13 @@ def mha_fastpath_off() -> Iterator[None]:
         mha.set_fastpath_enabled(was)
 
 
+class _DropOpErrorBanner(logging.Filter):
+    """Drops coremltools' multi-line "ERROR - converting 'op'" log record; the ModelError raised names the op."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ERROR - converting" not in str(record.msg)
+
+
 def _flat_tensors(out: object) -> list[torch.Tensor]:
     """Every tensor in a forward's output (a tensor, or nested tuples/lists/dicts of them), in order."""
     if isinstance(out, torch.Tensor):
@@ -244,6 +251,8 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
         except Exception as exc:
             raise ModelError(label, f"cannot be traced with torch.jit.trace ({_first_line(exc)})",
                              "remove data-dependent control flow from forward()") from exc
+    banner = _DropOpErrorBanner()
+    logging.getLogger("coremltools").addFilter(banner)
     try:
         mlmodel = ct.convert(
             traced,
@@ -254,6 +263,8 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
         )
     except Exception as exc:
         raise _convert_error(label, exc) from exc
+    finally:
+        logging.getLogger("coremltools").removeFilter(banner)
     mapping = torch_name_mapping(folded, mlmodel)
     mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
     if output_path is not None:
