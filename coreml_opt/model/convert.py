@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from coreml_opt.errors import ModelError
-from coreml_opt.model.fold import FoldedBatchNorm, fold_batchnorm  # noqa: F401 (re-export)
+from coreml_opt.model.fold import FOLD_TOLERANCE, FoldedBatchNorm, check_fold, fold_batchnorm  # noqa: F401
 from coreml_opt.model.inputs import InputSpec, parse_input, resolve_inputs  # noqa: F401 (re-export)
 from coreml_opt.model.package import TORCH_NAMES_KEY, read_torch_names, save_package  # noqa: F401 (re-export)
 from coreml_opt.targets import DEFAULT_TARGET, TargetLike, parse_target
@@ -130,11 +130,6 @@ def torch_name_mapping(model: nn.Module, mlmodel: ct.models.MLModel) -> dict[str
     return mapping
 
 
-# Largest |folded - original| on the example, relative to the largest |original| output (floor 1): fp32
-# rounding of a fold done in fp64 is ~1e-7 per layer; a fold that is not exact is off by O(1).
-FOLD_TOLERANCE = 1e-4
-
-
 @contextlib.contextmanager
 def mha_fastpath_off() -> Iterator[None]:
     """Trace with PyTorch's fused MHA/TransformerEncoderLayer fast path off: coremltools cannot convert
@@ -156,44 +151,6 @@ class _DropOpErrorBanner(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "ERROR - converting" not in str(record.msg)
-
-
-def _flat_tensors(out: object) -> list[torch.Tensor]:
-    """Every tensor in a forward's output (a tensor, or nested tuples/lists/dicts of them), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat_tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat_tensors(v)]
-    return []
-
-
-def check_fold(original: nn.Module, folded: nn.Module, example: tuple[torch.Tensor, ...], label: str) -> float:
-    """Largest |folded - original| output difference on ``example`` (eval mode); ModelError past FOLD_TOLERANCE."""
-    was = original.training
-    original.eval()
-    try:
-        with torch.no_grad():
-            ref, out = _flat_tensors(original(*example)), _flat_tensors(folded(*example))
-    finally:
-        original.train(was)
-    worst, scale = 0.0, 1.0
-    for a, b in zip(ref, out):
-        if a.shape != b.shape:
-            worst = float("inf")
-            break
-        if a.is_floating_point():
-            worst = max(worst, float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
-            scale = max(scale, float(a.double().abs().max()) if a.numel() else 0.0)
-        elif not torch.equal(a, b):
-            worst = float("inf")
-    if len(ref) != len(out) or not worst <= FOLD_TOLERANCE * scale:
-        raise ModelError(label, f"folding BatchNorm changed its output by up to {worst:.3g} (outputs up to "
-                         f"{scale:.3g}) on the example input, so the fold is not exact",
-                         "fold that BatchNorm by hand (or remove it) and convert the result")
-    logger.info("folded model matches the original within %.3g (outputs up to %.3g)", worst, scale)
-    return worst
 
 
 def _describe(specs: Sequence[InputSpec]) -> str:

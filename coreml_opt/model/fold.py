@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,6 +29,10 @@ _FOLD_RULES: dict[type, tuple[type, int]] = {
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 Example = Union[torch.Tensor, Sequence[torch.Tensor], None]
+
+# Largest |folded - original| on the example, relative to the largest |original| output (floor 1): fp32
+# rounding of a fold done in fp64 is ~1e-7 per layer; a fold that is not exact is off by O(1).
+FOLD_TOLERANCE = 1e-4
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -128,22 +132,77 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _observe(model: nn.Module, paths: set[str], example: Example) -> dict[str, list[int]]:
-    """Run ``model`` on ``example`` once; module path -> output rank of each call (for ``paths`` only)."""
+def _flat_tensors(out: object) -> list[torch.Tensor]:
+    """Every tensor in a forward's output (a tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat_tensors(v)]
+    return []
+
+
+def _args(example: Example) -> tuple:
+    return tuple(example) if isinstance(example, (list, tuple)) else (example,)
+
+
+def _difference(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, float]:
+    """(largest |out - ref|, largest |ref| with floor 1) over float outputs; inf when shapes or ints differ."""
+    worst, scale = 0.0, 1.0
+    if len(ref) != len(out):
+        return float("inf"), scale
+    for a, b in zip(ref, out):
+        if a.shape != b.shape:
+            return float("inf"), scale
+        if not a.is_floating_point():
+            worst = worst if torch.equal(a, b) else float("inf")
+        elif a.numel():
+            worst = max(worst, float((a.double() - b.double()).abs().max()))
+            scale = max(scale, float(a.double().abs().max()))
+    return worst, scale
+
+
+def _exact(ref: list[torch.Tensor], model: nn.Module, example: Example) -> bool:
+    with torch.no_grad():
+        worst, scale = _difference(ref, _flat_tensors(model(*_args(example))))
+    return worst <= FOLD_TOLERANCE * scale
+
+
+def check_fold(original: nn.Module, folded: nn.Module, example: Example, label: str) -> float:
+    """Largest |folded - original| output difference on ``example`` (both in eval mode); ModelError naming
+    ``label`` when it exceeds FOLD_TOLERANCE times the largest output (floor 1)."""
+    was = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            ref = _flat_tensors(original(*_args(example)))
+            worst, scale = _difference(ref, _flat_tensors(folded(*_args(example))))
+    finally:
+        original.train(was)
+    if not worst <= FOLD_TOLERANCE * scale:
+        raise ModelError(label, f"folding BatchNorm changed its output by up to {worst:.3g} (outputs up to "
+                         f"{scale:.3g}) on the example input, so the fold is not exact",
+                         "fold that BatchNorm by hand (or remove it) and convert the result")
+    logger.info("folded model matches the original within %.3g (outputs up to %.3g)", worst, scale)
+    return worst
+
+
+def _observe(model: nn.Module, paths: set[str], example: Example) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
+    """Run ``model`` on ``example`` once; (module path -> output rank of each call, for ``paths``; outputs)."""
     seen: dict[str, list[int]] = {p: [] for p in paths}
     hooks = []
     for path in paths:
         def hook(_mod, _inp, out, path=path):
             seen[path].append(out.ndim if isinstance(out, torch.Tensor) else -1)
         hooks.append(model.get_submodule(path).register_forward_hook(hook))
-    args = tuple(example) if isinstance(example, (list, tuple)) else (example,)
     try:
         with torch.no_grad():
-            model(*args)
+            out = _flat_tensors(model(*_args(example)))
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, out
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -153,13 +212,36 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def _fold_pair(model: nn.Module, layer_path: str, bn_path: str, rank: int) -> tuple:
+    """Fold one pair in place; returns what ``_unfold_pair`` needs to undo it."""
+    layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+    saved = (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone(), bn)
+    _fold_into(layer, bn)
+    _set_submodule(model, bn_path, FoldedBatchNorm(bn_path, layer_path, rank))
+    return saved
+
+
+def _unfold_pair(model: nn.Module, layer_path: str, bn_path: str, saved: tuple) -> None:
+    """Undo ``_fold_pair``: the layer's weight and bias and the BN module come back."""
+    weight, bias, bn = saved
+    layer = model.get_submodule(layer_path)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is None:
+            layer.bias = None
+        else:
+            layer.bias.copy_(bias)
+    _set_submodule(model, bn_path, bn)
+
+
 def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
     """Deep copy of ``model`` in eval mode with each BN folded into the conv/linear before it, where exact.
 
     ``example`` (a tensor or a tuple of the forward's inputs) lets the fold measure output ranks and
     call counts, so pairs that would not be exact stay unfolded (e.g. Linear + BatchNorm1d on
-    ``(N, L, F)``: the BN normalises L, the Linear writes F). A folded BN becomes a ``FoldedBatchNorm``
-    (an ``nn.Identity``); the layer keeps its parameter path and gains a bias if it had none.
+    ``(N, L, F)``: the BN normalises L, the Linear writes F), and check the folded output against the
+    original's, keeping only the folds that leave it within FOLD_TOLERANCE. A folded BN becomes a
+    ``FoldedBatchNorm`` (an ``nn.Identity``); the layer keeps its parameter path and gains a bias if it had none.
     """
     folded = copy.deepcopy(model).eval()
     pairs = _pairs_fx(folded)
@@ -168,29 +250,37 @@ def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
     ranked = [(a, b, _fold_rank(folded.get_submodule(a), folded.get_submodule(b))) for a, b in pairs]
     ranked = [(a, b, r) for a, b, r in ranked if r is not None]
     shared = _shared_params(folded)
-    seen = _observe(folded, {p for a, b, _ in ranked for p in (a, b)}, example) if example is not None and ranked \
-        else None
-    done = 0
+    seen, reference = _observe(folded, {p for a, b, _ in ranked for p in (a, b)}, example) \
+        if example is not None and ranked else (None, None)
+    chosen = []
     for layer_path, bn_path, rank in ranked:
-        layer, bn = folded.get_submodule(layer_path), folded.get_submodule(bn_path)
+        layer = folded.get_submodule(layer_path)
         if any(id(p) in shared for p in layer.parameters(recurse=False)):
             logger.info("%s not folded: %s shares its weight with another module", bn_path, layer_path)
-            continue
-        if seen is not None:
-            if len(seen[layer_path]) != 1 or len(seen[bn_path]) != 1:
-                logger.info("%s not folded: %s and it are not each called once", bn_path, layer_path)
-                continue
-            if seen[layer_path][0] != rank:
-                logger.info("%s not folded: %s gives a %d-D output; the BN normalises dim 1, which holds the "
-                            "layer's channels only for %d-D", bn_path, layer_path, seen[layer_path][0], rank)
-                continue
-        _fold_into(layer, bn)
-        _set_submodule(folded, bn_path, FoldedBatchNorm(bn_path, layer_path, rank))
-        done += 1
-        logger.debug("folded %s into %s", bn_path, layer_path)
+        elif seen is not None and (len(seen[layer_path]) != 1 or len(seen[bn_path]) != 1):
+            logger.info("%s not folded: %s and it are not each called once", bn_path, layer_path)
+        elif seen is not None and seen[layer_path][0] != rank:
+            logger.info("%s not folded: %s gives a %d-D output; the BN normalises dim 1, which holds the "
+                        "layer's channels only for %d-D", bn_path, layer_path, seen[layer_path][0], rank)
+        else:
+            chosen.append((layer_path, bn_path, rank))
+    for pair in chosen:
+        _fold_pair(folded, *pair)
+    if reference is not None and chosen and not _exact(reference, folded, example):
+        # Some fold changes the output (e.g. the layer's output is also used past the BN): keep each only if exact.
+        folded = copy.deepcopy(model).eval()
+        kept = []
+        for layer_path, bn_path, rank in chosen:
+            saved = _fold_pair(folded, layer_path, bn_path, rank)
+            if _exact(reference, folded, example):
+                kept.append((layer_path, bn_path, rank))
+            else:
+                _unfold_pair(folded, layer_path, bn_path, saved)
+                logger.info("%s not folded: folding it into %s changes the output", bn_path, layer_path)
+        chosen = kept
     left = [p for p, m in folded.named_modules() if isinstance(m, _BATCHNORM)]
     if left:
         logger.warning("BatchNorm not folded (not directly after a conv/linear, or not exact for these shapes): "
                        "%s; coremltools will fold it and rename the weight", ", ".join(left))
-    logger.info("folded %d BatchNorm layer(s)", done)
+    logger.info("folded %d BatchNorm layer(s)", len(chosen))
     return folded
