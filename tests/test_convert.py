@@ -475,3 +475,11 @@ def test_convert_command_refusals_are_one_line_and_write_nothing(cli_models, arg
     assert len(stderr.strip().splitlines()) == 1
     assert not out.exists()
     assert sorted(p.name for p in cli_models.iterdir() if not p.name.startswith("__")) == ["cli_models_c.py"]
+
+
+def test_sensitivity_reference_folds_like_convert():
+    from coreml_opt.sensitivity import make_evaluator
+
+    model = _randomise_bn(_LinearBN())
+    evaluator = make_evaluator(model, None, "sqnr", input_shape=(2, 16, 16))
+    assert evaluator(model) > 100  # its reference is the original's output; the wrong fold gave a few dB

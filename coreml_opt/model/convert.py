@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import numbers
 import logging
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -171,6 +172,17 @@ def _convert_error(label: str, exc: BaseException) -> ModelError:
                       "check its ops are supported by coremltools 9.0")
 
 
+def example_inputs(model: nn.Module, inputs: Union[Sequence[int], Sequence[Union[str, InputSpec]]]
+                   ) -> tuple[torch.Tensor, ...]:
+    """The seeded example ``convert`` traces (and folds BN by) for ``inputs``: one input shape, or InputSpecs.
+
+    Pass it to ``fold_batchnorm`` wherever a folded model must match the converted package."""
+    specs = resolve_inputs(inputs, None, "x") if all(isinstance(d, numbers.Integral) for d in inputs) \
+        else resolve_inputs(None, inputs, "x")
+    generator = torch.Generator().manual_seed(0)
+    return tuple(s.example(model, generator) for s in specs)
+
+
 def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] = None, *,
             target: TargetLike = DEFAULT_TARGET, output_path: Union[str, Path, None] = None,
             input_name: str = "x", inputs: Optional[Sequence[Union[str, InputSpec]]] = None,
@@ -188,8 +200,7 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
     if isinstance(model, str):
         model = load_factory(model)
     ct_target = parse_target(target)
-    generator = torch.Generator().manual_seed(0)
-    example = tuple(s.example(model, generator) for s in specs)
+    example = example_inputs(model, specs)
     with mha_fastpath_off():
         try:
             with torch.no_grad():

@@ -250,8 +250,12 @@ def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
     ranked = [(a, b, _fold_rank(folded.get_submodule(a), folded.get_submodule(b))) for a, b in pairs]
     ranked = [(a, b, r) for a, b, r in ranked if r is not None]
     shared = _shared_params(folded)
-    seen, reference = _observe(folded, {p for a, b, _ in ranked for p in (a, b)}, example) \
-        if example is not None and ranked else (None, None)
+    seen, reference = None, None
+    if example is not None and ranked:
+        try:
+            seen, reference = _observe(folded, {p for a, b, _ in ranked for p in (a, b)}, example)
+        except Exception as exc:  # the caller's own run of the model reports a bad example in its words
+            logger.debug("example input fails (%s); folds are guarded by rank instead of measured", exc)
     chosen = []
     for layer_path, bn_path, rank in ranked:
         layer = folded.get_submodule(layer_path)
