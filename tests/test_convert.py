@@ -483,3 +483,29 @@ def test_sensitivity_reference_folds_like_convert():
     model = _randomise_bn(_LinearBN())
     evaluator = make_evaluator(model, None, "sqnr", input_shape=(2, 16, 16))
     assert evaluator(model) > 100  # its reference is the original's output; the wrong fold gave a few dB
+
+
+class _DynamicLinearBN(nn.Module):
+    """Linear + BatchNorm1d reached through the Sequential fallback (fx cannot trace the branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+@pytest.mark.parametrize("make, bn_path, x", [
+    (_LinearBN, "bn", torch.randn(2, 16, 16)),                       # fx pairs
+    (_DynamicLinearBN, "body.1", torch.randn(2, 16, 16)),            # Sequential fallback pairs
+    (lambda: nn.Sequential(nn.ConvTranspose2d(4, 4, 2), nn.BatchNorm2d(4)), "1", torch.randn(1, 4, 3, 3)),
+])
+def test_every_pairing_path_leaves_inexact_or_unsupported_folds_alone(make, bn_path, x):
+    model = _randomise_bn(make())
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded.get_submodule(bn_path), (nn.BatchNorm1d, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
