@@ -43,7 +43,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .model.package import check_package_output
 
     check_package_output(args.output)  # a bad output path fails before the conversion, not after
-    mlmodel, mapping = convert(args.model, args.input_shape, target=args.target, output_path=args.output)
+    mlmodel, mapping = convert(args.model, args.input_shape, inputs=args.input, target=args.target,
+                               output_path=args.output)
     print(f"wrote {args.output}: ML Program for {args.target}, {len(mapping)} weights mapped to PyTorch names")
     return 0
 
@@ -179,9 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a PyTorch model to an ML Program, keeping PyTorch weight names",
                        description="example: coreml-opt convert coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 "
-                                   "-o digits.mlpackage")
+                                   "-o digits.mlpackage\n"
+                                   "         coreml-opt convert mymodels:tiny_bert --input ids:1,16:int32 "
+                                   "--input mask:1,16 -o bert.mlpackage",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="PyTorch model factory, package.module:function")
-    p.add_argument("--input-shape", type=parse_shape, required=True, help="example input shape, e.g. 1,1,8,8")
+    shapes = p.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--input-shape", type=parse_shape, help="shape of the one float input, e.g. 1,1,8,8")
+    shapes.add_argument("--input", action="append", metavar="NAME:SHAPE[:DTYPE]",
+                        help="one input, repeated in forward() order, e.g. --input ids:1,16:int32 "
+                             "--input mask:1,16 (dtypes fp32, fp16, int32; int ids are drawn below the "
+                             "smallest embedding vocabulary for tracing)")
     p.add_argument("-o", "--output", required=True, help="output .mlpackage path")
     p.add_argument("--target", default="iOS18", help="minimum deployment target (iOS16, iOS17, iOS18, macOS13..15)")
     p.set_defaults(func=cmd_convert)

@@ -52,7 +52,7 @@ class ExampleResult:
 def run_example(out: str | os.PathLike = "out/example", spec: str | None = None,
                 plan_path: str | os.PathLike | None = None) -> ExampleResult:
     """Build (or load) the digits CNN, convert it, compress it by a plan and measure accuracy."""
-    from .model.convert import convert, fold_batchnorm
+    from .model.convert import convert, example_inputs, fold_batchnorm
     from .model.package import make_output_folder
     from .zoo import EXAMPLE_INPUT_SHAPE, digits_cnn, digits_split, evaluate_accuracy
 
@@ -66,7 +66,7 @@ def run_example(out: str | os.PathLike = "out/example", spec: str | None = None,
     saved_plan = plan.save(out / "plan.yaml")
     compressed_path = out / "digits-compressed.mlpackage"
     report = compress(model_path, plan, compressed_path)
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, example_inputs(model, EXAMPLE_INPUT_SHAPE))
     accuracy = {"fp32 (PyTorch)": evaluate_accuracy(folded, x_test, y_test)}
     accuracy.update(_simulated_accuracy(folded, report, x_test, y_test))
     return ExampleResult(out, model_path, compressed_path, saved_plan, report, accuracy)

@@ -12,6 +12,7 @@ from torch import nn
 from coreml_opt import zoo
 from coreml_opt.errors import ModelError, SpecError
 from coreml_opt.model import convert as cv
+from coreml_opt.model import fold
 from coreml_opt.targets import VALID_TARGETS, parse_target, target_name, target_rank
 
 
@@ -105,7 +106,7 @@ def test_fold_falls_back_to_sequential_pairs_when_fx_fails():
             return self.body(x)
 
     model = _randomise_bn(Dynamic())
-    assert cv._pairs_fx(model) is None
+    assert fold._pairs_fx(model) is None
     folded = cv.fold_batchnorm(model)
     assert isinstance(folded.body[1], nn.Identity)
     x = torch.randn(2, 2, 5, 5)
@@ -226,3 +227,285 @@ def test_unknown_target_is_a_one_line_error(bad):
         parse_target(bad)
     msg = str(exc.value)
     assert "\n" not in msg and "use one of iOS16, iOS17, iOS18, macOS13, macOS14, macOS15" in msg
+
+
+# ----------------------------------------------------------------------------- exact folds only (issue 11, kind 2)
+
+class _LinearBN(nn.Module):
+    """Linear then BatchNorm1d: exact to fold on (N, C) inputs, not on (N, L, F) where BN normalises L."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_linear_batchnorm1d_on_3d_input_is_left_unfolded():
+    model = _randomise_bn(_LinearBN())
+    x = torch.randn(2, 16, 16)
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded.bn, nn.BatchNorm1d)
+    assert torch.equal(folded.fc.weight, model.fc.weight)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_linear_batchnorm1d_on_2d_input_is_folded_exactly():
+    model = _randomise_bn(_LinearBN())
+    x = torch.randn(5, 16)
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded.bn, cv.FoldedBatchNorm)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_without_example_refuses_a_rank_where_it_is_not_exact():
+    folded = cv.fold_batchnorm(_randomise_bn(_LinearBN()))
+    with pytest.raises(ModelError, match="^bn: was folded into fc for 2-D inputs but got a 3-D one"):
+        folded(torch.randn(2, 16, 16))
+
+
+def test_unbatched_conv1d_batchnorm_is_left_unfolded():
+    model = _randomise_bn(nn.Sequential(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)))
+    x = torch.randn(4, 4)  # (C, L): BN takes it as (N, C) and normalises L
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded[1], nn.BatchNorm1d)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_layer_with_tied_weight_is_not_folded():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.b(x)
+
+    model = _randomise_bn(Tied())
+    x = torch.randn(3, 8)
+    for example in (None, x):
+        folded = cv.fold_batchnorm(model, example)
+        assert isinstance(folded.bn, nn.BatchNorm1d)
+        assert torch.equal(folded(x), model(x))
+
+
+def test_convert_linear_batchnorm1d_3d_keeps_the_linear_weight(tmp_path):
+    model = _randomise_bn(_LinearBN())
+    mlmodel, mapping = cv.convert(model, (2, 16, 16), output_path=tmp_path / "m.mlpackage")
+    assert mapping == {"fc_weight_to_fp16": "fc.weight"}
+    meta = ct.optimize.coreml.get_weights_metadata(mlmodel, weight_threshold=0)
+    expected = model.fc.weight.detach().numpy().astype(np.float16)
+    assert np.array_equal(meta["fc_weight_to_fp16"].val, expected)  # not scaled by a wrong fold
+
+
+class _Residual(nn.Module):
+    """fx cannot trace it, so pairs come from the Sequential; the conv output is also used past the BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
+            x = x * 1.0
+        h = self.body[1](self.body[0](x))
+        return self.body[2](h) + h
+
+
+def test_fold_that_changes_the_output_is_undone_and_convert_keeps_the_weight(tmp_path):
+    model = _randomise_bn(_Residual())
+    x = torch.randn(1, 8, 5, 5)
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded.body[2], nn.BatchNorm2d)
+    assert torch.equal(folded.body[1].weight, model.body[1].weight)
+    assert torch.equal(folded.body[1].bias, model.body[1].bias)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+    mlmodel, mapping = cv.convert(model, (1, 8, 5, 5))
+    meta = ct.optimize.coreml.get_weights_metadata(mlmodel, weight_threshold=0)
+    assert mapping["body_1_weight_to_fp16"] == "body.1.weight"
+    assert np.array_equal(meta["body_1_weight_to_fp16"].val, model.body[1].weight.detach().numpy().astype(np.float16))
+
+
+def test_check_fold_refuses_a_fold_that_changes_the_output():
+    model = _randomise_bn(_Residual())
+    x = torch.randn(1, 8, 5, 5)
+    wrong = cv.fold_batchnorm(model)  # no example: the Sequential pair is folded though h is also used past the BN
+    assert isinstance(wrong.body[2], cv.FoldedBatchNorm)
+    with pytest.raises(ModelError) as exc:
+        cv.check_fold(model, wrong, x, "_Residual")
+    msg = str(exc.value)
+    assert msg.startswith("_Residual: folding BatchNorm changed its output by up to ") and "\n" not in msg
+
+
+def test_check_fold_accepts_the_digits_fold(digits_model, digits_data):
+    x = torch.from_numpy(digits_data[2][:64])
+    worst = cv.check_fold(digits_model, cv.fold_batchnorm(digits_model, x), (x,), "digits")
+    assert worst <= cv.FOLD_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- inputs: dtypes, several inputs
+
+class _TokenModel(nn.Module):
+    """Token ids (int) and an attention mask (float) -> per-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(300, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids, mask):
+        return self.fc(self.embed(ids) * mask.unsqueeze(-1))
+
+
+def test_convert_embedding_model_with_int_token_ids(tmp_path):
+    from coreml_opt.model.package import load_package
+
+    out = tmp_path / "tok.mlpackage"
+    mlmodel, mapping = cv.convert(_TokenModel(), inputs=["ids:1,16:int32", cv.InputSpec("mask", (1, 16), "fp32")],
+                                  output_path=out)
+    desc = {i.name: i.type.multiArrayType for i in mlmodel.get_spec().description.input}
+    assert list(desc) == ["ids", "mask"]
+    assert desc["ids"].dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+    assert desc["mask"].dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    assert list(desc["ids"].shape) == [1, 16]
+    assert mapping["embed_weight_to_fp16"] == "embed.weight"
+    weights = {w.name: w for w in load_package(out, load_weights=False).inventory.weights}
+    assert weights["embed_weight_to_fp16"].op_type == "gather"
+    assert weights["embed_weight_to_fp16"].torch_name == "embed.weight"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("ids", "is not NAME:SHAPE[:DTYPE]"),
+    ("ids:1,x:int32", "shape '1,x' is not comma-separated integers"),
+    ("ids:1,16:int8", "has unknown dtype 'int8'"),
+    ("ids:1,0", "has shape [1, 0]"),
+    ("1ids:1,16", "is not a valid input name"),
+])
+def test_bad_input_specs_are_one_line_errors(text, problem):
+    with pytest.raises(ModelError) as exc:
+        cv.parse_input(text)
+    assert str(exc.value).startswith(f"--input {text}: {problem}; ") and "\n" not in str(exc.value)
+
+
+def test_int_ids_beyond_the_model_say_which_inputs():
+    with pytest.raises(ModelError, match=r"fails on example inputs ids:1,16:int32 \("):
+        cv.convert(_TokenModel(), inputs=["ids:1,16:int32"])
+
+
+# ----------------------------------------------------------------------------- stock transformer layers
+
+def test_convert_stock_transformer_encoder_layer(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    assert torch.backends.mha.get_fastpath_enabled()
+    mlmodel, mapping = cv.convert(layer, (1, 10, 32), output_path=tmp_path / "t.mlpackage")
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    assert mapping["linear1_weight_to_fp16"] == "linear1.weight"
+    assert mapping["self_attn_in_proj_weight_to_fp16"] == "self_attn.in_proj_weight"
+    assert (tmp_path / "t.mlpackage" / "Manifest.json").exists()
+
+
+def test_unconvertible_op_is_one_line_naming_it(caplog):
+    class Det(nn.Module):
+        def forward(self, x):
+            return torch.linalg.det(x)
+
+    with pytest.raises(ModelError) as exc:
+        cv.convert(Det(), (1, 4, 4))
+    msg = str(exc.value)
+    assert msg.startswith("Det: uses a PyTorch op coremltools 9.0 cannot convert (") and "'linalg_det'" in msg
+    assert "\n" not in msg
+    assert not [r for r in caplog.records if "ERROR - converting" in r.getMessage()]  # no second, multi-line copy
+
+
+# ----------------------------------------------------------------------------- the convert command
+
+_CLI_MODELS = '''
+import torch
+from torch import nn
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(300, 32), nn.Linear(32, 4)
+
+    def forward(self, ids, mask):
+        return self.fc(self.embed(ids) * mask.unsqueeze(-1))
+'''
+
+
+@pytest.fixture
+def cli_models(tmp_path, monkeypatch):
+    (tmp_path / "cli_models_c.py").write_text(_CLI_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_convert_command_takes_int_and_float_inputs(cli_models):
+    from conftest import run_cli
+
+    out = cli_models / "tok.mlpackage"
+    code, stdout, stderr = run_cli("convert", "cli_models_c:Tokens", "--input", "ids:1,16:int32",
+                                   "--input", "mask:1,16", "-o", str(out))
+    assert code == 0, stderr
+    code, stdout, _ = run_cli("inspect", str(out), "--json")
+    weights = {w["torch_name"]: w for w in json.loads(stdout)["weights"]}
+    assert weights["embed.weight"]["op_type"] == "gather"
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["cli_models_c:Tokens", "--input", "ids:1,16:int32"], "error: cli_models_c:Tokens: fails on example inputs "
+                                                            "ids:1,16:int32 (TypeError: "),
+    (["cli_models_c:Tokens", "--input", "ids:1,16:int8", "--input", "mask:1,16"],
+     "error: --input ids:1,16:int8: has unknown dtype 'int8'; use one of fp32, fp16, int32"),
+])
+def test_convert_command_refusals_are_one_line_and_write_nothing(cli_models, argv, start):
+    from conftest import run_cli
+
+    out = cli_models / "x.mlpackage"
+    code, stdout, stderr = run_cli("convert", *argv, "-o", str(out))
+    assert code == 2 and stderr.startswith(start), stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    assert sorted(p.name for p in cli_models.iterdir() if not p.name.startswith("__")) == ["cli_models_c.py"]
+
+
+def test_sensitivity_reference_folds_like_convert():
+    from coreml_opt.sensitivity import make_evaluator
+
+    model = _randomise_bn(_LinearBN())
+    evaluator = make_evaluator(model, None, "sqnr", input_shape=(2, 16, 16))
+    assert evaluator(model) > 100  # its reference is the original's output; the wrong fold gave a few dB
+
+
+class _DynamicLinearBN(nn.Module):
+    """Linear + BatchNorm1d reached through the Sequential fallback (fx cannot trace the branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+@pytest.mark.parametrize("make, bn_path, x", [
+    (_LinearBN, "bn", torch.randn(2, 16, 16)),                       # fx pairs
+    (_DynamicLinearBN, "body.1", torch.randn(2, 16, 16)),            # Sequential fallback pairs
+    (lambda: nn.Sequential(nn.ConvTranspose2d(4, 4, 2), nn.BatchNorm2d(4)), "1", torch.randn(1, 4, 3, 3)),
+])
+def test_every_pairing_path_leaves_inexact_or_unsupported_folds_alone(make, bn_path, x):
+    model = _randomise_bn(make())
+    folded = cv.fold_batchnorm(model, x)
+    assert isinstance(folded.get_submodule(bn_path), (nn.BatchNorm1d, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))

@@ -8,26 +8,25 @@ user-defined metadata, so later stages can name layers both ways.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import importlib
 import json
+import numbers
 import logging
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import coremltools as ct
 import torch
 from torch import nn
 
 from coreml_opt.errors import ModelError
+from coreml_opt.model.fold import FOLD_TOLERANCE, FoldedBatchNorm, check_fold, fold_batchnorm  # noqa: F401
+from coreml_opt.model.inputs import InputSpec, parse_input, resolve_inputs  # noqa: F401 (re-export)
 from coreml_opt.model.package import TORCH_NAMES_KEY, read_torch_names, save_package  # noqa: F401 (re-export)
 from coreml_opt.targets import DEFAULT_TARGET, TargetLike, parse_target
 
 logger = logging.getLogger(__name__)
-
-
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 # --------------------------------------------------------------------------- factories
@@ -61,110 +60,6 @@ def load_factory(spec: str) -> nn.Module:
         raise ModelError(spec, f"factory returned {type(model).__name__}, not a torch.nn.Module",
                          "return the model instance from the factory")
     return model
-
-
-# --------------------------------------------------------------------------- BN folding
-
-def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    """Fold ``bn`` (eval statistics) into the weight and bias of ``layer`` in place."""
-    with torch.no_grad():
-        w = layer.weight
-        dtype = w.dtype
-        mean = bn.running_mean.double()
-        var = bn.running_var.double()
-        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-        scale = gamma / torch.sqrt(var + bn.eps)
-        shape = (-1,) + (1,) * (w.ndim - 1)
-        new_w = (w.double() * scale.reshape(shape)).to(dtype)
-        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
-        new_b = ((bias - mean) * scale + beta).to(dtype)
-        w.copy_(new_w)
-        if layer.bias is not None:
-            layer.bias.copy_(new_b)
-        else:
-            layer.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
-
-
-def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
-    """True when ``bn`` normalises exactly the output channels of ``layer`` with running stats."""
-    if not isinstance(layer, _FOLDABLE) or not isinstance(bn, _BATCHNORM):
-        return False
-    if bn.running_mean is None or bn.running_var is None:
-        return False  # batch statistics at inference: cannot be folded
-    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return out == bn.num_features
-
-
-def _pairs_fx(model: nn.Module) -> Optional[list[tuple[str, str]]]:
-    """(layer path, bn path) pairs where a BN consumes only a conv/linear output, via torch.fx."""
-    try:
-        import torch.fx as fx
-        graph = fx.symbolic_trace(model).graph
-    except Exception as exc:  # dynamic control flow etc.: caller falls back
-        logger.debug("fx tracing failed (%s); folding Sequential pairs only", exc)
-        return None
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        prev = node.args[0]
-        if not (isinstance(prev, fx.Node) and prev.op == "call_module"):
-            continue
-        if len(prev.users) != 1 or calls[node.target] != 1 or calls[prev.target] != 1:
-            continue
-        pairs.append((prev.target, node.target))
-    return pairs
-
-
-def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer path, bn path) pairs of adjacent children inside nn.Sequential containers."""
-    pairs = []
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.Sequential):
-            names = list(mod._modules)
-            for a, b in zip(names, names[1:]):
-                prefix = f"{path}." if path else ""
-                pairs.append((prefix + a, prefix + b))
-    return pairs
-
-
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``path`` with ``new``."""
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new)
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` in eval mode with each BN after a conv/linear folded into it.
-
-    The BN becomes ``nn.Identity``; the conv/linear keeps its parameter path and
-    gains a bias if it had none. Outputs match the original within fp32 rounding.
-    """
-    folded = copy.deepcopy(model).eval()
-    pairs = _pairs_fx(folded)
-    if pairs is None:
-        pairs = _pairs_sequential(folded)
-    done = 0
-    for layer_path, bn_path in pairs:
-        layer, bn = folded.get_submodule(layer_path), folded.get_submodule(bn_path)
-        if not _can_fold(layer, bn):
-            continue
-        _fold_into(layer, bn)
-        _set_submodule(folded, bn_path, nn.Identity())
-        done += 1
-        logger.debug("folded %s into %s", bn_path, layer_path)
-    left = [p for p, m in folded.named_modules() if isinstance(m, _BATCHNORM)]
-    if left:
-        logger.warning("BatchNorm not folded (not directly after a conv/linear): %s; "
-                       "coremltools will fold it and rename the weight", ", ".join(left))
-    logger.info("folded %d BatchNorm layer(s)", done)
-    return folded
 
 
 # --------------------------------------------------------------------------- conversion
@@ -236,46 +131,108 @@ def torch_name_mapping(model: nn.Module, mlmodel: ct.models.MLModel) -> dict[str
     return mapping
 
 
-def convert(model: Union[nn.Module, str], input_shape: tuple[int, ...], *,
-            target: TargetLike = DEFAULT_TARGET, output_path: Union[str, Path, None] = None,
-            input_name: str = "x") -> tuple[ct.models.MLModel, dict[str, str]]:
-    """Fold BN, trace and convert to an fp16 ML Program; returns (mlmodel, {const: torch path}).
+@contextlib.contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """Trace with PyTorch's fused MHA/TransformerEncoderLayer fast path off: coremltools cannot convert
+    ``aten::_transformer_encoder_layer_fwd`` / ``_native_multi_head_attention``; the slow path is plain ops."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
-    ``model`` may be an nn.Module or a ``package.module:factory`` string. The
-    mapping is also stored in ``mlmodel.user_defined_metadata[TORCH_NAMES_KEY]``.
+
+class _DropOpErrorBanner(logging.Filter):
+    """Drops coremltools' multi-line "ERROR - converting 'op'" log record; the ModelError raised names the op."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ERROR - converting" not in str(record.msg)
+
+
+def _describe(specs: Sequence[InputSpec]) -> str:
+    """``an example input of shape [1, 1, 8, 8]`` or ``example inputs ids:1,16:int32, mask:1,16``."""
+    if len(specs) == 1 and specs[0].dtype is None:
+        return f"an example input of shape {list(specs[0].shape)}"
+    return "example inputs " + ", ".join(map(str, specs))
+
+
+def _convert_error(label: str, exc: BaseException) -> ModelError:
+    """One line for a coremltools conversion failure; names a missing op converter when that is the cause."""
+    line = _first_line(exc)
+    if "not implemented" in line.lower() or "unsupported op" in line.lower():
+        return ModelError(label, f"uses a PyTorch op coremltools 9.0 cannot convert ({line})",
+                          "replace that op in forward() or register a converter with "
+                          "coremltools.converters.mil.frontend.torch.register_torch_op")
+    return ModelError(label, f"coremltools could not convert it ({type(exc).__name__}: {line})",
+                      "check its ops are supported by coremltools 9.0")
+
+
+def example_inputs(model: nn.Module, inputs: Union[Sequence[int], Sequence[Union[str, InputSpec]]]
+                   ) -> tuple[torch.Tensor, ...]:
+    """The seeded example ``convert`` traces (and folds BN by) for ``inputs``: one input shape, or InputSpecs.
+
+    Pass it to ``fold_batchnorm`` wherever a folded model must match the converted package."""
+    specs = resolve_inputs(inputs, None, "x") if all(isinstance(d, numbers.Integral) for d in inputs) \
+        else resolve_inputs(None, inputs, "x")
+    generator = torch.Generator().manual_seed(0)
+    return tuple(s.example(model, generator) for s in specs)
+
+
+def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] = None, *,
+            target: TargetLike = DEFAULT_TARGET, output_path: Union[str, Path, None] = None,
+            input_name: str = "x", inputs: Optional[Sequence[Union[str, InputSpec]]] = None,
+            ) -> tuple[ct.models.MLModel, dict[str, str]]:
+    """Fold BN (exactly, checked), trace and convert to an fp16 ML Program; returns (mlmodel, {const: torch path}).
+
+    ``model`` may be an nn.Module or a ``package.module:factory`` string. Give one float input by
+    ``input_shape`` (named ``input_name``), or several by ``inputs`` in forward() order, each an InputSpec
+    or ``NAME:SHAPE[:DTYPE]`` (``ids:1,16:int32``). The fold is compared with the original on the traced
+    example before anything is converted. The mapping is also stored in
+    ``mlmodel.user_defined_metadata[TORCH_NAMES_KEY]``.
     """
     label = model if isinstance(model, str) else type(model).__name__
+    specs = resolve_inputs(input_shape, inputs, input_name)
     if isinstance(model, str):
         model = load_factory(model)
     ct_target = parse_target(target)
-    shape = tuple(int(d) for d in input_shape)
-    folded = fold_batchnorm(model)
-    example = torch.rand(shape)
-    try:
-        with torch.no_grad():
-            folded(example)
-    except Exception as exc:
-        raise ModelError(label, f"fails on an example input of shape {list(shape)} "
-                         f"({type(exc).__name__}: {_first_line(exc)})",
-                         "pass the input shape the model expects") from exc
-    try:
-        with torch.no_grad():
-            traced = torch.jit.trace(folded, example)
-    except Exception as exc:
-        raise ModelError(label, f"cannot be traced with torch.jit.trace ({_first_line(exc)})",
-                         "remove data-dependent control flow from forward()") from exc
+    example = example_inputs(model, specs)
+    with mha_fastpath_off():
+        try:
+            with torch.no_grad():
+                folded = fold_batchnorm(model, example)
+                folded(*example)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(label, f"fails on {_describe(specs)} "
+                             f"({type(exc).__name__}: {_first_line(exc)})",
+                             "pass the input shape (and dtype) the model expects") from exc
+        check_fold(model, folded, example, label)
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(folded, example)
+        except Exception as exc:
+            raise ModelError(label, f"cannot be traced with torch.jit.trace ({_first_line(exc)})",
+                             "remove data-dependent control flow from forward()") from exc
+    banner = _DropOpErrorBanner()
+    logging.getLogger("coremltools").addFilter(banner)
     try:
         mlmodel = ct.convert(
             traced,
-            inputs=[ct.TensorType(name=input_name, shape=shape)],
+            inputs=[s.tensor_type() for s in specs],
             convert_to="mlprogram",
             minimum_deployment_target=ct_target,
             compute_precision=ct.precision.FLOAT16,
         )
     except Exception as exc:
-        raise ModelError(label, f"coremltools could not convert it "
-                         f"({type(exc).__name__}: {_first_line(exc)})",
-                         "check the op is supported by coremltools 9.0") from exc
+        raise _convert_error(label, exc) from exc
+    finally:
+        logging.getLogger("coremltools").removeFilter(banner)
     mapping = torch_name_mapping(folded, mlmodel)
     mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
     if output_path is not None:

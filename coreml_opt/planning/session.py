@@ -36,7 +36,7 @@ class PlanningSession:
     def open(cls, sweep_dir: str | os.PathLike, *, model: Any = None, evaluator: Callable[[Any], float] | None = None,
              data: Any = None, candidates: Sequence[str] | None = None, measure: bool = True) -> "PlanningSession":
         """Load ``sweep_dir``; the model and data default to the ones the sweep recorded."""
-        from ..model.convert import fold_batchnorm, load_factory
+        from ..model.convert import example_inputs, fold_batchnorm, load_factory
         from ..sensitivity import load_sweep
         from ..sensitivity.layers import fp16_copy
 
@@ -44,7 +44,9 @@ class PlanningSession:
         source = model if model is not None else sweep.get("model")
         original = load_factory(source) if isinstance(source, str) else source
         # Folded and fp16 everywhere (biases too), exactly as the analyser measured its baseline.
-        folded = fp16_copy(fold_batchnorm(original)) if original is not None else None
+        shape = sweep.get("input_shape")
+        example = example_inputs(original, shape) if shape and original is not None else None  # as convert folds
+        folded = fp16_copy(fold_batchnorm(original, example)) if original is not None else None
         swept = [p for row in sweep.get("layers", []) for p in [row["layer"], *row.get("aliases", [])]]
         fixed, fixed_params = fixed_weights(folded, swept) if folded is not None else ({}, 0)
         if folded is None:

@@ -17,7 +17,7 @@ from ..data import Dataset, load_dataset
 from ..errors import DataError, ModelError
 from ..metrics import Metric, MetricError, get_metric, import_metric_fn
 from ..metrics import drop as metric_drop
-from ..model.convert import fold_batchnorm, load_factory
+from ..model.convert import example_inputs, fold_batchnorm, load_factory
 from .suffix import first_tensor
 
 logger = logging.getLogger(__name__)
@@ -138,4 +138,5 @@ def make_evaluator(model: Union[nn.Module, str], data: Any, metric: Union[str, C
     """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32."""
     module, _ = resolve_model(model)
     dataset = resolve_data(data, input_shape) if not (callable(metric) or ":" in str(metric)) or data else None
-    return Evaluator(metric, dataset, fold_batchnorm(module), batch_size)
+    example = example_inputs(module, input_shape) if input_shape else (dataset.x[:1] if dataset is not None else None)
+    return Evaluator(metric, dataset, fold_batchnorm(module, example), batch_size)

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ModelError, SpecError
 from ..metrics import drop as metric_drop
 from ..metrics import get_metric
-from ..model.convert import fold_batchnorm
+from ..model.convert import example_inputs, fold_batchnorm
 from ..simulate import SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
@@ -182,7 +182,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
         evaluator = Evaluator(metric, resolve_data(data, shape), None, batch_size)
-    folded = fold_batchnorm(module)
+    folded = fold_batchnorm(module, example_inputs(module, shape))  # folds exactly as `convert` does
     _check_runs(folded, shape, label, evaluator)
     base = fp16_copy(folded)
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)

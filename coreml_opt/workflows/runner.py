@@ -153,7 +153,7 @@ def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, A
 def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike | None = None,
                  progress: bool = True) -> WorkflowResult:
     """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage."""
-    from ..model.convert import convert, fold_batchnorm, load_factory
+    from ..model.convert import convert, example_inputs, fold_batchnorm, load_factory
     from ..sensitivity.evaluate import Evaluator
     from .export import package_weights_model
     from .torch_configs import planned_modules
@@ -167,7 +167,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
         from ..errors import ModelError
 
         raise ModelError(repr(model)[:60], "is not a torch.nn.Module", "pass a module or package.module:factory")
-    reference = fold_batchnorm(model).eval()
+    reference = fold_batchnorm(model, example_inputs(model, workflow.input_shape)).eval()
     base = out_dir / "fp16.mlpackage"
     convert(model, workflow.input_shape, target=workflow.target, output_path=base)
     inventory = load_package(base, load_weights=False).inventory
