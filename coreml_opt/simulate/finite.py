@@ -1,0 +1,52 @@
+"""Non-finite weights: NaN or inf in a weight chosen for compression, or produced by compressing it.
+
+coremltools compresses such weights without a word: k-means on a NaN fails in scikit-learn, a NaN
+spreads to its whole channel's int8 scale, and affine scales of weights near fp16's limit (±65,504)
+overflow to inf, so every value decompresses to NaN. The simulation refuses them instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import PlanError
+from ..spec import PalettizeSpec, PruneSpec, Spec, ThresholdPruneSpec
+
+_INPUT_FIX = ("replace the NaN/inf values in the model (and values beyond fp16's ±65504, which become inf) "
+              "or skip this layer in the plan (spec none)")
+_OUTPUT_FIX = "choose k-means palettization (e.g. pal8) for this layer or skip it in the plan (spec none)"
+
+
+class NonFiniteWeightError(PlanError):
+    """A weight holds (``produced=False``) or its compression gives (``produced=True``) NaN/inf values."""
+
+    def __init__(self, weight: str, spec: str, count: int, total: int, produced: bool) -> None:
+        self.weight, self.spec, self.count, self.total, self.produced = weight, spec, count, total, produced
+        problem = (f"compressing it gives {count} of {total} values NaN or inf" if produced
+                   else f"{count} of its {total} values are NaN or inf in fp16")
+        super().__init__(f"weight {weight} (spec {spec})", problem, _OUTPUT_FIX if produced else _INPUT_FIX)
+
+    def named(self, weight: str) -> "NonFiniteWeightError":
+        """The same error naming the weight as the caller knows it (torch path or Core ML const)."""
+        return NonFiniteWeightError(weight, self.spec, self.count, self.total, self.produced)
+
+
+def nonfinite_count(values: torch.Tensor) -> int:
+    """How many entries of ``values`` are NaN, +inf or -inf."""
+    return int(values.numel() - torch.isfinite(values).sum())
+
+
+def check_finite(values: torch.Tensor, spec: Spec, *, produced: bool, weight: str | None = None) -> None:
+    """Raise :class:`NonFiniteWeightError` when ``values`` (fp16 values as float32) hold NaN or inf."""
+    count = nonfinite_count(values)
+    if count:
+        name = weight if weight is not None else f"of shape {tuple(values.shape)}"
+        raise NonFiniteWeightError(name, str(spec), count, values.numel(), produced)
+
+
+def keeps_finite(spec: Spec) -> bool:
+    """Whether compressing finite fp16 values by ``spec`` always gives finite values: pruning keeps or
+    zeroes them and k-means/unique palettes hold means or copies of them. Affine scales (int8, uniform
+    palettes, per-channel scales, LUT quantization) can overflow fp16 and must be simulated."""
+    return all(isinstance(s, (PruneSpec, ThresholdPruneSpec))
+               or (isinstance(s, PalettizeSpec) and s.mode in ("kmeans", "unique") and not s.per_channel_scale)
+               for s in spec.parts)
