@@ -200,3 +200,13 @@ def test_copying_the_nan_fixture_keeps_it_readable(nonfinite_packages, tmp_path)
     shutil.copytree(nonfinite_packages["nan"], copy)
     code, stdout, stderr = run_cli("inspect", str(copy))
     assert code == 0 and "fc1.weight" in stdout, stderr
+
+
+def test_example_accuracy_refuses_nan_logits():
+    """zoo.evaluate_accuracy (the example's table) counted NaN logits' argmax as a prediction."""
+    from coreml_opt import zoo
+
+    x = torch.rand(8, 144)
+    x[2, 0] = math.nan
+    with pytest.raises(MetricError, match="metric accuracy: .*NaN/inf"):
+        zoo.evaluate_accuracy(_model(5), x, torch.zeros(8, dtype=torch.int64))
