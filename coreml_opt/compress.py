@@ -93,15 +93,14 @@ def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
     import torch
 
     from .simulate import NonFiniteWeightError, check_finite, default_cache, keeps_finite
-    from .simulate.numerics import to_fp16_values
 
     for weight in loaded.inventory.weights:
         spec = resolved[weight.name]
         if spec.is_none:
             continue
         label = repr(weight.torch_name or weight.name)
-        values = to_fp16_values(torch.from_numpy(loaded.weight_values(weight.name).astype("float32")))
-        check_finite(values, spec, produced=False, weight=label)
+        values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))  # as stored: fp16 or fp32
+        check_finite(values, spec, "holds", weight=label)
         if not keeps_finite(spec):
             try:
                 default_cache().get(spec, values, weight.op_type)

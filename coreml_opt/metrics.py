@@ -64,7 +64,8 @@ def _finite_only(name: str) -> Callable[[ScoreFn], ScoreFn]:
         @functools.wraps(fn)
         def score(outputs: torch.Tensor, reference: Optional[torch.Tensor] = None,
                   labels: Optional[torch.Tensor] = None) -> float:
-            for what, t in (("the reference outputs (uncompressed model)", reference), ("the model's outputs", outputs)):
+            named = (("the reference outputs (uncompressed model)", reference), ("the model's outputs", outputs))
+            for what, t in named:
                 if t is not None:
                     bad = int(t.numel() - torch.isfinite(t).sum())
                     if bad:

@@ -108,7 +108,8 @@ def test_simulated_compression_in_sweeps_and_plans_names_the_layer():
     with pytest.raises(NonFiniteWeightError, match=r"weight 'fc1.weight' \(spec pal4\): 1 of its 18432"):
         with apply_spec(model, "fc1.weight", "pal4"):
             pass
-    with pytest.raises(NonFiniteWeightError, match=r"weight 'fc2.weight' \(spec int8\): 1 of its 1280"):
+    beyond = r"weight 'fc2.weight' \(spec int8\): 1 of its 1280 values lie beyond fp16's"
+    with pytest.raises(NonFiniteWeightError, match=beyond):
         with apply_spec(model, "fc2.weight", "int8"):
             pass
     with torch.no_grad():
@@ -210,3 +211,28 @@ def test_example_accuracy_refuses_nan_logits():
     x[2, 0] = math.nan
     with pytest.raises(MetricError, match="metric accuracy: .*NaN/inf"):
         zoo.evaluate_accuracy(_model(5), x, torch.zeros(8, dtype=torch.int64))
+
+
+class Overflow(nn.Module):
+    """Finite weights and data; output 0 is exp(94 * fc's row 0), finite at 0.9 per weight, inf once pal1 merges
+    row 0's 0.9s and row 1's 1.1s into one palette entry of 1.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64, bias=False)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[0], self.fc.weight[1] = 0.9, 1.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        return torch.cat([torch.exp(94.0 * y[:, :1]), y[:, 1:]], dim=1)
+
+
+def test_sweep_names_the_trial_whose_outputs_are_not_finite():
+    from coreml_opt.sensitivity import analyse
+
+    data = [(torch.full((4, 1, 8, 8), 1 / 64), torch.zeros(4, dtype=torch.int64))]
+    with pytest.raises(MetricError, match=r"metric sqnr with layer 'fc.weight' compressed by pal1: the model's "
+                                          r"outputs hold \d+ NaN/inf"):
+        analyse(Overflow().eval(), (1, 1, 8, 8), data, metric="sqnr", candidates="pal1", progress=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelError, SpecError
 from ..metrics import drop as metric_drop
-from ..metrics import get_metric
+from ..metrics import MetricError, get_metric
 from ..model.convert import fold_batchnorm
 from ..simulate import SimCache, apply_spec
 from ..spec import Spec, parse_spec
@@ -245,11 +245,16 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
             simulator.wait(i)
             with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
                 t1 = time.perf_counter()
-                if evaluator.user_fn is not None:
-                    value = evaluator(base)
-                else:
-                    outputs = runner.outputs(layer.layer) if runner is not None else None
-                    value = evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches))
+                try:
+                    if evaluator.user_fn is not None:
+                        value = evaluator(base)
+                    else:
+                        outputs = runner.outputs(layer.layer) if runner is not None else None
+                        value = evaluator.score(outputs if outputs is not None
+                                                else run_batches(base, evaluator.batches))
+                except MetricError as exc:  # NaN/inf: name the trial that made it
+                    raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                                      exc.problem, exc.fix) from None
             t2 = time.perf_counter()
             store.add(layer.layer, str(spec), value, t2 - t0)
             timing["compression"] += t1 - t0

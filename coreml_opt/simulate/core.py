@@ -77,9 +77,10 @@ def simulate(spec: Spec | str, weight: torch.Tensor, op_type: str = "linear", *,
     w16 = to_fp16_values(weight)
     if spec.is_none:
         return handler_for(spec)(spec, w16, op_type, kmeans)
-    check_finite(w16, spec, produced=False)
+    check_finite(weight.detach(), spec, "holds")
+    check_finite(w16, spec, "fp16")
     result = handler_for(spec)(spec, w16, op_type, kmeans)
-    check_finite(result.weight, spec, produced=True)
+    check_finite(result.weight, spec, "produced")
     return result
 
 

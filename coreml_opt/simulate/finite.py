@@ -11,23 +11,27 @@ import torch
 from ..errors import PlanError
 from ..spec import PalettizeSpec, PruneSpec, Spec, ThresholdPruneSpec
 
-_INPUT_FIX = ("replace the NaN/inf values in the model (and values beyond fp16's ±65504, which become inf) "
-              "or skip this layer in the plan (spec none)")
+_INPUT_FIX = "replace the NaN/inf values in the model or skip this layer in the plan (spec none)"
+_FP16_FIX = "scale the layer's weights into fp16's range or skip this layer in the plan (spec none)"
 _OUTPUT_FIX = "choose k-means palettization (e.g. pal8) for this layer or skip it in the plan (spec none)"
+_PROBLEMS = {  # stage -> (problem template, fix)
+    "holds": ("{count} of its {total} values are NaN or inf", _INPUT_FIX),
+    "fp16": ("{count} of its {total} values lie beyond fp16's ±65504 and become inf", _FP16_FIX),
+    "produced": ("compressing it gives {count} of {total} values NaN or inf", _OUTPUT_FIX),
+}
 
 
 class NonFiniteWeightError(PlanError):
-    """A weight holds (``produced=False``) or its compression gives (``produced=True``) NaN/inf values."""
+    """NaN/inf in a weight (``stage`` "holds"), after its fp16 cast ("fp16") or after compression ("produced")."""
 
-    def __init__(self, weight: str, spec: str, count: int, total: int, produced: bool) -> None:
-        self.weight, self.spec, self.count, self.total, self.produced = weight, spec, count, total, produced
-        problem = (f"compressing it gives {count} of {total} values NaN or inf" if produced
-                   else f"{count} of its {total} values are NaN or inf in fp16")
-        super().__init__(f"weight {weight} (spec {spec})", problem, _OUTPUT_FIX if produced else _INPUT_FIX)
+    def __init__(self, weight: str, spec: str, count: int, total: int, stage: str) -> None:
+        self.weight, self.spec, self.count, self.total, self.stage = weight, spec, count, total, stage
+        problem, fix = _PROBLEMS[stage]
+        super().__init__(f"weight {weight} (spec {spec})", problem.format(count=count, total=total), fix)
 
     def named(self, weight: str) -> "NonFiniteWeightError":
         """The same error naming the weight as the caller knows it (torch path or Core ML const)."""
-        return NonFiniteWeightError(weight, self.spec, self.count, self.total, self.produced)
+        return NonFiniteWeightError(weight, self.spec, self.count, self.total, self.stage)
 
 
 def nonfinite_count(values: torch.Tensor) -> int:
@@ -35,12 +39,12 @@ def nonfinite_count(values: torch.Tensor) -> int:
     return int(values.numel() - torch.isfinite(values).sum())
 
 
-def check_finite(values: torch.Tensor, spec: Spec, *, produced: bool, weight: str | None = None) -> None:
-    """Raise :class:`NonFiniteWeightError` when ``values`` (fp16 values as float32) hold NaN or inf."""
+def check_finite(values: torch.Tensor, spec: Spec, stage: str, weight: str | None = None) -> None:
+    """Raise :class:`NonFiniteWeightError` when ``values`` hold NaN or inf (``stage``: see the error)."""
     count = nonfinite_count(values)
     if count:
         name = weight if weight is not None else f"of shape {tuple(values.shape)}"
-        raise NonFiniteWeightError(name, str(spec), count, values.numel(), produced)
+        raise NonFiniteWeightError(name, str(spec), count, values.numel(), stage)
 
 
 def keeps_finite(spec: Spec) -> bool:
