@@ -148,7 +148,7 @@ def test_sweep_stops_on_nan_in_the_data(tmp_path):
                               "--data", str(data), "--metric", "psnr", "--candidates", "pal1", "--no-progress",
                               "--out", str(tmp_path / "sweep"))
     lines = stderr.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and str(data) in lines[0] and "1 of its 2048 input values" in lines[0], stderr
+    assert code == 2 and len(lines) == 1 and str(data) in lines[0] and "1 of its 2048 input values are NaN or inf" in lines[0], stderr
     assert not (tmp_path / "sweep" / "sweep.json").exists()
 
 
@@ -236,3 +236,28 @@ def test_sweep_names_the_trial_whose_outputs_are_not_finite():
     with pytest.raises(MetricError, match=r"metric sqnr with layer 'fc.weight' compressed by pal1: the model's "
                                           r"outputs hold \d+ NaN/inf"):
         analyse(Overflow().eval(), (1, 1, 8, 8), data, metric="sqnr", candidates="pal1", progress=False)
+
+
+def test_data_holding_nan_or_inf_is_refused_wherever_it_is_loaded():
+    """Evaluation, calibration and fine-tuning data all become a Dataset: NaN/inf inputs stop there."""
+    from coreml_opt.data import Dataset, load_iterable
+    from coreml_opt.errors import DataError
+
+    x = torch.rand(4, 3)
+    x[1, 2] = math.inf
+    with pytest.raises(DataError, match="calib: 1 of its 12 input values are NaN or inf"):
+        Dataset(x, source="calib")
+    with pytest.raises(DataError, match="iterable: 1 of its 12"):
+        load_iterable([x])
+
+
+def test_a_workflow_stage_that_leaves_nan_weights_stops_before_export():
+    from coreml_opt.errors import PlanError
+    from coreml_opt.workflows.stages import check_finite_weights
+
+    model = _model(6)
+    check_finite_weights("gptq", model)
+    with torch.no_grad():
+        model.fc2.weight[0, :3] = math.nan
+    with pytest.raises(PlanError, match="stage gptq: left 3 of 1280 values of 'fc2.weight' NaN or inf"):
+        check_finite_weights("gptq", model)

@@ -96,7 +96,6 @@ class Evaluator:
                 raise DataError(data.source, f"has no labels, which metric {self.name} needs",
                                 "add labels.csv (or y in the .npz), or use a proxy metric such as top1")
             self.batches = [x for x, _ in data.batches(batch_size)]
-            _check_finite_data(data.source, self.batches)
             if reference_model is not None:
                 self.reference = torch.cat(run_batches(reference_model.eval(), self.batches))
 
@@ -132,15 +131,6 @@ class Evaluator:
             return self.score(run_batches(model, self.batches))
         finally:
             model.train(was_training)
-
-
-def _check_finite_data(source: str, batches: list[torch.Tensor]) -> None:
-    """Refuse evaluation inputs holding NaN/inf: every metric of their outputs would be meaningless."""
-    bad = sum(int(x.numel() - torch.isfinite(x).sum()) for x in batches if x.is_floating_point())
-    if bad:
-        total = sum(x.numel() for x in batches)
-        raise DataError(source, f"{bad} of its {total} input values are NaN or inf",
-                        "remove or fix those samples before evaluating")
 
 
 def make_evaluator(model: Union[nn.Module, str], data: Any, metric: Union[str, Callable[[nn.Module], float]] = "top1",
