@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from coreml_opt.errors import DataError
+from coreml_opt.nonfinite import nonfinite_count
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Dataset:
         if self.y is not None and (self.y.ndim != 1 or len(self.y) != len(self.x)):
             raise DataError(source, f"has {len(self.x)} inputs but labels of shape "
                             f"{list(self.y.shape)}", "give one integer label per input")
-        bad = int(self.x.numel() - torch.isfinite(self.x).sum())
+        bad = nonfinite_count(self.x)
         if bad:  # every output, metric and calibration statistic of them would be NaN or meaningless
             raise DataError(source, f"{bad} of its {self.x.numel()} input values are NaN or inf (in float32)",
                             "remove or fix those samples")

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import DataError
+from .nonfinite import nonfinite_count
 
 MAX_DB = 200.0  # PSNR/SQNR of bit-identical outputs
 _EPS = 1e-12
@@ -67,7 +68,7 @@ def _finite_only(name: str) -> Callable[[ScoreFn], ScoreFn]:
             named = (("the reference outputs (uncompressed model)", reference), ("the model's outputs", outputs))
             for what, t in named:
                 if t is not None:
-                    bad = int(t.numel() - torch.isfinite(t).sum())
+                    bad = nonfinite_count(t)
                     if bad:
                         raise MetricError(f"metric {name}", f"{what} hold {bad} NaN/inf values of {t.numel()}",
                                           "find where the model or the evaluation data makes NaN/inf and fix it")

@@ -261,3 +261,17 @@ def test_a_workflow_stage_that_leaves_nan_weights_stops_before_export():
         model.fc2.weight[0, :3] = math.nan
     with pytest.raises(PlanError, match="stage gptq: left 3 of 1280 values of 'fc2.weight' NaN or inf"):
         check_finite_weights("gptq", model)
+
+
+def test_convert_names_a_nan_or_inf_parameter_in_one_line():
+    """coremltools' converter failed on a NaN weight with "tensor value not consistent", advising to check the op."""
+    from coreml_opt.errors import ModelError
+    from coreml_opt.model.convert import convert
+
+    model = _model(7)
+    with torch.no_grad():
+        model.fc1.weight[2, 3] = math.nan
+        model.fc2.bias[0] = math.inf
+    with pytest.raises(ModelError, match=r"TwoLinear: parameter 'fc1.weight' holds 1 NaN/inf values of 18432") as info:
+        convert(model, (1, 144))
+    assert "\n" not in str(info.value)

@@ -169,6 +169,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- conversion
 
+def _check_finite_parameters(model: nn.Module, label: str) -> None:
+    """coremltools' converter fails on a NaN weight with "tensor value not consistent" and stores inf as is:
+    refuse either in one line naming the parameter (after BN folding, which can make them)."""
+    from ..nonfinite import nonfinite_tensors
+
+    for name, bad, total in nonfinite_tensors(model):
+        raise ModelError(label, f"parameter {name!r} holds {bad} NaN/inf values of {total}",
+                         "replace them (retrain or load a finite checkpoint) before converting")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -250,6 +260,7 @@ def convert(model: Union[nn.Module, str], input_shape: tuple[int, ...], *,
     ct_target = parse_target(target)
     shape = tuple(int(d) for d in input_shape)
     folded = fold_batchnorm(model)
+    _check_finite_parameters(folded, label)
     example = torch.rand(shape)
     try:
         with torch.no_grad():

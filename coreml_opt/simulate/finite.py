@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PlanError
+from ..nonfinite import nonfinite_count
 from ..spec import PalettizeSpec, PruneSpec, Spec, ThresholdPruneSpec
 
 _INPUT_FIX = "replace the NaN/inf values in the model or skip this layer in the plan (spec none)"
@@ -32,11 +33,6 @@ class NonFiniteWeightError(PlanError):
     def named(self, weight: str) -> "NonFiniteWeightError":
         """The same error naming the weight as the caller knows it (torch path or Core ML const)."""
         return NonFiniteWeightError(weight, self.spec, self.count, self.total, self.stage)
-
-
-def nonfinite_count(values: torch.Tensor) -> int:
-    """How many entries of ``values`` are NaN, +inf or -inf."""
-    return int(values.numel() - torch.isfinite(values).sum())
 
 
 def check_finite(values: torch.Tensor, spec: Spec, stage: str, weight: str | None = None) -> None:

@@ -217,9 +217,8 @@ def _finish(method: str, compressed: nn.Module, ctx: StageContext, output: Path,
 def check_finite_weights(method: str, compressed: nn.Module) -> None:
     """Refuse a calibrated or fine-tuned model holding NaN/inf in any weight (a diverged run, a singular GPTQ
     Hessian) before it is evaluated or exported: its package would be silently wrong."""
-    for name, value in compressed.state_dict().items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            bad = int(value.numel() - torch.isfinite(value).sum())
-            if bad:
-                raise PlanError(f"stage {method}", f"left {bad} of {value.numel()} values of {name!r} NaN or inf",
-                                "check the stage's data and options (e.g. a lower lr) or compress this layer data-free")
+    from ..nonfinite import nonfinite_tensors
+
+    for name, bad, total in nonfinite_tensors(compressed):
+        raise PlanError(f"stage {method}", f"left {bad} of {total} values of {name!r} NaN or inf",
+                        "check the stage's data and options (e.g. a lower lr) or compress this layer data-free")
