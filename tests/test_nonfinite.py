@@ -275,3 +275,21 @@ def test_convert_names_a_nan_or_inf_parameter_in_one_line():
     with pytest.raises(ModelError, match=r"TwoLinear: parameter 'fc1.weight' holds 1 NaN/inf values of 18432") as info:
         convert(model, (1, 144))
     assert "\n" not in str(info.value)
+
+
+def test_sweep_skips_specs_whose_scales_overflow_and_plans_cannot_pick_them(tmp_path):
+    """Weights near ±60,000: int8/tensor would be a trial compress refuses; it is a skipped trial with its reason,
+    while pal2 (finite) is measured."""
+    from coreml_opt.sensitivity import analyse
+
+    model = _model(8)
+    with torch.no_grad():
+        model.fc1.weight.uniform_(-60000.0, 60000.0)
+    data = [(torch.rand(8, 144), torch.zeros(8, dtype=torch.int64))]
+    result = analyse(model, (1, 144), data, metric="sqnr", candidates="int8/tensor,pal2", progress=False,
+                     out_dir=tmp_path / "sweep")
+    skipped = {(t["layer"], t["spec"]): t["reason"] for t in result.skipped_trials}
+    assert "compressing it gives 18432 of 18432 values NaN or inf" in skipped[("fc1.weight", "int8/tensor")]
+    assert {(t.layer, t.spec) for t in result.trials} >= {("fc1.weight", "pal2")}
+    assert ("fc1.weight", "int8/tensor") not in {(t.layer, t.spec) for t in result.trials}
+    assert result.complete
