@@ -88,8 +88,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
 
 
 def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
-    """Refuse, before any work, a weight chosen for compression that holds NaN/inf in fp16, or whose
-    simulated compression does (an affine scale overflowing fp16); coremltools would write either."""
+    """Refuse, before any work, a weight chosen for compression that holds NaN/inf as stored, or whose
+    simulated compression does (an affine scale overflowing fp16); coremltools would write either.
+    k-means/unique palettes and pruning keep finite values finite, so they are not simulated here."""
     import torch
 
     from .simulate import NonFiniteWeightError, check_finite, default_cache, keeps_finite
