@@ -14,6 +14,7 @@ from torch import nn
 from conftest import run_cli
 from coreml_opt.metrics import METRICS, MetricError
 from coreml_opt.simulate import apply_spec, simulate
+from coreml_opt.spec import parse_spec
 
 SENTINEL = 1234.0  # an fp16 value the tiny model's weights hold only where the test puts NaN
 
@@ -293,3 +294,25 @@ def test_sweep_skips_specs_whose_scales_overflow_and_plans_cannot_pick_them(tmp_
     assert {(t.layer, t.spec) for t in result.trials} >= {("fc1.weight", "pal2")}
     assert ("fc1.weight", "int8/tensor") not in {(t.layer, t.spec) for t in result.trials}
     assert result.complete
+
+
+@pytest.mark.parametrize("package, spec", [("big", "int8/tensor"), ("big", "int8"), ("big", "pal4/uniform"),
+                                           ("big", "pal4+lut8"), ("nan", "int8"), ("nan", "prune50")])
+def test_refusals_rest_on_what_coremltools_really_emits(nonfinite_packages, package, spec):
+    """coremltools' own passes, run without the check, emit NaN/inf exactly where the simulation puts them."""
+    import coremltools as ct
+    from test_simulate_helpers import compress as coremltools_compress
+    from test_simulate_helpers import decompressed_weights
+
+    from coreml_opt.model.package import load_package
+    from coreml_opt.simulate.core import handler_for
+    from coreml_opt.simulate.numerics import to_fp16_values
+
+    path = nonfinite_packages[package]
+    weight = torch.from_numpy(load_package(path).weight_values("fc1_weight_to_fp16").astype(np.float32))
+    emitted = coremltools_compress(ct.models.MLModel(str(path), skip_model_load=True), spec)
+    (value,) = [v for k, v in decompressed_weights(emitted).items() if k.startswith("fc1")]
+    parsed = parse_spec(spec)
+    simulated = handler_for(parsed)(parsed, to_fp16_values(weight), "linear", "exact").weight  # unchecked
+    assert np.array_equal(~np.isfinite(value.astype(np.float32)), ~torch.isfinite(simulated).numpy())
+    assert (~np.isfinite(value.astype(np.float32))).any()
