@@ -149,7 +149,8 @@ def test_sweep_stops_on_nan_in_the_data(tmp_path):
                               "--data", str(data), "--metric", "psnr", "--candidates", "pal1", "--no-progress",
                               "--out", str(tmp_path / "sweep"))
     lines = stderr.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and str(data) in lines[0] and "1 of its 2048 input values are NaN or inf" in lines[0], stderr
+    assert code == 2 and len(lines) == 1, stderr
+    assert str(data) in lines[0] and "1 of its 2048 input values are NaN or inf" in lines[0]
     assert not (tmp_path / "sweep" / "sweep.json").exists()
 
 
