@@ -63,6 +63,7 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
+    _check_finite_weights(loaded, resolved)
     _check_data_dependent_skips(loaded, resolved)
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
@@ -83,6 +84,28 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
         for w in before.weights
     ]
     return CompressionReport(Path(output), rows, after, [p.function for p in passes])
+
+
+def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
+    """Refuse, before any work, a weight chosen for compression that holds NaN/inf as stored, or whose
+    simulated compression does (an affine scale overflowing fp16); coremltools would write either.
+    k-means/unique palettes and pruning keep finite values finite, so they are not simulated here."""
+    import torch
+
+    from .simulate import NonFiniteWeightError, check_finite, default_cache, keeps_finite
+
+    for weight in loaded.inventory.weights:
+        spec = resolved[weight.name]
+        if spec.is_none:
+            continue
+        label = repr(weight.torch_name or weight.name)
+        values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))  # as stored: fp16 or fp32
+        check_finite(values, spec, "holds", weight=label)
+        if not keeps_finite(spec):
+            try:
+                default_cache().get(spec, values, weight.op_type)
+            except NonFiniteWeightError as exc:
+                raise exc.named(label) from None
 
 
 def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from coreml_opt.errors import DataError
+from coreml_opt.nonfinite import nonfinite_count
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class Dataset:
         if self.y is not None and (self.y.ndim != 1 or len(self.y) != len(self.x)):
             raise DataError(source, f"has {len(self.x)} inputs but labels of shape "
                             f"{list(self.y.shape)}", "give one integer label per input")
+        bad = nonfinite_count(self.x)
+        if bad:  # every output, metric and calibration statistic of them would be NaN or meaningless
+            raise DataError(source, f"{bad} of its {self.x.numel()} input values are NaN or inf (in float32)",
+                            "remove or fix those samples")
         self.content_hash = _hash_tensors(self.x, self.y)
 
     def __len__(self) -> int:

@@ -174,19 +174,19 @@ def digits_cnn(pretrained: bool = True,
 
 def evaluate_accuracy(model: nn.Module, x: Union[np.ndarray, torch.Tensor],
                       y: Union[np.ndarray, torch.Tensor], batch_size: int = 512) -> float:
-    """Fraction of samples whose argmax logit equals the label (batched, no grad)."""
+    """Fraction of samples whose argmax logit equals the label (batched, no grad); the ``accuracy`` metric,
+    so NaN/inf logits raise instead of counting as argmax hits or misses."""
+    from .metrics import accuracy
+
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y).long()
     if len(xt) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
-    correct = 0
     try:
         with torch.no_grad():
-            for i in range(0, len(xt), batch_size):
-                pred = model(xt[i:i + batch_size]).argmax(dim=1)
-                correct += int((pred == yt[i:i + batch_size]).sum())
+            logits = torch.cat([model(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)])
     finally:
         model.train(was_training)
-    return correct / len(xt)
+    return accuracy(logits, None, yt)

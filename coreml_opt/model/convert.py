@@ -64,6 +64,16 @@ def load_factory(spec: str) -> nn.Module:
 
 # --------------------------------------------------------------------------- conversion
 
+def _check_finite_parameters(model: nn.Module, label: str) -> None:
+    """coremltools' converter fails on a NaN weight with "tensor value not consistent" and stores inf as is:
+    refuse either in one line naming the parameter (after BN folding, which can make them)."""
+    from ..nonfinite import nonfinite_tensors
+
+    for name, bad, total in nonfinite_tensors(model):
+        raise ModelError(label, f"parameter {name!r} holds {bad} NaN/inf values of {total}",
+                         "replace them (retrain or load a finite checkpoint) before converting")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -205,6 +215,7 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
         try:
             with torch.no_grad():
                 folded = fold_batchnorm(model, example)
+                _check_finite_parameters(folded, label)
                 folded(*example)
         except ModelError:
             raise

@@ -140,7 +140,7 @@ def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
                     for (layer, spec), d in drops.items() if layer == info.layer and spec != "none"]
         choices.append(Choices(info.layer, tuple(options)))
     return Problem(layers, choices, dict(fixed or {}), fixed_params, str(sweep.get("metric", "accuracy")),
-                   float(sweep.get("baseline", float("nan"))), bool(sweep.get("higher_is_better", True)),
+                   float(sweep.get("baseline") if sweep.get("baseline") is not None else math.nan), bool(sweep.get("higher_is_better", True)),
                    str(sweep.get("target") or "iOS18"), list(candidates or sweep.get("candidates", [])), dict(sweep))
 
 

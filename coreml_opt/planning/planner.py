@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import PlanError
+from ..metrics import check_finite_value
 from ..metrics import drop as metric_drop
 from ..plan import Plan
 from ..spec import parse_spec
@@ -172,7 +173,11 @@ def predicted_drop(problem: Problem, specs: Mapping[str, str]) -> float:
 
 
 def _drop(problem: Problem, metric: float) -> float:
-    return metric_drop(problem.baseline, metric, problem.higher_is_better)
+    """Measured drop against the sweep's baseline; a NaN/inf either side would compare as "met"."""
+    if not math.isfinite(problem.baseline):
+        raise PlanError("sweep", f"its baseline {problem.metric} is {problem.baseline}, so no plan can be measured "
+                        "against it", "rerun the sensitivity sweep on finite data and weights")
+    return metric_drop(problem.baseline, check_finite_value(problem.metric, metric), problem.higher_is_better)
 
 
 def _result(problem: Problem, attempt: Attempt, label: str, attempts: list[Attempt]) -> PlanResult:

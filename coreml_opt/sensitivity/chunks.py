@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..determinism import blas_single_threaded
-from ..simulate import SimCache
+from ..simulate import NonFiniteWeightError, SimCache
 from ..spec import PalettizeSpec, Spec
 from .layers import Layer
 
@@ -72,6 +72,8 @@ class ChunkSimulator:
         layer, spec = self.trials[j]
         try:
             self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
+        except NonFiniteWeightError as exc:
+            return exc.named(repr(layer.layer))
         except BaseException as exc:
             return exc
         return None

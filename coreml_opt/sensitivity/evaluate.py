@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import Dataset, load_dataset
 from ..errors import DataError, ModelError
-from ..metrics import Metric, MetricError, get_metric, import_metric_fn
+from ..metrics import Metric, MetricError, check_finite_value, get_metric, import_metric_fn
 from ..metrics import drop as metric_drop
 from ..model.convert import example_inputs, fold_batchnorm, load_factory
 from .suffix import first_tensor
@@ -124,7 +124,7 @@ class Evaluator:
     def __call__(self, model: nn.Module) -> float:
         """The metric of ``model`` on this evaluator's data."""
         if self.user_fn is not None:
-            return float(self.user_fn(model))
+            return check_finite_value(self.name, self.user_fn(model))
         was_training = model.training
         model.eval()
         try:

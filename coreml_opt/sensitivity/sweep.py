@@ -21,9 +21,9 @@ from torch import nn
 
 from ..errors import ModelError, SpecError
 from ..metrics import drop as metric_drop
-from ..metrics import get_metric
+from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
-from ..simulate import SimCache, apply_spec
+from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
@@ -214,6 +214,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     reused = len(plan) - len(pending)
     ran = 0
     new_keys: set[tuple[str, str]] = set()
+    unemittable: set[tuple[str, str]] = set()  # trials whose simulated weight holds NaN/inf
     cache = SimCache()
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
@@ -248,14 +249,29 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                 logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
                 break
             t0 = time.perf_counter()
-            simulator.wait(i)
-            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
-                t1 = time.perf_counter()
-                if evaluator.user_fn is not None:
-                    value = evaluator(base)
-                else:
-                    outputs = runner.outputs(layer.layer) if runner is not None else None
-                    value = evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches))
+            try:
+                simulator.wait(i)
+                with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+                    t1 = time.perf_counter()
+                    try:
+                        if evaluator.user_fn is not None:
+                            value = evaluator(base)
+                        else:
+                            outputs = runner.outputs(layer.layer) if runner is not None else None
+                            value = evaluator.score(outputs if outputs is not None
+                                                    else run_batches(base, evaluator.batches))
+                    except MetricError as exc:  # NaN/inf: name the trial that made it
+                        raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                                          exc.problem, exc.fix) from None
+            except NonFiniteWeightError as exc:
+                if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
+                    raise
+                # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
+                # the shape problems, so no plan can pick it
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
+                unemittable.add((layer.layer, str(spec)))
+                bar.update(1)
+                continue
             t2 = time.perf_counter()
             store.add(layer.layer, str(spec), value, t2 - t0)
             timing["compression"] += t1 - t0
@@ -272,6 +288,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
         bar.close()
         store.close()
 
+    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in unemittable]
     trials = []
     for layer, spec in plan:
         found = done.get((layer.layer, str(spec)))

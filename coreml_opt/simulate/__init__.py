@@ -9,8 +9,10 @@ from __future__ import annotations
 from . import joint, palettize, prune, quantize  # noqa: F401  (register the handlers)
 from .apply import apply_plan, apply_spec, infer_op_type
 from .cache import SimCache, default_cache
+from .finite import NonFiniteWeightError, check_finite, keeps_finite
 from .core import KMEANS_MODES, SimResult, register_handler, simulate, simulate_weight
 from .lut import fast_lut_function
 
 __all__ = ["SimResult", "simulate", "simulate_weight", "apply_spec", "apply_plan", "fast_lut_function",
-           "infer_op_type", "register_handler", "SimCache", "default_cache", "KMEANS_MODES"]
+           "infer_op_type", "register_handler", "SimCache", "default_cache", "KMEANS_MODES",
+           "NonFiniteWeightError", "check_finite", "keeps_finite"]

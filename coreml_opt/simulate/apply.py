@@ -11,6 +11,7 @@ from ..errors import PlanError
 from ..spec import Spec, parse_spec
 from .cache import SimCache, default_cache
 from .core import SimResult
+from .finite import NonFiniteWeightError
 
 _OP_TYPES: tuple[tuple[type, str], ...] = (
     (nn.modules.conv._ConvTransposeNd, "conv_transpose"),
@@ -49,7 +50,10 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
             spec = parse_spec(spec)
             param, module = _parameter(model, path)
             op_type = (op_types or {}).get(path) or infer_op_type(module)
-            result = cache.get(spec, param.detach(), op_type, kmeans)
+            try:
+                result = cache.get(spec, param.detach(), op_type, kmeans)
+            except NonFiniteWeightError as exc:
+                raise exc.named(repr(path)) from None
             results[path] = result
             if path not in saved:
                 saved[path] = param.detach().clone()

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import SpecError
 from ..spec import Spec, parse_spec
+from .finite import check_finite
 from .numerics import to_fp16_values
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,23 @@ def skipped(w16: torch.Tensor, reason: str, spec: Spec) -> SimResult:
 
 def simulate(spec: Spec | str, weight: torch.Tensor, op_type: str = "linear", *,
              kmeans: str = "exact") -> SimResult:
-    """Decompressed weight and compressed parameters coremltools 9 emits for ``spec`` on ``weight``."""
+    """Decompressed weight and compressed parameters coremltools 9 emits for ``spec`` on ``weight``.
+
+    Raises :class:`~.finite.NonFiniteWeightError` when the fp16 weight or its compression holds NaN/inf
+    (``spec`` none passes any weight through)."""
     spec = parse_spec(spec)
     if kmeans not in KMEANS_MODES:
         raise SpecError(f"kmeans={kmeans!r}", "is not a k-means mode", f"use one of {KMEANS_MODES}")
     if not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(np.asarray(weight))
     w16 = to_fp16_values(weight)
-    return handler_for(spec)(spec, w16, op_type, kmeans)
+    if spec.is_none:
+        return handler_for(spec)(spec, w16, op_type, kmeans)
+    check_finite(weight.detach(), spec, "holds")
+    check_finite(w16, spec, "fp16")
+    result = handler_for(spec)(spec, w16, op_type, kmeans)
+    check_finite(result.weight, spec, "produced")
+    return result
 
 
 def simulate_weight(spec: Spec | str, weight: np.ndarray | torch.Tensor, op_type: str = "linear",

@@ -209,6 +209,7 @@ def _finetune(stage: StageConfig, ctx: StageContext, output: Path) -> StageOutco
 def _finish(method: str, compressed: nn.Module, ctx: StageContext, output: Path, notes: list[str]) -> StageOutcome:
     """Measure the torch model, export the package, measure the package's weights."""
     compressed.eval()
+    check_finite_weights(method, compressed)
     torch_metric = ctx.evaluate(compressed)
     exported: Exported = export_package(compressed, ctx.reference, ctx.input_shape, ctx.target, output, ctx.specs,
                                         COMPRESSOR_NAMES.get(method, method))
@@ -218,3 +219,13 @@ def _finish(method: str, compressed: nn.Module, ctx: StageContext, output: Path,
     if method == "w8a8":  # the headline metric includes the (simulated) activation quantization
         outcome.metric, outcome.extra["weights_only_metric"] = torch_metric, package_metric
     return outcome
+
+
+def check_finite_weights(method: str, compressed: nn.Module) -> None:
+    """Refuse a calibrated or fine-tuned model holding NaN/inf in any weight (a diverged run, a singular GPTQ
+    Hessian) before it is evaluated or exported: its package would be silently wrong."""
+    from ..nonfinite import nonfinite_tensors
+
+    for name, bad, total in nonfinite_tensors(compressed):
+        raise PlanError(f"stage {method}", f"left {bad} of {total} values of {name!r} NaN or inf",
+                        "check the stage's data and options (e.g. a lower lr) or compress this layer data-free")
