@@ -90,10 +90,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"output": str(report.output), "passes": report.passes,
                           "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
-                          "bytes_predicted": report.bytes_predicted,
+                          "bytes_predicted": report.bytes_predicted, "skipped": report.skipped,
                           "weights": [w.__dict__ for w in report.weights]}, indent=2))
         return 0
     print(compression_table(report))
+    for name, reason in report.skipped.items():
+        print(f"left {name} in fp16, as coremltools would: {reason}")
     print(f"wrote {report.output} ({', '.join(report.passes) or 'no compression'})")
     return 0
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..model.convert import const_name
+from ..spec import reader_key
 from ..simulate import infer_op_type
 from ..storage import predicted_bytes
 
@@ -28,7 +29,7 @@ class Layer:
 
     layer: str  # torch parameter path, e.g. "features.3.weight"
     coreml_name: str  # e.g. "features_3_weight_to_fp16"
-    op_type: str  # "conv" | "conv_transpose" | "linear" | "gather"
+    op_type: str  # spec.reader_key of the modules reading it: "conv", "conv(groups=960)", "gather+linear"
     shape: tuple[int, ...]
     params: int
     fp16_bytes: int
@@ -66,7 +67,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
         weight = module.weight
         if not include_all and weight.numel() <= weight_threshold:
             continue
-        op_type = infer_op_type(module)
+        op_type = reader_key([(infer_op_type(m), getattr(m, "groups", 1)) for _, m in by_tensor[key]])
         shape = tuple(int(d) for d in weight.shape)
         layers.append(Layer(path, const_name(path), op_type, shape, int(weight.numel()),
                             predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),

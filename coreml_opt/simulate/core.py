@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from ..spec import Spec, parse_spec
+from ..spec import Spec, parse_spec, reader_problem
 from .numerics import to_fp16_values
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def simulate(spec: Spec | str, weight: torch.Tensor, op_type: str = "linear", *,
     if not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(np.asarray(weight))
     w16 = to_fp16_values(weight)
+    if problem := reader_problem(spec, tuple(w16.shape), op_type):
+        return skipped(w16, problem, spec)
     return handler_for(spec)(spec, w16, op_type, kmeans)
 
 
