@@ -269,3 +269,39 @@ def test_per_layer_threshold_pruning_short_of_its_minimum_is_refused(example_mlp
                            _plan(tmp_path, "layers:\n  features.3: thresh0.02/min40\n"), "-o", str(out))
     assert code == 2 and "features.3" in _one_error_line(err)
     assert not out.exists()
+
+
+class _TiedConvPair(nn.Module):
+    """A Conv2d and a ConvTranspose2d module tied to one weight, then a pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.up = nn.ConvTranspose2d(32, 32, 3, padding=1, bias=False)
+        self.up.weight = self.conv.weight
+        self.fc = nn.Conv2d(32, 128, 1)
+
+    def forward(self, x):
+        return self.fc(self.up(torch.relu(self.conv(x))))
+
+
+def test_planned_budget_on_a_shared_weight_emits(tmp_path):
+    """The sweep scores only what compress can emit on the shared weight, so the plan's package is written
+    with exactly the predicted bytes (it used to score int8/pal4 there, which coremltools skips)."""
+    from coreml_opt.model.convert import convert
+    from coreml_opt.planning.session import PlanningSession
+    from coreml_opt.sensitivity.sweep import analyse
+
+    result = analyse(_TiedConvPair(), (1, 32, 4, 4), torch.rand(8, 32, 4, 4), metric="cosine",
+                     candidates="int8,pal4,prune50", out_dir=tmp_path / "sweep", progress=False)
+    (shared,) = [layer for layer in result.layers if layer.aliases]
+    assert shared.op_type == "conv+conv_transpose"
+    assert {t.spec for t in result.trials if t.layer == shared.layer} == {"prune50"}
+    assert {s["spec"] for s in result.skipped_trials if s["layer"] == shared.layer} == {"int8", "pal4"}
+    session = PlanningSession.open(tmp_path / "sweep", measure=False)
+    plan = session.plan(bpw=8, validate=False)
+    convert(_TiedConvPair(), (1, 32, 4, 4), target="iOS18", output_path=tmp_path / "m.mlpackage")
+    report = session.emit(plan, tmp_path / "o.mlpackage", model_package=tmp_path / "m.mlpackage")
+    assert all(w.bytes_after == w.bytes_predicted for w in report.weights)
+    assert report.bytes_after == plan.bytes
