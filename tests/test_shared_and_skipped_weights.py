@@ -305,3 +305,14 @@ def test_planned_budget_on_a_shared_weight_emits(tmp_path):
     report = session.emit(plan, tmp_path / "o.mlpackage", model_package=tmp_path / "m.mlpackage")
     assert all(w.bytes_after == w.bytes_predicted for w in report.weights)
     assert report.bytes_after == plan.bytes
+
+
+def test_plan_measurement_simulates_a_depthwise_conv_as_coremltools_emits_it():
+    """apply_plan (plan validation, examples) sees the module's groups: vec2 on a depthwise conv stays fp16."""
+    from coreml_opt.simulate import apply_plan
+
+    model = _Depthwise()
+    before = model.dw.weight.detach().to(torch.float16).float()
+    with apply_plan(model, {"dw.weight": "pal2/vec2", "pw.weight": "pal2/vec2"}) as results:
+        assert results["dw.weight"].skipped and torch.equal(model.dw.weight.detach(), before)
+        assert results["pw.weight"].skipped is None

@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 from ..model.convert import const_name
-from ..spec import reader_key
-from ..simulate import infer_op_type
+from ..simulate.apply import WEIGHT_MODULES, weight_readers
 from ..storage import predicted_bytes
 
 DEFAULT_WEIGHT_THRESHOLD = 2048
-_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
     by_tensor: dict[int, list[tuple[str, nn.Module]]] = {}
     order: list[int] = []
     for module_path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, _WEIGHT_MODULES):
+        if not isinstance(module, WEIGHT_MODULES):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
@@ -67,7 +65,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
         weight = module.weight
         if not include_all and weight.numel() <= weight_threshold:
             continue
-        op_type = reader_key([(infer_op_type(m), getattr(m, "groups", 1)) for _, m in by_tensor[key]])
+        op_type = weight_readers(model, weight)
         shape = tuple(int(d) for d in weight.shape)
         layers.append(Layer(path, const_name(path), op_type, shape, int(weight.numel()),
                             predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),
