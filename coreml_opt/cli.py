@@ -49,7 +49,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def inventory_rows(inventory) -> tuple[list[str], list[list]]:
     """Table headers and rows for an inventory (shared by inspect and the example job)."""
     headers = ["weight", "torch name", "op type", "op name", "shape", "params", "bytes", "bits/w", "compression"]
-    rows = [[w.name, w.torch_name, w.op_type, w.op_name, w.shape, w.params, w.bytes,
+    rows = [[w.name, w.torch_name, w.reader_type, w.op_name, w.shape, w.params, w.bytes,
              f"{8 * w.bytes / w.params:.2f}", w.compression] for w in inventory.weights]
     return headers, rows
 

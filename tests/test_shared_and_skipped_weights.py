@@ -94,6 +94,8 @@ def test_inventory_names_every_reader_of_a_weight(small_packages):
              for name, path in small_packages.items()}
     assert kinds == {"convtied": ["conv+conv_transpose"], "dw": ["conv", "conv(groups=960)", "conv"],
                      "tiedlm": ["gather+linear"]}
+    code, out, _ = run_cli("inspect", str(small_packages["tiedlm"]))
+    assert code == 0 and "gather+linear" in out
 
 
 def test_tied_lm_head_compresses_with_one_op_type_configured(small_packages, tmp_path):
