@@ -318,3 +318,25 @@ def test_plan_measurement_simulates_a_depthwise_conv_as_coremltools_emits_it():
     with apply_plan(model, {"dw.weight": "pal2/vec2", "pw.weight": "pal2/vec2"}) as results:
         assert results["dw.weight"].skipped and torch.equal(model.dw.weight.detach(), before)
         assert results["pw.weight"].skipped is None
+
+
+def test_every_trial_a_sweep_records_is_one_compress_emits(small_packages, tmp_path):
+    """Each scored (layer, spec) of a depthwise model compresses per layer, to exactly the trial's bytes;
+    each one coremltools would skip is a skipped trial instead."""
+    import shutil
+
+    from coreml_opt.compress import compress
+    from coreml_opt.plan import Plan
+    from coreml_opt.sensitivity.sweep import analyse
+
+    result = analyse(_Depthwise(), (1, 8, 4, 4), torch.rand(8, 8, 4, 4), metric="cosine", progress=False,
+                     candidates="int8,int4/block32,pal2/vec2,prune2:4,thresh0.01/min30")
+    assert {(s["layer"], s["spec"]) for s in result.skipped_trials} >= {
+        ("dw.weight", "pal2/vec2"), ("dw.weight", "prune2:4"), ("dw.weight", "thresh0.01/min30")}
+    assert result.trials
+    for trial in result.trials:
+        out = tmp_path / "o.mlpackage"
+        report = compress(small_packages["dw"], Plan.from_dict({"layers": {trial.layer: trial.spec}}), out)
+        (row,) = [w for w in report.weights if w.torch_name == trial.layer]
+        assert (row.compression != "fp16", row.bytes_after) == (True, trial.bytes), trial
+        shutil.rmtree(out)
