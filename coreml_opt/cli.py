@@ -140,6 +140,8 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
         report = result.report
         print(f"coreml-opt: wrote {result.output} ({report.bytes_before} -> {report.bytes_after} weight bytes, "
               f"{', '.join(report.passes) or 'no compression'})")
+        for name, reason in report.skipped.items():
+            print(f"coreml-opt: left {name} in fp16, as coremltools would: {reason}")
     return 0
 
 
