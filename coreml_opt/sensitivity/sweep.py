@@ -115,13 +115,13 @@ class SweepResult:
 def _skip_reason(layer: Layer, spec: Spec, weight: torch.Tensor, cache: SimCache, kmeans: str) -> str | None:
     """Why ``compress`` could not emit ``spec`` on ``layer`` (shape, readers, or values), or None.
 
-    Value-dependent skips (threshold pruning short of its minimum, unique mode over 256 values)
-    are found by simulating, which is cheap for those specs; the result stays in ``cache``."""
+    Value-dependent skips (threshold pruning short of its minimum, unique mode over 256 values) are
+    found by simulating the first step, as ``compress`` does: cheap (no k-means), and kept in ``cache``."""
     from ..plan import is_data_dependent
 
     problem = spec.shape_problem(layer.shape, layer.op_type)
     if problem is None and is_data_dependent(spec):
-        problem = cache.get(spec, weight, layer.op_type, kmeans).skipped
+        problem = cache.get(spec.parts[0], weight, layer.op_type, kmeans).skipped
     return problem
 
 
