@@ -340,3 +340,13 @@ def test_every_trial_a_sweep_records_is_one_compress_emits(small_packages, tmp_p
         (row,) = [w for w in report.weights if w.torch_name == trial.layer]
         assert (row.compression != "fp16", row.bytes_after) == (True, trial.bytes), trial
         shutil.rmtree(out)
+
+
+def test_readme_threshold_spec_on_the_digits_model_names_every_layer_it_leaves(example_mlpackage, tmp_path):
+    """The README's `thresh0.001/min30`: no digits layer reaches 30 %; each is named, none is an error."""
+    out = tmp_path / "o.mlpackage"
+    code, stdout, err = run_cli("compress", str(example_mlpackage), "--spec", "thresh0.001/min30", "-o", str(out))
+    assert code == 0, err
+    left = [line for line in stdout.splitlines() if line.startswith("left ")]
+    assert len(left) == 5 and all("minimum_sparsity_percentile 0.3" in line for line in left)
+    assert out.exists()
