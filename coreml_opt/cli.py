@@ -52,7 +52,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def inventory_rows(inventory) -> tuple[list[str], list[list]]:
     """Table headers and rows for an inventory (shared by inspect and the example job)."""
     headers = ["weight", "torch name", "op type", "op name", "shape", "params", "bytes", "bits/w", "compression"]
-    rows = [[w.name, w.torch_name, w.op_type, w.op_name, w.shape, w.params, w.bytes,
+    rows = [[w.name, w.torch_name, w.reader_type, w.op_name, w.shape, w.params, w.bytes,
              f"{8 * w.bytes / w.params:.2f}", w.compression] for w in inventory.weights]
     return headers, rows
 
@@ -93,10 +93,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"output": str(report.output), "passes": report.passes,
                           "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
-                          "bytes_predicted": report.bytes_predicted,
+                          "bytes_predicted": report.bytes_predicted, "skipped": report.skipped,
                           "weights": [w.__dict__ for w in report.weights]}, indent=2))
         return 0
     print(compression_table(report))
+    for name, reason in report.skipped.items():
+        print(f"left {name} in fp16, as coremltools would: {reason}")
     print(f"wrote {report.output} ({', '.join(report.passes) or 'no compression'})")
     return 0
 
@@ -141,6 +143,8 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
         report = result.report
         print(f"coreml-opt: wrote {result.output} ({report.bytes_before} -> {report.bytes_after} weight bytes, "
               f"{', '.join(report.passes) or 'no compression'})")
+        for name, reason in report.skipped.items():
+            print(f"coreml-opt: left {name} in fp16, as coremltools would: {reason}")
     return 0
 
 

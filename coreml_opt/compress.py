@@ -11,7 +11,7 @@ from .errors import PlanError
 from .model.inventory import Inventory
 from .model.package import atomic_output, check_package_output, load_package, normalize_package
 from .plan import Plan
-from .spec import Spec
+from .spec import NoneSpec, Spec
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class CompressionReport:
     weights: list[WeightResult]
     inventory_after: Inventory
     passes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # weight -> why a global/op-type spec left it fp16
 
     @property
     def bytes_before(self) -> int:
@@ -63,8 +64,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
+    skipped = _data_dependent_skips(loaded, resolved, plan.named_weights(before))
+    resolved.update({name: NoneSpec() for name in skipped})
     _check_finite_weights(loaded, resolved)
-    _check_data_dependent_skips(loaded, resolved)
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
                             resolved=resolved)
@@ -83,7 +85,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
                      predicted[w.name], after_by_name[w.name].compression)
         for w in before.weights
     ]
-    return CompressionReport(Path(output), rows, after, [p.function for p in passes])
+    for name, reason in skipped.items():
+        logger.info("%s left in fp16: %s", name, reason)
+    return CompressionReport(Path(output), rows, after, [p.function for p in passes], skipped)
 
 
 def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
@@ -103,29 +107,35 @@ def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
         check_finite(values, spec, "holds", weight=label)
         if not keeps_finite(spec):
             try:
-                default_cache().get(spec, values, weight.op_type)
+                default_cache().get(spec, values, weight.reader_type)
             except NonFiniteWeightError as exc:
                 raise exc.named(label) from None
 
 
-def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:
-    """Refuse, before any work, specs whose outcome depends on the values and that coremltools would skip
-    (threshold pruning short of its minimum sparsity, unique mode with over 256 values)."""
+def _data_dependent_skips(loaded, resolved: dict[str, Spec], named: set[str]) -> dict[str, str]:
+    """Weights coremltools would skip for their values (threshold pruning short of its minimum sparsity,
+    unique mode with over 256 values): {weight: reason} for those a global or op-type spec reaches;
+    a weight named under ``layers:`` is refused before any work (PlanError)."""
     import torch
 
     from .plan import is_data_dependent
     from .simulate import default_cache
 
+    out: dict[str, str] = {}
     for weight in loaded.inventory.weights:
         spec = resolved[weight.name]
         if not is_data_dependent(spec):
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        result = default_cache().get(spec.parts[0], values, weight.op_type)  # reused by the byte model
-        if result.skipped:
+        result = default_cache().get(spec.parts[0], values, weight.reader_type)  # reused by the byte model
+        if not result.skipped:
+            continue
+        if weight.name in named:
             raise PlanError(f"layer {weight.torch_name or weight.name} (spec {spec})",
                             f"coremltools would skip it: {result.skipped}",
                             "choose another spec for this layer or skip it in the plan")
+        out[weight.name] = f"{spec}: {result.skipped}"
+    return out
 
 
 def _check_applied(resolved: dict[str, Spec], after: Inventory, by: str = "coremltools") -> None:

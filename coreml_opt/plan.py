@@ -173,6 +173,11 @@ class Plan:
             resolved[w.name] = spec
         return resolved
 
+    def named_weights(self, inventory: Inventory) -> set[str]:
+        """Const names of the weights this plan names under ``layers:``/``skip:`` (a per-layer choice)."""
+        index = _name_index(inventory)
+        return {index[key] for key in self.layers if key in index}
+
     def _default_for(self, w: WeightInfo) -> tuple[str, Spec]:
         """Op-type then global spec; like coremltools, both apply only above the weight threshold."""
         if w.params <= self.weight_threshold:
@@ -201,7 +206,7 @@ class Plan:
                             f"reconvert with `coreml-opt convert --target iOS{spec.min_target}`")
         if w.compression != "fp16":
             raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
-        problem = spec.shape_problem(w.shape, w.op_type)
+        problem = spec.shape_problem(w.shape, w.reader_type)
         if problem:
             raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
                             "override this layer under `layers:` with a spec that fits it, or skip it")
@@ -219,7 +224,7 @@ class Plan:
         for w in inventory.weights:
             spec = resolved[w.name]
             values = weight_values(w.name) if weight_values is not None and is_data_dependent(spec) else None
-            out[w.name] = predicted_bytes(spec, w.shape, w.op_type, ios18_ops=ios18, weight=values)
+            out[w.name] = predicted_bytes(spec, w.shape, w.reader_type, ios18_ops=ios18, weight=values)
         return out
 
     # ---- coremltools configs ------------------------------------------------------------------
@@ -239,7 +244,7 @@ class Plan:
         resolved = resolved if resolved is not None else self.resolve(inventory)  # validates
         technique = self.single_technique()
         if technique is not None and lut_function is None:
-            return [CoreMLPass(dict(PASS_ORDER)[technique], self._mirrored_config(inventory))]
+            return [CoreMLPass(dict(PASS_ORDER)[technique], self._mirrored_config(inventory, resolved))]
         consumers = {w.name: [op_name for _, op_name in w.consumers] for w in inventory.weights}
         passes: list[CoreMLPass] = []
         for stage, function in PASS_ORDER:
@@ -257,16 +262,25 @@ class Plan:
                 passes.append(CoreMLPass(function, cto.OptimizationConfig(op_name_configs=configs), joint))
         return passes
 
-    def _mirrored_config(self, inventory: Inventory):
-        """A single-technique OptimizationConfig with the plan's own global/op-type/layer structure."""
+    def _mirrored_config(self, inventory: Inventory, resolved: dict[str, Spec]):
+        """A single-technique OptimizationConfig with the plan's own global/op-type/layer structure.
+
+        A weight read by several ops (tied embeddings, a conv and a conv_transpose) is named by its
+        const, which coremltools looks up first: its readers' op-type configs could otherwise differ
+        ("compression config conflict"). ``resolved`` is ``resolve(inventory)`` (one spec per weight)."""
         import coremltools.optimize.coreml as cto
 
         index = _name_index(inventory)  # callers have validated the plan with resolve()
+        names = {index[k]: s.coreml_config(0) for k, s in self.layers.items()}
+        for w in inventory.weights:  # shared weights, and weights a caller took out of a global/op-type spec
+            spec = resolved[w.name]
+            if len(w.consumers) > 1 or (spec.is_none and w.params > self.weight_threshold):
+                names[w.name] = None if spec.is_none else spec.coreml_config(0)
         return cto.OptimizationConfig(
             global_config=self.global_spec.coreml_config(self.weight_threshold)
             if self.global_spec is not None else None,
             op_type_configs={t: s.coreml_config(self.weight_threshold) for t, s in self.op_types.items()},
-            op_name_configs={index[k]: s.coreml_config(0) for k, s in self.layers.items()},
+            op_name_configs=names,
         )
 
     def coreml_yaml(self, inventory: Inventory) -> str:
@@ -274,8 +288,8 @@ class Plan:
         if self.single_technique() is None:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
-        self.resolve(inventory)  # refuse an invalid plan before exporting it
-        return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory)), sort_keys=False)
+        resolved = self.resolve(inventory)  # refuse an invalid plan before exporting it
+        return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory, resolved)), sort_keys=False)
 
 
 def is_data_dependent(spec: Spec) -> bool:

@@ -74,14 +74,64 @@ def _options(text: str, prefix_pattern: str) -> tuple[re.Match[str], list[str]] 
     return (match, options) if match else None
 
 
+_READER = re.compile(r"([a-z_]+)(?:\(groups=(\d+)\))?")
+
+
+def reader_key(readers: Sequence[tuple[str, int]]) -> str:
+    """One op-type key for a weight from every op that reads it, as ``(op type, conv groups)`` pairs.
+
+    A weight read by one ungrouped op keeps its op type (``conv``); grouped convs add their groups
+    (``conv(groups=960)``); a shared weight joins its distinct readers (``conv+conv_transpose``).
+    coremltools' skip rules depend on all of them (``select_input_output_channel_axis``,
+    ``is_cluster_dim_valid`` in ``coremltools/optimize/_utils.py``)."""
+    parts = sorted({f"{t}(groups={g})" if g and g > 1 else t for t, g in readers})
+    return "+".join(parts) if parts else "linear"
+
+
+def readers(op_type: str) -> list[tuple[str, int]]:
+    """The ``(op type, groups)`` pairs of a :func:`reader_key` (a plain op type gives one pair)."""
+    out = []
+    for part in op_type.split("+"):
+        match = _READER.fullmatch(part)
+        out.append((match.group(1), int(match.group(2) or 1)) if match else (part, 1))
+    return out
+
+
 def channel_axis(op_type: str) -> int:
-    """Output-channel axis coremltools uses for a weight consumed by ``op_type``."""
-    return 1 if op_type == "conv_transpose" else 0
+    """Output-channel axis coremltools uses for a weight consumed by ``op_type`` (a :func:`reader_key`)."""
+    return 1 if all(t == "conv_transpose" for t, _ in readers(op_type)) else 0
 
 
 def input_axis(op_type: str) -> int:
     """Input-channel axis (the axis blocks run along)."""
-    return 0 if op_type == "conv_transpose" else 1
+    return 0 if all(t == "conv_transpose" for t, _ in readers(op_type)) else 1
+
+
+def reader_problem(spec: "Spec", shape: Sequence[int], op_type: str) -> str | None:
+    """Why coremltools 9 skips ``spec`` on a weight because of the ops that read it, or None.
+
+    Mirrors ``select_input_output_channel_axis`` (readers needing different channel axes leave
+    quantization and palettization without block sizes) and ``is_cluster_dim_valid`` (vector
+    palettization of a grouped conv needs cluster_dim to divide the channels of each group)."""
+    ops = readers(op_type)
+    for part in spec.parts:
+        if part.technique not in ("quantize", "palettize"):
+            continue
+        if len({channel_axis(t) for t, _ in ops}) > 1:
+            names = " and ".join(sorted({t for t, _ in ops}))
+            return (f"the weight is shared by {names}, whose channel axes differ, so coremltools skips "
+                    f"quantization and palettization of it")
+        cluster_dim = getattr(part, "cluster_dim", 1)
+        if cluster_dim > 1 and len(shape) > 1:
+            axis = channel_axis(op_type)
+            for t, groups in ops:
+                if t in ("conv", "conv_transpose") and groups > 1:
+                    effective = list(shape)
+                    effective[0] //= groups
+                    if effective[axis] % cluster_dim:
+                        return (f"cluster_dim {cluster_dim} does not divide the {effective[axis]} channel(s) of "
+                                f"each group of the grouped {t} (groups={groups}), so coremltools skips it")
+    return None
 
 
 @register_spec
@@ -181,6 +231,8 @@ class QuantSpec(Spec):
         return OpLinearQuantizerConfig(**kwargs)
 
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        if problem := reader_problem(self, shape, op_type):
+            return problem
         if self.granularity == "per_block":
             axis = input_axis(op_type)
             if len(shape) <= axis or shape[axis] % self.block_size:
@@ -274,6 +326,8 @@ class PalettizeSpec(Spec):
         return OpPalettizerConfig(**kwargs)
 
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        if problem := reader_problem(self, shape, op_type):
+            return problem
         axis = channel_axis(op_type)
         channels = shape[axis] if len(shape) > axis else 1
         if self.group_size is not None and channels % self.group_size:
@@ -348,7 +402,7 @@ class PruneSpec(Spec):
                                        weight_threshold=weight_threshold)
 
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
-        if (self.block_size or self.n_m) and op_type not in ("conv", "linear"):
+        if (self.block_size or self.n_m) and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
             return f"block and n:m pruning apply to conv and linear weights only, not {op_type}"
         numel = math.prod(shape)
         if self.n_m is None and numel - 1 >= MAGNITUDE_PRUNE_MAX_INDEX:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .model.program import blob_storage_bytes
 from .spec import (JointSpec, LutQuantSpec, NoneSpec, PalettizeSpec, PruneSpec, QuantSpec, Spec,
-                   ThresholdPruneSpec, channel_axis)
+                   ThresholdPruneSpec, channel_axis, input_axis)
 
 INLINE_MAX_ELEMENTS = 9  # coremltools keeps tensors of < 10 elements inside the program
 
@@ -82,7 +82,7 @@ def _quant_param_count(spec: QuantSpec, ctx: WeightContext) -> int:
         return 1
     if spec.granularity == "per_channel":
         return ctx.channels
-    in_axis = 0 if ctx.op_type == "conv_transpose" else 1
+    in_axis = input_axis(ctx.op_type)
     return ctx.channels * (ctx.shape[in_axis] // spec.block_size)
 
 

@@ -141,10 +141,11 @@ def test_magnitude_pruning_of_weights_over_65520_values_is_refused():
     assert str(Plan.from_spec("prune2:4").resolve(inv)["fc_weight_to_fp16"]) == "prune2:4"
 
 
-def test_threshold_pruning_short_of_its_minimum_is_refused_before_compressing(example_mlpackage, tmp_path):
+def test_per_layer_threshold_pruning_short_of_its_minimum_is_refused_before_compressing(example_mlpackage, tmp_path):
+    """Named under `layers:` it is refused; a global one leaves such layers fp16 (test_shared_and_skipped_weights)."""
     out = tmp_path / "o.mlpackage"
     with pytest.raises(PlanError, match="coremltools would skip it"):
-        compress(example_mlpackage, Plan.from_spec("thresh0.0001/min50"), out)
+        compress(example_mlpackage, Plan.from_dict({"layers": {"features.3": "thresh0.0001/min50"}}), out)
     assert not out.exists()
 
 

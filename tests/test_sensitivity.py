@@ -197,7 +197,7 @@ def test_tied_weights_are_one_layer():
     data = torch.randint(0, 100, (32, 6)).float()
     result = analyse(_Tied(), (1, 6), data, metric="cosine", candidates="int8", progress=False)
     tied = next(l for l in result.layers if l.layer == "embed.weight")
-    assert tied.aliases == ("head.weight",) and tied.op_type == "gather"
+    assert tied.aliases == ("head.weight",) and tied.op_type == "gather+linear"
     assert [l.layer for l in result.layers] == ["embed.weight", "mid.weight"]
     assert len(result.trials) == 2
 

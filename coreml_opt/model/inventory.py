@@ -5,6 +5,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+from ..spec import reader_key
 from .program import Op, Program
 
 COMPRESSED_SUFFIX = re.compile(r"(_(palettized|quantized|sparsified)(_pcs)?)+$")
@@ -24,6 +25,12 @@ class WeightInfo:
     compression: str
     torch_name: str | None = None
     consumers: list[tuple[str, str]] = field(default_factory=list)  # (op_type, op_name) of every reader
+    readers: str = ""  # spec.reader_key of every reader: "conv", "conv(groups=960)", "conv+conv_transpose"
+
+    @property
+    def reader_type(self) -> str:
+        """The op-type key coremltools' skip rules see for this weight (all readers, conv groups)."""
+        return self.readers or self.op_type
 
     @property
     def params(self) -> int:
@@ -116,6 +123,7 @@ def build_inventory(program: Program, spec_version: int, torch_names: dict[str, 
     """List every weight (rank >= 2, stored in the weight file) that feeds a compute op."""
     torch_names = torch_names or {}
     weights: dict[str, WeightInfo] = {}
+    read_by: dict[str, list[tuple[str, int]]] = {}
     owned: set[int] = set()
     for op in program.ops:
         if op.type == "const" or op.type.startswith("constexpr_"):
@@ -131,19 +139,30 @@ def build_inventory(program: Program, spec_version: int, torch_names: dict[str, 
                 blobs = [b for o in chain for b in o.blobs]
                 if not blobs:
                     continue
+                reader = (op.type, _groups(program, op))
                 if var in weights:
                     weights[var].consumers.append((op.type, op.name))
+                    read_by[var].append(reader)
+                    weights[var].readers = reader_key(read_by[var])
                     continue
+                read_by[var] = [reader]
                 name = COMPRESSED_SUFFIX.sub("", var)
                 owned.update(b.offset for b in blobs)
                 weights[var] = WeightInfo(
                     name=name, var=var, op_type=op.type, op_name=op.name, shape=producer.output_shape,
                     bytes=sum(b.storage_bytes for b in blobs), compression=_describe(program, chain, producer.output_shape),
-                    torch_name=torch_names.get(name), consumers=[(op.type, op.name)],
+                    torch_name=torch_names.get(name), consumers=[(op.type, op.name)], readers=reader_key([reader]),
                 )
     all_blobs = {b.offset: b for o in program.ops for b in o.blobs}
     other = sum(b.storage_bytes for off, b in all_blobs.items() if off not in owned)
     return Inventory(list(weights.values()), _ios_version(spec_version), other)
+
+
+def _groups(program: Program, op: Op) -> int:
+    """A conv's or conv_transpose's ``groups`` (1 for other ops or when not an inline const)."""
+    names = op.inputs.get("groups", []) if op.type in ("conv", "conv_transpose") else []
+    producer = program.producers.get(names[0]) if names else None
+    return int(producer.ints[0]) if producer is not None and producer.ints else 1
 
 
 def _ios_version(spec_version: int) -> int:

@@ -46,6 +46,7 @@ class Op:
     output_dtype: str
     inputs: dict[str, list[str]] = field(default_factory=dict)  # input -> producer var names
     blobs: list[Blob] = field(default_factory=list)
+    ints: tuple[int, ...] = ()  # an inline integer const's values (e.g. a conv's groups)
 
 
 @dataclass
@@ -129,6 +130,8 @@ def read_program(spec, weight_file: bytes) -> Program:
                     blob = _blob(input_name, argument.value, weight_file)
                     if blob is not None:
                         op.blobs.append(blob)
+        if proto_op.type == "const" and "val" in proto_op.attributes:
+            op.ints = tuple(proto_op.attributes["val"].immediateValue.tensor.ints.values)
         for attr_name, value in proto_op.attributes.items():
             blob = _blob(attr_name, value, weight_file)
             if blob is not None:

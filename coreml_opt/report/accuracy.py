@@ -6,6 +6,7 @@ import math
 from typing import Any, Mapping
 
 from ..planning.pareto import front_png
+from ..spec import readers
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def plan_specs(report, problem) -> dict[str, str]:
         spec = report.specs.get(info.coreml_name or "") or next(
             (str(plan.layers[k]) for k in (info.layer, module, info.coreml_name) if k in plan.layers), None)
         if spec is None:
-            spec = str(plan.op_types.get(info.op_type) or plan.global_spec or "none")
+            by_type = next((plan.op_types[t] for t, _ in readers(info.op_type) if t in plan.op_types), None)
+            spec = str(by_type or plan.global_spec or "none")
         out[info.layer] = spec
     return out
 

@@ -112,7 +112,7 @@ class RunReport:
 def fp16_view(inventory: Inventory) -> Inventory:
     """The inventory the model had before compression: same weights, fp16 bytes from the byte model."""
     ios18 = inventory.deployment_target >= 18
-    weights = [replace(w, compression="fp16", bytes=predicted_bytes("none", w.shape, w.op_type, ios18_ops=ios18))
+    weights = [replace(w, compression="fp16", bytes=predicted_bytes("none", w.shape, w.reader_type, ios18_ops=ios18))
                for w in inventory.weights]
     return Inventory(weights, inventory.deployment_target, inventory.other_bytes)
 
@@ -161,7 +161,7 @@ def _resolve_specs(report: RunReport) -> list[UsedSpec]:
             report.notes.append(f"the plan does not fit the packages found ({exc}); specs shown as the plan names them")
         else:
             report.specs = {name: str(spec) for name, spec in resolved.items()}
-            return [UsedSpec(w.torch_name or w.name, w.op_type, w.shape, resolved[w.name]) for w in base.weights]
+            return [UsedSpec(w.torch_name or w.name, w.reader_type, w.shape, resolved[w.name]) for w in base.weights]
     layers = {row["layer"]: row for row in (report.sweep or {}).get("layers", [])}
     used = []
     for name, spec in report.plan.layers.items():

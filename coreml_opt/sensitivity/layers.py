@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from ..model.convert import const_name
-from ..simulate import infer_op_type
+from ..simulate.apply import WEIGHT_MODULES, weight_readers
 from ..storage import predicted_bytes
 
 DEFAULT_WEIGHT_THRESHOLD = 2048
-_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class Layer:
 
     layer: str  # torch parameter path, e.g. "features.3.weight"
     coreml_name: str  # e.g. "features_3_weight_to_fp16"
-    op_type: str  # "conv" | "conv_transpose" | "linear" | "gather"
+    op_type: str  # spec.reader_key of the modules reading it: "conv", "conv(groups=960)", "gather+linear"
     shape: tuple[int, ...]
     params: int
     fp16_bytes: int
@@ -48,7 +47,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
     by_tensor: dict[int, list[tuple[str, nn.Module]]] = {}
     order: list[int] = []
     for module_path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, _WEIGHT_MODULES):
+        if not isinstance(module, WEIGHT_MODULES):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
@@ -66,7 +65,7 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
         weight = module.weight
         if not include_all and weight.numel() <= weight_threshold:
             continue
-        op_type = infer_op_type(module)
+        op_type = weight_readers(model, weight)
         shape = tuple(int(d) for d in weight.shape)
         layers.append(Layer(path, const_name(path), op_type, shape, int(weight.numel()),
                             predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),

@@ -116,6 +116,19 @@ class SweepResult:
         return {**self.sweep_dict(), "trials": [t.to_dict() for t in self.trials]}
 
 
+def _skip_reason(layer: Layer, spec: Spec, weight: torch.Tensor, cache: SimCache, kmeans: str) -> str | None:
+    """Why ``compress`` could not emit ``spec`` on ``layer`` (shape, readers, or values), or None.
+
+    Value-dependent skips (threshold pruning short of its minimum, unique mode over 256 values) are
+    found by simulating the first step, as ``compress`` does: cheap (no k-means), and kept in ``cache``."""
+    from ..plan import is_data_dependent
+
+    problem = spec.shape_problem(layer.shape, layer.op_type)
+    if problem is None and is_data_dependent(spec):
+        problem = cache.get(spec.parts[0], weight, layer.op_type, kmeans).skipped
+    return problem
+
+
 def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
                        target: str) -> tuple[list[Spec], list[dict[str, str]]]:
     """Parsed candidates; the default ladder drops (and reports) specs the target cannot run."""
@@ -201,11 +214,12 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     done = store.finished()
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
+    cache = SimCache()
     plan: list[tuple[Layer, Spec]] = []
     skipped_trials: list[dict[str, str]] = []
     for layer in layers:
         for spec in specs:
-            problem = spec.shape_problem(layer.shape, layer.op_type)
+            problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
             if problem:
                 skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
             else:
@@ -215,7 +229,6 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     ran = 0
     new_keys: set[tuple[str, str]] = set()
     unemittable: set[tuple[str, str]] = set()  # trials whose simulated weight holds NaN/inf
-    cache = SimCache()
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..spec import Spec, parse_spec
+from ..spec import Spec, parse_spec, reader_key
 from .cache import SimCache, default_cache
 from .core import SimResult
 from .finite import NonFiniteWeightError
@@ -21,12 +21,23 @@ _OP_TYPES: tuple[tuple[type, str], ...] = (
 )
 
 
+WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
+
+
 def infer_op_type(module: nn.Module) -> str:
     """The Core ML op that consumes a module's weight after conversion (Linear -> linear, ...)."""
     for cls, op_type in _OP_TYPES:
         if isinstance(module, cls):
             return op_type
     return "linear"
+
+
+def weight_readers(model: nn.Module, weight: torch.Tensor) -> str:
+    """``spec.reader_key`` of every conv/linear/embedding module of ``model`` holding ``weight`` (tied
+    weights have several; grouped convs add their groups), as coremltools' skip rules see it after conversion."""
+    found = [(infer_op_type(m), getattr(m, "groups", 1)) for m in model.modules()
+             if isinstance(m, WEIGHT_MODULES) and getattr(m, "weight", None) is weight]
+    return reader_key(found)
 
 
 def _parameter(model: nn.Module, path: str) -> tuple[nn.Parameter, nn.Module]:
@@ -49,7 +60,8 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
         for path, spec in assignments.items():
             spec = parse_spec(spec)
             param, module = _parameter(model, path)
-            op_type = (op_types or {}).get(path) or infer_op_type(module)
+            op_type = (op_types or {}).get(path) or (weight_readers(model, param) if isinstance(module, WEIGHT_MODULES)
+                                                     else infer_op_type(module))
             try:
                 result = cache.get(spec, param.detach(), op_type, kmeans)
             except NonFiniteWeightError as exc:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from ..spec import Spec, parse_spec
+from ..spec import Spec, parse_spec, reader_problem
 from .finite import check_finite
 from .numerics import to_fp16_values
 
@@ -77,6 +77,8 @@ def simulate(spec: Spec | str, weight: torch.Tensor, op_type: str = "linear", *,
     w16 = to_fp16_values(weight)
     if spec.is_none:
         return handler_for(spec)(spec, w16, op_type, kmeans)
+    if problem := reader_problem(spec, tuple(w16.shape), op_type):
+        return skipped(w16, problem, spec)
     check_finite(weight.detach(), spec, "holds")
     check_finite(w16, spec, "fp16")
     result = handler_for(spec)(spec, w16, op_type, kmeans)

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ..spec import PruneSpec, ThresholdPruneSpec
+from ..spec import PruneSpec, ThresholdPruneSpec, readers
 from .core import SimResult, register_handler, skipped
 from .numerics import fp16_scalar, h, kth_smallest_getter, numpy_percentile_fp16
 
@@ -82,7 +82,7 @@ def prune_values(spec: PruneSpec | ThresholdPruneSpec, w16: torch.Tensor, op_typ
         if sparsity < spec.minimum_sparsity_percentile:
             return f"sparsity {sparsity:.3f} < minimum_sparsity_percentile {spec.minimum_sparsity_percentile}"
         return pruned
-    if (spec.n_m or spec.block_size) and op_type not in ("conv", "linear"):
+    if (spec.n_m or spec.block_size) and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
         return f"block and n:m pruning apply to conv and linear weights, not {op_type}"
     if spec.n_m is not None:
         if w16.dim() not in (2, 3, 4, 5):

@@ -97,7 +97,8 @@ def _data_free(stage: StageConfig, ctx: StageContext, output: Path) -> StageOutc
     plan = dataclasses.replace(ctx.plan, kmeans=stage.options.get("kmeans", ctx.plan.kmeans))
     report = compress(ctx.base_package, plan, output)
     model = package_weights_model(output, ctx.reference)
-    return StageOutcome("coremltools", output, report.inventory_after, ctx.evaluate(model),
+    notes = [f"left {name} in fp16, as coremltools would: {why}" for name, why in report.skipped.items()]
+    return StageOutcome("coremltools", output, report.inventory_after, ctx.evaluate(model), notes=notes,
                         extra={"passes": report.passes, "bytes_predicted": report.bytes_predicted})
 
 
