@@ -64,9 +64,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     loaded = load_package(model)
     before = loaded.inventory
     resolved = plan.resolve(before)
+    _check_finite_weights(loaded, resolved)
     skipped = _data_dependent_skips(loaded, resolved, plan.named_weights(before))
     resolved.update({name: NoneSpec() for name in skipped})
-    _check_finite_weights(loaded, resolved)
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
                             resolved=resolved)
