@@ -60,6 +60,10 @@ def _fast_lut_function(spec: Spec) -> Callable:
 def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) -> CompressionReport:
     """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed."""
     loaded = load_package(model)
+    if loaded.multifunction:
+        raise PlanError(str(model), f"is a multifunction package (functions {', '.join(loaded.program.functions)}); "
+                        "coremltools' compression passes refuse such models",
+                        "compress each source model first, then combine them with coremltools.utils.save_multifunction")
     before = loaded.inventory
     resolved = plan.resolve(before)
     _check_data_dependent_skips(loaded, resolved)
@@ -113,9 +117,9 @@ def _check_applied(resolved: dict[str, Spec], after: Inventory) -> None:
         weight = after_by_name.get(name)
         if weight is None:
             raise PlanError(f"weight {name!r}", "disappeared from the compressed model", "report this as a bug")
-        if not spec.is_none and weight.compression == "fp16":
+        if not spec.is_none and not weight.is_compressed:
             raise PlanError(f"weight {name!r} (spec {spec})", "was skipped by coremltools",
                             "choose another spec for this layer or skip it in the plan")
-        if spec.is_none and weight.compression != "fp16":
+        if spec.is_none and weight.is_compressed:
             raise PlanError(f"weight {name!r}", f"was compressed ({weight.compression}) though the plan skips it",
                             "report this as a bug")

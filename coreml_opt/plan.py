@@ -190,7 +190,7 @@ class Plan:
             raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the model was converted for "
                             f"iOS{inventory.deployment_target}",
                             f"reconvert with `coreml-opt convert --target iOS{spec.min_target}`")
-        if w.compression != "fp16":
+        if w.is_compressed:
             raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
         problem = spec.shape_problem(w.shape, w.op_type)
         if problem:

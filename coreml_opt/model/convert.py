@@ -175,7 +175,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def weight_consts(mlmodel: ct.models.MLModel) -> dict[str, tuple[int, ...]]:
-    """Core ML const names stored in the weight file (blobFileValue) -> shape, in program order."""
+    """Core ML const names stored in the weight file (blobFileValue) -> shape, in program order.
+
+    Names are the const ops' own names: coremltools names compressed ops after them, and
+    ``op_name_configs`` matches them (the output variable differs when coremltools sanitised a
+    name, e.g. ``op_0_weight_to_fp16`` writing ``var_0_weight_to_fp16``)."""
     spec = mlmodel.get_spec()
     if not spec.HasField("mlProgram"):
         raise ModelError("model", "is not an ML Program", "convert with convert_to='mlprogram'")
@@ -187,9 +191,10 @@ def weight_consts(mlmodel: ct.models.MLModel) -> dict[str, tuple[int, ...]]:
                     continue
                 if op.attributes["val"].WhichOneof("value") != "blobFileValue":
                     continue
+                names = op.attributes["name"].immediateValue.tensor.strings.values if "name" in op.attributes else []
                 for output in op.outputs:
                     dims = output.type.tensorType.dimensions
-                    out[output.name] = tuple(int(d.constant.size) for d in dims)
+                    out[names[0] if names else output.name] = tuple(int(d.constant.size) for d in dims)
     return out
 
 
@@ -203,18 +208,35 @@ def const_name(param_path: str) -> str:
     return param_path.replace(".", "_") + CONST_SUFFIXES[0]
 
 
+def _candidates(name: str) -> list[str]:
+    """``name`` and the forms coremltools' name sanitiser gives it as a variable and as an op
+    (``0_weight_to_fp16`` -> ``var_0_weight_to_fp16``, ``op_0_weight_to_fp16``): a top-level
+    ``nn.Sequential`` has parameter paths that start with a digit."""
+    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
+
+    out = [name]
+    for prefix in ("var_", "op_"):
+        sanitized = NameSanitizer(prefix=prefix).sanitize_name(name)
+        if sanitized not in out:
+            out.append(sanitized)
+    return out
+
+
 def find_const(param_path: str, shape: tuple[int, ...], const_shapes: Mapping[str, tuple[int, ...]],
                allow_renamed: bool = False) -> str | None:
     """The const of ``const_shapes`` (name -> shape) holding a torch parameter, matched by name and shape.
 
+    Names are tried as traced and as coremltools sanitises them (``op_``/``var_`` prefixes).
     ``allow_renamed`` also accepts names that extend it (``..._to_fp16_palettized`` after a compression pass)."""
     base = param_path.replace(".", "_")
     for suffix in CONST_SUFFIXES:
-        if tuple(const_shapes.get(base + suffix, ())) == tuple(shape):
-            return base + suffix
+        for name in _candidates(base + suffix):
+            if tuple(const_shapes.get(name, ())) == tuple(shape):
+                return name
     if allow_renamed:
+        stems = [stem + "_" for stem in _candidates(base)]
         return next((name for name, s in const_shapes.items()
-                     if name.startswith(base + "_") and tuple(s) == tuple(shape)), None)
+                     if name.startswith(tuple(stems)) and tuple(s) == tuple(shape)), None)
     return None
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from .program import Op, Program
 
 COMPRESSED_SUFFIX = re.compile(r"(_(palettized|quantized|sparsified)(_pcs)?)+$")
+FLOAT_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32"}  # MIL float type -> the label of an uncompressed weight
 _NBITS_BY_DTYPE = {"UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "INT4": 4, "UINT6": 6, "UINT8": 8, "INT8": 8}
 
 
@@ -15,7 +16,7 @@ _NBITS_BY_DTYPE = {"UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "INT4": 4, "U
 class WeightInfo:
     """One compressible weight as stored in the package."""
 
-    name: str  # the weight's original const name, e.g. fc_weight_to_fp16
+    name: str  # the weight's original const op name, e.g. fc_weight_to_fp16 (``function/...`` outside main)
     var: str  # the variable the consumer reads (name after compression)
     op_type: str
     op_name: str
@@ -24,10 +25,16 @@ class WeightInfo:
     compression: str
     torch_name: str | None = None
     consumers: list[tuple[str, str]] = field(default_factory=list)  # (op_type, op_name) of every reader
+    dtype: str = "fp16"  # the float type the weight is stored in or decompresses to: fp16 or fp32
 
     @property
     def params(self) -> int:
         return int(math.prod(self.shape))
+
+    @property
+    def is_compressed(self) -> bool:
+        """False for a plain fp16/fp32 const."""
+        return self.compression not in FLOAT_DTYPES.values()
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -71,7 +78,7 @@ class Inventory:
         }
 
 
-def _describe(program: Program, chain: list[Op], shape: tuple[int, ...]) -> str:
+def _describe(program: Program, chain: list[Op], shape: tuple[int, ...], dtype: str) -> str:
     """Human-readable compression of a weight from the constexpr ops that build it."""
     numel = math.prod(shape) if shape else 1
     sparse = palette = quant = ""
@@ -93,7 +100,7 @@ def _describe(program: Program, chain: list[Op], shape: tuple[int, ...]) -> str:
                 dtype = data.dtype.lower() if data is not None else "int8"
                 quant = f"lut quantized {dtype}" if feeds_lut else f"quantized {dtype}"
     parts = [p for p in (sparse, palette, quant) if p]
-    return " + ".join(parts) if parts else "fp16"
+    return " + ".join(parts) if parts else dtype
 
 
 def _describe_palette(blobs: dict, numel: int) -> str:
@@ -113,9 +120,14 @@ def _describe_palette(blobs: dict, numel: int) -> str:
 
 
 def build_inventory(program: Program, spec_version: int, torch_names: dict[str, str] | None = None) -> Inventory:
-    """List every weight (rank >= 2, stored in the weight file) that feeds a compute op."""
+    """List every weight (rank >= 2, stored in the weight file) that feeds a compute op.
+
+    A weight is named by its const op (``op_name_configs`` matches it and coremltools names the
+    compressed ops after it). Functions sharing the same blobs (``save_multifunction`` dedups
+    identical consts) share one entry, so shared bytes are counted once."""
     torch_names = torch_names or {}
     weights: dict[str, WeightInfo] = {}
+    by_blobs: dict[tuple[int, ...], WeightInfo] = {}
     owned: set[int] = set()
     for op in program.ops:
         if op.type == "const" or op.type.startswith("constexpr_"):
@@ -131,19 +143,24 @@ def build_inventory(program: Program, spec_version: int, torch_names: dict[str, 
                 blobs = [b for o in chain for b in o.blobs]
                 if not blobs:
                     continue
-                if var in weights:
-                    weights[var].consumers.append((op.type, op.name))
+                key = tuple(sorted(b.offset for b in blobs))
+                known = weights.get(var) or by_blobs.get(key)
+                if known is not None:
+                    known.consumers.append((op.type, op.name))
                     continue
-                name = COMPRESSED_SUFFIX.sub("", var)
-                owned.update(b.offset for b in blobs)
-                weights[var] = WeightInfo(
+                name = COMPRESSED_SUFFIX.sub("", producer.name)
+                dtype = FLOAT_DTYPES.get(producer.output_dtype, "fp16")
+                owned.update(key)
+                weights[var] = by_blobs[key] = WeightInfo(
                     name=name, var=var, op_type=op.type, op_name=op.name, shape=producer.output_shape,
-                    bytes=sum(b.storage_bytes for b in blobs), compression=_describe(program, chain, producer.output_shape),
-                    torch_name=torch_names.get(name), consumers=[(op.type, op.name)],
+                    bytes=sum(b.storage_bytes for b in blobs),
+                    compression=_describe(program, chain, producer.output_shape, dtype),
+                    torch_name=torch_names.get(name) or torch_names.get(COMPRESSED_SUFFIX.sub("", var)),
+                    consumers=[(op.type, op.name)], dtype=dtype,
                 )
     all_blobs = {b.offset: b for o in program.ops for b in o.blobs}
     other = sum(b.storage_bytes for off, b in all_blobs.items() if off not in owned)
-    return Inventory(list(weights.values()), _ios_version(spec_version), other)
+    return Inventory(list(by_blobs.values()), _ios_version(spec_version), other)
 
 
 def _ios_version(spec_version: int) -> int:

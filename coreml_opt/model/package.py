@@ -35,6 +35,7 @@ class LoadedModel:
     mlmodel: object  # coremltools.models.MLModel
     program: Program
     inventory: Inventory
+    multifunction: bool = False  # saved by save_multifunction: coremltools' compression passes refuse it
 
     @property
     def torch_names(self) -> dict[str, str]:
@@ -122,6 +123,7 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
     if kind != "mlProgram":
         raise ModelError(str(path), f"is a {kind or 'empty'} model, not an ML Program",
                          "reconvert with convert_to='mlprogram' (e.g. `coreml-opt convert`)")
+    _check_functions(proto_path, spec)
     weights_path = weight_file_path(path)
     weights = weights_path.read_bytes() if weights_path.is_file() else b""
     try:
@@ -132,7 +134,21 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
     _check_blobs(path, program, weights)
     mlmodel = MLModel(str(path), skip_model_load=True) if load_weights else None
     inventory = build_inventory(program, spec.specificationVersion, read_torch_names(spec))
-    return LoadedModel(path, mlmodel, program, inventory)
+    return LoadedModel(path, mlmodel, program, inventory, bool(spec.description.functions) or program.is_multifunction)
+
+
+def _check_functions(proto_path: Path, spec) -> None:
+    """Refuse a program with no function or a function of several blocks (opset specialisations)."""
+    functions = spec.mlProgram.functions
+    if not functions:
+        raise ModelError(str(proto_path), "holds an ML Program with no function", "re-save the model with coremltools")
+    for name in functions:
+        function = functions[name]
+        blocks = sorted(function.block_specializations.keys())
+        if blocks != [function.opset]:
+            raise ModelError(str(proto_path), f"function {name!r} has blocks {blocks} for its opset "
+                             f"{function.opset!r}; coreml-opt reads exactly one block per function",
+                             "re-export the model with one block per function (coremltools 9 writes one)")
 
 
 def inventory_of(mlmodel) -> Inventory:

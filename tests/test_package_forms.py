@@ -1,0 +1,168 @@
+"""Every package form coremltools 9 writes is read whole, or refused in one line before any work.
+
+Forms: a top-level ``nn.Sequential`` (names sanitised to ``op_0_…``/``var_0_…``), a package saved by
+``coremltools.utils.save_multifunction`` (several functions, or one not named ``main``), and a
+function of several blocks. Compressed packages must hold exactly the predicted bytes and the
+simulated weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_cli
+from coreml_opt.compress import compress
+from coreml_opt.model.package import load_package
+from coreml_opt.plan import Plan
+from coreml_opt.simulate import simulate
+
+
+def _seeded(module: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return module.eval()
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(scope="session")
+def sequential_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    from coreml_opt.model.convert import convert
+
+    model = _seeded(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)), 1)
+    path = tmp_path_factory.mktemp("forms") / "seq.mlpackage"
+    convert(model, (1, 64), output_path=path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def function_packages(tmp_path_factory) -> dict[str, Path]:
+    """Two single-function packages (different weights) and the multifunction packages made of them."""
+    import coremltools as ct
+
+    from coreml_opt.model.convert import convert
+
+    folder = tmp_path_factory.mktemp("functions")
+    out = {}
+    for label, seed in (("a", 2), ("b", 3)):
+        out[label] = folder / f"{label}.mlpackage"
+        convert(_seeded(TwoLinear(), seed), (1, 64), output_path=out[label])
+    for label, functions in (("two", [("a", "main"), ("b", "other")]), ("shared", [("a", "main"), ("a", "again")]),
+                             ("renamed", [("a", "classify")])):
+        desc = ct.utils.MultiFunctionDescriptor()
+        for source, name in functions:
+            desc.add_function(str(out[source]), src_function_name="main", target_function_name=name)
+        desc.default_function_name = functions[0][1]
+        out[label] = folder / f"{label}.mlpackage"
+        ct.utils.save_multifunction(desc, str(out[label]))
+    return out
+
+
+# ---------------------------------------------------------------- (a) top-level nn.Sequential
+
+def test_sequential_weights_are_named_by_const_op_and_mapped_to_torch(sequential_package):
+    path, _ = sequential_package
+    inventory = load_package(path, load_weights=False).inventory
+    assert [(w.name, w.torch_name) for w in inventory.weights] == [
+        ("op_0_weight_to_fp16", "0.weight"), ("op_2_weight_to_fp16", "2.weight")]
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "pal4", "prune50"])
+def test_sequential_compresses_to_predicted_bytes_and_simulated_weights(sequential_package, tmp_path, spec_text):
+    path, model = sequential_package
+    report = compress(path, Plan.from_spec(spec_text), tmp_path / "out.mlpackage")
+    assert report.bytes_after == report.bytes_predicted
+    assert [w.torch_name for w in report.inventory_after.weights] == ["0.weight", "2.weight"]
+    emitted = _decompressed(tmp_path / "out.mlpackage")
+    for w in report.weights:
+        ours = simulate(spec_text, model.get_parameter(w.torch_name).detach(), "linear").weight.numpy()
+        np.testing.assert_array_equal(ours, emitted[w.name])
+
+
+def test_sequential_layer_override_reaches_coremltools(sequential_package, tmp_path):
+    path, _ = sequential_package
+    plan = Plan.from_dict({"global": "int8", "layers": {"0.weight": "int4/block32"}})
+    report = compress(path, plan, tmp_path / "out.mlpackage")
+    kinds = {w.torch_name: w.compression for w in report.inventory_after.weights}
+    assert kinds == {"0.weight": "quantized int4", "2.weight": "quantized int8"}
+    assert report.bytes_after == report.bytes_predicted
+
+
+def _decompressed(package: Path) -> dict[str, np.ndarray]:
+    """Const op name -> the value coremltools decompresses each conv/linear weight to."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    from coreml_opt.model.inventory import COMPRESSED_SUFFIX
+
+    program = cto.decompress_weights(ct.models.MLModel(str(package), skip_model_load=True))._mil_program
+    return {COMPRESSED_SUFFIX.sub("", op.inputs["weight"].op.name): np.asarray(op.inputs["weight"].val, np.float32)
+            for op in program.functions["main"].operations if op.op_type in ("linear", "conv")}
+
+
+# ---------------------------------------------------------------- (c) several functions
+
+def test_multifunction_inventory_lists_every_function(function_packages):
+    single = load_package(function_packages["a"], load_weights=False).inventory
+    loaded = load_package(function_packages["two"], load_weights=False)
+    names = [w.name for w in loaded.inventory.weights]
+    assert names == ["fc1_weight_to_fp16", "fc2_weight_to_fp16", "other/fc1_weight_to_fp16", "other/fc2_weight_to_fp16"]
+    assert loaded.inventory.total_bytes == 2 * single.total_bytes
+    assert loaded.program.functions == ["main", "other"] and loaded.multifunction
+
+
+def test_multifunction_shared_consts_are_counted_once(function_packages):
+    single = load_package(function_packages["a"], load_weights=False).inventory
+    shared = load_package(function_packages["shared"], load_weights=False).inventory
+    assert [w.name for w in shared.weights] == [w.name for w in single.weights]
+    assert shared.total_bytes == single.total_bytes
+    assert [len(w.consumers) for w in shared.weights] == [2, 2]
+
+
+def test_single_function_not_named_main_is_read(function_packages):
+    inventory = load_package(function_packages["renamed"], load_weights=False).inventory
+    assert [w.name for w in inventory.weights] == ["fc1_weight_to_fp16", "fc2_weight_to_fp16"]
+    assert inventory.total_bytes == load_package(function_packages["a"], load_weights=False).inventory.total_bytes
+
+
+@pytest.mark.parametrize("label", ["two", "renamed"])
+def test_compress_refuses_multifunction_package_in_one_line(function_packages, tmp_path, label):
+    out = tmp_path / "out.mlpackage"
+    code, stdout, stderr = run_cli("compress", str(function_packages[label]), "--spec", "int8", "-o", str(out))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "multifunction package" in lines[0] and str(function_packages[label]) in lines[0]
+    assert "Traceback" not in stderr and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_function_of_several_blocks_is_refused_in_one_line(function_packages, tmp_path):
+    import shutil
+
+    from coremltools.proto import Model_pb2
+
+    from coreml_opt.model.package import _model_proto_path
+
+    package = tmp_path / "blocks.mlpackage"
+    shutil.copytree(function_packages["a"], package)
+    proto_path = _model_proto_path(package)
+    spec = Model_pb2.Model()
+    spec.ParseFromString(proto_path.read_bytes())
+    function = spec.mlProgram.functions["main"]
+    function.block_specializations["CoreML9"].CopyFrom(function.block_specializations[function.opset])
+    proto_path.write_bytes(spec.SerializeToString())
+    code, stdout, stderr = run_cli("inspect", str(package))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "one block per function" in stderr
