@@ -65,6 +65,10 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
                         "coremltools' compression passes refuse such models",
                         "compress each source model first, then combine them with coremltools.utils.save_multifunction")
     before = loaded.inventory
+    fp32 = [w.name for w in before.weights if w.dtype == "fp32"]
+    if fp32 and plan.kmeans == "fast":
+        raise PlanError(f"kmeans: fast (model {model})", f"clusters fp16 values, and {fp32[0]} is stored in fp32",
+                        "use kmeans: exact for a package converted with compute_precision=FLOAT32")
     resolved = plan.resolve(before)
     _check_data_dependent_skips(loaded, resolved)
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
@@ -103,7 +107,8 @@ def _check_data_dependent_skips(loaded, resolved: dict[str, Spec]) -> None:
         if not is_data_dependent(spec):
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        result = default_cache().get(spec.parts[0], values, weight.op_type)  # reused by the byte model
+        result = default_cache().get(spec.parts[0], values, weight.op_type,  # reused by the byte model
+                                     precision=weight.dtype)
         if result.skipped:
             raise PlanError(f"layer {weight.torch_name or weight.name} (spec {spec})",
                             f"coremltools would skip it: {result.skipped}",

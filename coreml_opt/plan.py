@@ -210,7 +210,8 @@ class Plan:
         for w in inventory.weights:
             spec = resolved[w.name]
             values = weight_values(w.name) if weight_values is not None and is_data_dependent(spec) else None
-            out[w.name] = predicted_bytes(spec, w.shape, w.op_type, ios18_ops=ios18, weight=values)
+            out[w.name] = predicted_bytes(spec, w.shape, w.op_type, ios18_ops=ios18, weight=values,
+                                          precision=w.dtype)
         return out
 
     # ---- coremltools configs ------------------------------------------------------------------

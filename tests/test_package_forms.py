@@ -166,3 +166,49 @@ def test_function_of_several_blocks_is_refused_in_one_line(function_packages, tm
     proto_path.write_bytes(spec.SerializeToString())
     code, stdout, stderr = run_cli("inspect", str(package))
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "one block per function" in stderr
+
+
+# ---------------------------------------------------------------- (b) fp32 weights
+
+FP32_SPECS = ["int8", "int4/block32", "uint8/asym", "pal8", "pal4/g16", "pal4/pcs", "pal2/vec2", "pal4/uniform",
+              "prune50", "prune2:4", "thresh0.05", "prune50+pal4", "pal4+lut8", "prune2:4+int4/block16"]
+
+
+@pytest.fixture(scope="session")
+def fp32_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """A package converted with ``compute_precision=FLOAT32``: its weights are fp32 consts."""
+    import coremltools as ct
+
+    model = _seeded(TwoLinear(), 4)
+    traced = torch.jit.trace(model, torch.rand(1, 64))
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 64))], convert_to="mlprogram",
+                         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT32)
+    path = tmp_path_factory.mktemp("fp32") / "fp32.mlpackage"
+    mlmodel.save(str(path))
+    return path, model
+
+
+def test_fp32_weights_are_labelled_fp32(fp32_package):
+    inventory = load_package(fp32_package[0], load_weights=False).inventory
+    assert [(w.name, w.dtype, w.compression, w.bytes) for w in inventory.weights] == [
+        ("fc1_weight", "fp32", "fp32", 64 + 128 * 64 * 4), ("fc2_weight", "fp32", "fp32", 64 + 32 * 128 * 4)]
+    assert not any(w.is_compressed for w in inventory.weights)
+
+
+@pytest.mark.parametrize("spec_text", FP32_SPECS)
+def test_fp32_package_compresses_to_predicted_bytes_and_simulated_weights(fp32_package, tmp_path, spec_text):
+    path, model = fp32_package
+    report = compress(path, Plan.from_spec(spec_text), tmp_path / "out.mlpackage")
+    assert report.bytes_after == report.bytes_predicted, [(w.name, w.bytes_after, w.bytes_predicted)
+                                                          for w in report.weights]
+    emitted = _decompressed(tmp_path / "out.mlpackage")
+    for w in report.weights:
+        torch_path = w.name.replace("_", ".")  # fc1_weight -> fc1.weight
+        ours = simulate(spec_text, model.get_parameter(torch_path).detach(), "linear", precision="fp32").weight
+        np.testing.assert_array_equal(ours.numpy(), emitted[w.name])
+
+
+def test_fp32_package_refuses_fast_kmeans_in_one_line(fp32_package, tmp_path):
+    out = tmp_path / "out.mlpackage"
+    code, _, stderr = run_cli("compress", str(fp32_package[0]), "--spec", "pal4", "--kmeans", "fast", "-o", str(out))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "fp32" in stderr and not out.exists()
