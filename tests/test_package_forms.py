@@ -212,3 +212,29 @@ def test_fp32_package_refuses_fast_kmeans_in_one_line(fp32_package, tmp_path):
     out = tmp_path / "out.mlpackage"
     code, _, stderr = run_cli("compress", str(fp32_package[0]), "--spec", "pal4", "--kmeans", "fast", "-o", str(out))
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "fp32" in stderr and not out.exists()
+
+
+# ---------------------------------------------------------------- the CLI on each form
+
+def test_cli_inspects_and_compresses_sequential_and_fp32_packages(sequential_package, fp32_package, tmp_path):
+    for label, path, dtype in (("seq", sequential_package[0], "fp16"), ("fp32", fp32_package[0], "fp32")):
+        code, stdout, stderr = run_cli("inspect", str(path))
+        assert code == 0 and stdout.count(f"  {dtype}") == 2, stdout
+        out = tmp_path / f"{label}.mlpackage"
+        code, stdout, stderr = run_cli("compress", str(path), "--spec", "int4/block32", "-o", str(out))
+        assert code == 0 and "Traceback" not in stderr and out.is_dir(), stderr
+        assert stdout.count("quantized int4") == 2 and "+0.00%" in stdout, stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.mlpackage", "seq.mlpackage"]  # no stray temp folder
+
+
+def test_cli_inspect_lists_every_function(function_packages):
+    code, stdout, stderr = run_cli("inspect", str(function_packages["two"]))
+    assert code == 0 and "other/fc1_weight_to_fp16" in stdout and "Traceback" not in stderr
+
+
+def test_sweep_layer_names_match_the_sequential_package(sequential_package):
+    from coreml_opt.sensitivity.layers import find_layers
+
+    path, model = sequential_package
+    names = [w.name for w in load_package(path, load_weights=False).inventory.weights]
+    assert [layer.coreml_name for layer in find_layers(model, weight_threshold=0)] == names

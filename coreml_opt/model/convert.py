@@ -204,19 +204,26 @@ CONST_SUFFIXES = ("_to_fp16", "_cast_fp16", "")
 
 
 def const_name(param_path: str) -> str:
-    """The Core ML const a traced torch parameter becomes (``features.3.weight`` -> ``features_3_weight_to_fp16``)."""
-    return param_path.replace(".", "_") + CONST_SUFFIXES[0]
+    """The Core ML const op a traced torch parameter becomes (``features.3.weight`` -> ``features_3_weight_to_fp16``;
+    ``0.weight`` of a top-level Sequential -> ``op_0_weight_to_fp16``, as coremltools sanitises op names)."""
+    return _sanitized(param_path.replace(".", "_") + CONST_SUFFIXES[0], "op_")
+
+
+def _sanitized(name: str, prefix: str) -> str:
+    """``name`` as coremltools' NameSanitizer writes it: invalid characters to ``_``, ``prefix``
+    before a leading non-letter (``var_`` for variables, ``op_`` for ops), reserved words suffixed."""
+    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
+
+    return NameSanitizer(prefix=prefix).sanitize_name(name)
 
 
 def _candidates(name: str) -> list[str]:
     """``name`` and the forms coremltools' name sanitiser gives it as a variable and as an op
     (``0_weight_to_fp16`` -> ``var_0_weight_to_fp16``, ``op_0_weight_to_fp16``): a top-level
     ``nn.Sequential`` has parameter paths that start with a digit."""
-    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
-
     out = [name]
     for prefix in ("var_", "op_"):
-        sanitized = NameSanitizer(prefix=prefix).sanitize_name(name)
+        sanitized = _sanitized(name, prefix)
         if sanitized not in out:
             out.append(sanitized)
     return out
