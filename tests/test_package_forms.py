@@ -238,3 +238,16 @@ def test_sweep_layer_names_match_the_sequential_package(sequential_package):
     path, model = sequential_package
     names = [w.name for w in load_package(path, load_weights=False).inventory.weights]
     assert [layer.coreml_name for layer in find_layers(model, weight_threshold=0)] == names
+
+
+def test_apply_plan_in_fp32_holds_the_fp32_package_weights(fp32_package):
+    from coreml_opt.simulate import apply_plan
+
+    path, model = fp32_package
+    loaded = load_package(path, load_weights=False)
+    original = model.fc1.weight.detach().clone()
+    expected = simulate("int8", model.fc2.weight.detach(), "linear", precision="fp32").weight
+    with apply_plan(model, {"fc1.weight": "none", "fc2.weight": "int8"}, precision="fp32"):
+        np.testing.assert_array_equal(model.fc1.weight.detach().numpy(), loaded.weight_values("fc1_weight"))
+        assert torch.equal(model.fc2.weight.detach(), expected)
+    assert torch.equal(model.fc1.weight.detach(), original)
