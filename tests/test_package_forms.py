@@ -174,18 +174,28 @@ FP32_SPECS = ["int8", "int4/block32", "uint8/asym", "pal8", "pal4/g16", "pal4/pc
               "prune50", "prune2:4", "thresh0.05", "prune50+pal4", "pal4+lut8", "prune2:4+int4/block16"]
 
 
-@pytest.fixture(scope="session")
-def fp32_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+def _fp32_package(folder: Path, target: int) -> tuple[Path, nn.Module]:
     """A package converted with ``compute_precision=FLOAT32``: its weights are fp32 consts."""
     import coremltools as ct
 
     model = _seeded(TwoLinear(), 4)
     traced = torch.jit.trace(model, torch.rand(1, 64))
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 64))], convert_to="mlprogram",
-                         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT32)
-    path = tmp_path_factory.mktemp("fp32") / "fp32.mlpackage"
+                         minimum_deployment_target=getattr(ct.target, f"iOS{target}"),
+                         compute_precision=ct.precision.FLOAT32)
+    path = folder / f"fp32-ios{target}.mlpackage"
     mlmodel.save(str(path))
     return path, model
+
+
+@pytest.fixture(scope="session")
+def fp32_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    return _fp32_package(tmp_path_factory.mktemp("fp32"), 18)
+
+
+@pytest.fixture(scope="session")
+def fp32_ios16_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    return _fp32_package(tmp_path_factory.mktemp("fp32"), 16)
 
 
 def test_fp32_weights_are_labelled_fp32(fp32_package):
@@ -206,6 +216,12 @@ def test_fp32_package_compresses_to_predicted_bytes_and_simulated_weights(fp32_p
         torch_path = w.name.replace("_", ".")  # fc1_weight -> fc1.weight
         ours = simulate(spec_text, model.get_parameter(torch_path).detach(), "linear", precision="fp32").weight
         np.testing.assert_array_equal(ours.numpy(), emitted[w.name])
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "uint8/asym", "pal8", "pal4/uniform", "prune50", "thresh0.05"])
+def test_fp32_ios16_package_compresses_to_predicted_bytes(fp32_ios16_package, tmp_path, spec_text):
+    report = compress(fp32_ios16_package[0], Plan.from_spec(spec_text), tmp_path / "out.mlpackage")
+    assert report.bytes_after == report.bytes_predicted
 
 
 def test_fp32_package_refuses_fast_kmeans_in_one_line(fp32_package, tmp_path):
