@@ -123,6 +123,9 @@ def test_multifunction_inventory_lists_every_function(function_packages):
     assert names == ["fc1_weight_to_fp16", "fc2_weight_to_fp16", "other/fc1_weight_to_fp16", "other/fc2_weight_to_fp16"]
     assert loaded.inventory.total_bytes == 2 * single.total_bytes
     assert loaded.program.functions == ["main", "other"] and loaded.multifunction
+    for name, seed in (("fc1_weight_to_fp16", 2), ("other/fc1_weight_to_fp16", 3)):  # each function's own values
+        stored = _seeded(TwoLinear(), seed).fc1.weight.detach().to(torch.float16).numpy()
+        np.testing.assert_array_equal(loaded.weight_values(name), stored)
 
 
 def test_multifunction_shared_consts_are_counted_once(function_packages):
