@@ -249,6 +249,7 @@ def test_cli_inspects_and_compresses_sequential_and_fp32_packages(sequential_pac
 def test_cli_inspect_lists_every_function(function_packages):
     code, stdout, stderr = run_cli("inspect", str(function_packages["two"]))
     assert code == 0 and "other/fc1_weight_to_fp16" in stdout and "Traceback" not in stderr
+    assert "ML Program with functions main, other" in stdout.splitlines()[0]
 
 
 def test_sweep_layer_names_match_the_sequential_package(sequential_package):
