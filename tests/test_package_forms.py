@@ -221,7 +221,7 @@ def test_fp32_package_compresses_to_predicted_bytes_and_simulated_weights(fp32_p
         np.testing.assert_array_equal(ours.numpy(), emitted[w.name])
 
 
-@pytest.mark.parametrize("spec_text", ["int8", "uint8/asym", "pal8", "pal4/uniform", "prune50", "thresh0.05"])
+@pytest.mark.parametrize("spec_text", ["int8", "uint8/asym", "pal8", "pal6/uniform", "prune50", "thresh0.05"])
 def test_fp32_ios16_package_compresses_to_predicted_bytes(fp32_ios16_package, tmp_path, spec_text):
     report = compress(fp32_ios16_package[0], Plan.from_spec(spec_text), tmp_path / "out.mlpackage")
     assert report.bytes_after == report.bytes_predicted
