@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..errors import ModelError
 from .inventory import Inventory, build_inventory
-from .program import BLOB_HEADER_BYTES, Program, read_program, weight_file_path
+from .program import BLOB_HEADER_BYTES, Program, functions_problem, read_program, weight_file_path
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +139,10 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
 
 def _check_functions(proto_path: Path, spec) -> None:
     """Refuse a program with no function or a function of several blocks (opset specialisations)."""
-    functions = spec.mlProgram.functions
-    if not functions:
-        raise ModelError(str(proto_path), "holds an ML Program with no function", "re-save the model with coremltools")
-    for name in functions:
-        function = functions[name]
-        blocks = sorted(function.block_specializations.keys())
-        if blocks != [function.opset]:
-            raise ModelError(str(proto_path), f"function {name!r} has blocks {blocks} for its opset "
-                             f"{function.opset!r}; coreml-opt reads exactly one block per function",
-                             "re-export the model with one block per function (coremltools 9 writes one)")
+    problem = functions_problem(spec)
+    if problem:
+        raise ModelError(str(proto_path), problem,
+                         "re-export the model with coremltools 9 (one block per function)")
 
 
 def inventory_of(mlmodel) -> Inventory:

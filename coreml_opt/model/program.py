@@ -113,25 +113,37 @@ def function_names(spec) -> list[str]:
     return sorted(names, key=lambda name: (name != default, name))
 
 
+def functions_problem(spec) -> str | None:
+    """Why the functions of ``spec`` cannot be read (no function, or a function whose blocks are not
+    exactly the one of its opset: several blocks, or none), or None."""
+    functions = spec.mlProgram.functions
+    if not functions:
+        return "holds an ML Program with no function"
+    for name in sorted(functions.keys()):
+        function = functions[name]
+        blocks = sorted(function.block_specializations.keys())
+        if blocks != [function.opset]:
+            return (f"function {name!r} has blocks {blocks} for its opset {function.opset!r}; "
+                    "coreml-opt reads exactly one block per function")
+    return None
+
+
 def read_program(spec, weight_file: bytes) -> Program:
     """Index every function of ``spec`` (a Model proto) against the raw weight file bytes.
 
     Names in a function other than the default one are qualified as ``function/name``: functions of
     a multifunction package reuse names. Raises ValueError for a program with no function or a
     function without exactly one block (its opset's)."""
-    names = function_names(spec)
-    if not names:
-        raise ValueError("the ML Program has no function")
+    problem = functions_problem(spec)
+    if problem:
+        raise ValueError(problem)
     ops: list[Op] = []
     producers: dict[str, Op] = {}
     consumers: dict[str, list[tuple[Op, str]]] = {}
     opset = ""
+    names = function_names(spec)
     for index, function_name in enumerate(names):
         function = spec.mlProgram.functions[function_name]
-        blocks = list(function.block_specializations.keys())
-        if blocks != [function.opset]:
-            raise ValueError(f"function {function_name!r} has blocks {blocks} for opset {function.opset!r}; "
-                             "coreml-opt reads one block per function")
         opset = opset or function.opset
         qualify = (lambda name: name) if index == 0 else (lambda name, f=function_name: f"{f}/{name}" if name else "")
         _read_block(function.block_specializations[function.opset], weight_file, qualify, ops, producers, consumers)
