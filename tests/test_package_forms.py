@@ -271,3 +271,32 @@ def test_apply_plan_in_fp32_holds_the_fp32_package_weights(fp32_package):
         np.testing.assert_array_equal(model.fc1.weight.detach().numpy(), loaded.weight_values("fc1_weight"))
         assert torch.equal(model.fc2.weight.detach(), expected)
     assert torch.equal(model.fc1.weight.detach(), original)
+
+
+@pytest.fixture(scope="session")
+def mixed_precision_package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """fc1 computed (and stored) in fp16, fc2 kept in fp32 by an FP16ComputePrecision op selector."""
+    import coremltools as ct
+
+    model = _seeded(TwoLinear(), 5)
+    traced = torch.jit.trace(model, torch.rand(1, 64))
+    precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not op.name.startswith("linear_1"))
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 64))], convert_to="mlprogram",
+                         minimum_deployment_target=ct.target.iOS18, compute_precision=precision)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.mlpackage"
+    mlmodel.save(str(path))
+    return path, model
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "prune50+pal4"])
+def test_mixed_precision_package_is_predicted_and_simulated_per_weight(mixed_precision_package, tmp_path, spec_text):
+    path, model = mixed_precision_package
+    before = load_package(path, load_weights=False).inventory
+    assert [(w.torch_name or w.name, w.dtype) for w in before.weights] == [("fc1_weight_to_fp16", "fp16"),
+                                                                           ("fc2_weight", "fp32")]
+    report = compress(path, Plan.from_spec(spec_text), tmp_path / "out.mlpackage")
+    assert report.bytes_after == report.bytes_predicted
+    emitted = _decompressed(tmp_path / "out.mlpackage")
+    for w, param in zip(before.weights, (model.fc1.weight, model.fc2.weight)):
+        ours = simulate(spec_text, param.detach(), "linear", precision=w.dtype).weight
+        np.testing.assert_array_equal(ours.numpy(), emitted[w.name])
