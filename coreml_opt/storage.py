@@ -150,7 +150,7 @@ def nonzero_count(spec: PruneSpec | ThresholdPruneSpec, ctx: WeightContext) -> i
 
         from .simulate import default_cache  # exact: count what coremltools' pruning keeps (cached)
 
-        weight = torch.as_tensor(np.asarray(ctx.weight, dtype=np.float32))
+        weight = torch.from_numpy(np.array(ctx.weight, dtype=np.float32))  # a copy: package reads are read-only
         return int(torch.count_nonzero(default_cache().get(spec, weight, ctx.op_type, precision=ctx.precision).weight))
     if isinstance(spec, ThresholdPruneSpec):
         return n - int(round(spec.minimum_sparsity_percentile * n))  # the least sparsity it accepts

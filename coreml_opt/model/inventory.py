@@ -79,7 +79,7 @@ class Inventory:
 
 
 def _describe(program: Program, chain: list[Op], shape: tuple[int, ...], dtype: str) -> str:
-    """Human-readable compression of a weight from the constexpr ops that build it."""
+    """Human-readable compression of a weight from the constexpr ops that build it (``dtype`` when none)."""
     numel = math.prod(shape) if shape else 1
     sparse = palette = quant = ""
     for op in chain:
@@ -97,8 +97,8 @@ def _describe(program: Program, chain: list[Op], shape: tuple[int, ...], dtype: 
             if data is not None and data.dtype in ("FLOAT16", "FLOAT32"):
                 quant = quant or "per-channel scale"
             else:
-                dtype = data.dtype.lower() if data is not None else "int8"
-                quant = f"lut quantized {dtype}" if feeds_lut else f"quantized {dtype}"
+                qtype = data.dtype.lower() if data is not None else "int8"
+                quant = f"lut quantized {qtype}" if feeds_lut else f"quantized {qtype}"
     parts = [p for p in (sparse, palette, quant) if p]
     return " + ".join(parts) if parts else dtype
 
