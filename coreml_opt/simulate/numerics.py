@@ -1,4 +1,4 @@
-"""fp16 arithmetic as numpy performs it, in torch: the building blocks of coremltools-exact numerics.
+"""fp16 (and fp32) arithmetic as numpy performs it, in torch: the building blocks of coremltools-exact numerics.
 
 coremltools runs its passes on the const in its stored precision. For an fp16 const numpy evaluates
 every step in float16: each binary op is computed in float32 and rounded to float16 once (exact for
@@ -30,11 +30,6 @@ def working_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         _PRECISION.reset(token)
-
-
-def precision() -> str:
-    """The working precision: "fp16" or "fp32"."""
-    return _PRECISION.get()
 
 
 def numpy_dtype() -> type:
@@ -70,11 +65,6 @@ def fp16_from_order_keys(keys: np.ndarray) -> np.ndarray:
     """The fp16 values of :func:`fp16_order_keys` keys."""
     keys = np.asarray(keys)
     return np.where(keys & 0x8000, keys & 0x7FFF, 0xFFFF - keys).astype(np.uint16).view(np.float16)
-
-
-def fp16_scalar(value: float) -> float:
-    """A Python float rounded to fp16 the way numpy does (one rounding from double)."""
-    return float(np.float16(value))
 
 
 def working_scalar(value: float) -> float:

@@ -4,6 +4,7 @@ coremltools works on the fp16 const, so thresholds are fp16: ``np.percentile`` o
 array computes its index in fp16 (see :func:`numerics.numpy_percentile_fp16`; above 65,519
 values it returns NaN and *nothing is pruned*), block magnitudes are fp16 sums of fp16 squares
 accumulated in order, and a threshold-pruner threshold is rounded to fp16 before comparing.
+For an fp32 const (``compute_precision=FLOAT32``) the same steps run in float32.
 """
 from __future__ import annotations
 
