@@ -61,7 +61,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .model.package import load_package
     from .report.tables import format_table, human_bytes
 
-    inventory = load_package(args.model).inventory
+    loaded = load_package(args.model)
+    inventory = loaded.inventory
     if args.json:
         print(json.dumps(inventory.to_dict(), indent=2))
         return 0
@@ -76,7 +77,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     footer = [["total", "", "", "", "", inventory.total_params, inventory.total_bytes,
                f"{inventory.bits_per_weight:.2f}", human_bytes(inventory.total_bytes)]]
-    print(f"{args.model}: ML Program, deployment target iOS{inventory.deployment_target}")
+    functions = loaded.program.functions
+    kind = f"ML Program with functions {', '.join(functions)}" if len(functions) > 1 else "ML Program"
+    print(f"{args.model}: {kind}, deployment target iOS{inventory.deployment_target}")
     print(format_table(headers, rows, footer))
     return 0
 

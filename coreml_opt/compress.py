@@ -62,7 +62,15 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed."""
     check_package_output(output, model)  # an .mlpackage path outside the input, before any work
     loaded = load_package(model)
+    if loaded.multifunction:
+        raise PlanError(str(model), f"is a multifunction package (functions {', '.join(loaded.program.functions)}); "
+                        "coremltools' compression passes refuse such models",
+                        "compress each source model first, then combine them with coremltools.utils.save_multifunction")
     before = loaded.inventory
+    fp32 = [w.name for w in before.weights if w.dtype == "fp32"]
+    if fp32 and plan.kmeans == "fast":
+        raise PlanError(f"kmeans: fast (model {model})", f"clusters fp16 values, and {fp32[0]} is stored in fp32",
+                        "use kmeans: exact for a package converted with compute_precision=FLOAT32")
     resolved = plan.resolve(before)
     _check_finite_weights(loaded, resolved)
     skipped = _data_dependent_skips(loaded, resolved, plan.named_weights(before))
@@ -107,7 +115,7 @@ def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:
         check_finite(values, spec, "holds", weight=label)
         if not keeps_finite(spec):
             try:
-                default_cache().get(spec, values, weight.reader_type)
+                default_cache().get(spec, values, weight.reader_type, precision=weight.dtype)
             except NonFiniteWeightError as exc:
                 raise exc.named(label) from None
 
@@ -127,7 +135,8 @@ def _data_dependent_skips(loaded, resolved: dict[str, Spec], named: set[str]) ->
         if not is_data_dependent(spec):
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        result = default_cache().get(spec.parts[0], values, weight.reader_type)  # reused by the byte model
+        result = default_cache().get(spec.parts[0], values, weight.reader_type,  # reused by the byte model
+                                     precision=weight.dtype)
         if not result.skipped:
             continue
         if weight.name in named:
@@ -146,9 +155,9 @@ def _check_applied(resolved: dict[str, Spec], after: Inventory, by: str = "corem
         weight = after_by_name.get(name)
         if weight is None:
             raise PlanError(f"weight {name!r}", "disappeared from the compressed model", "report this as a bug")
-        if not spec.is_none and weight.compression == "fp16":
+        if not spec.is_none and not weight.is_compressed:
             raise PlanError(f"weight {name!r} (spec {spec})", f"was skipped by {by}",
                             "choose another spec for this layer or skip it in the plan")
-        if spec.is_none and weight.compression != "fp16":
+        if spec.is_none and weight.is_compressed:
             raise PlanError(f"weight {name!r}", f"was compressed ({weight.compression}) though the plan skips it",
                             "report this as a bug")

@@ -204,7 +204,7 @@ class Plan:
             raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the model was converted for "
                             f"iOS{inventory.deployment_target}",
                             f"reconvert with `coreml-opt convert --target iOS{spec.min_target}`")
-        if w.compression != "fp16":
+        if w.is_compressed:
             raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
         problem = spec.shape_problem(w.shape, w.reader_type)
         if problem:
@@ -224,7 +224,8 @@ class Plan:
         for w in inventory.weights:
             spec = resolved[w.name]
             values = weight_values(w.name) if weight_values is not None and is_data_dependent(spec) else None
-            out[w.name] = predicted_bytes(spec, w.shape, w.reader_type, ios18_ops=ios18, weight=values)
+            out[w.name] = predicted_bytes(spec, w.shape, w.reader_type, ios18_ops=ios18, weight=values,
+                                          precision=w.dtype)
         return out
 
     # ---- coremltools configs ------------------------------------------------------------------

@@ -46,7 +46,12 @@ class WeightContext:
     shape: tuple[int, ...]
     op_type: str = "linear"
     ios18_ops: bool = True  # False: model's opset is iOS16/17 (constexpr_affine_dequantize etc.)
-    weight: np.ndarray | None = None  # the fp16 weight, for data-dependent counts
+    weight: np.ndarray | None = None  # the stored weight, for data-dependent counts
+    precision: str = "fp16"  # the stored const's precision: LUTs, scales and kept values are written in it
+
+    @property
+    def float_bits(self) -> int:
+        return 32 if self.precision == "fp32" else 16
 
     @property
     def numel(self) -> int:
@@ -59,11 +64,14 @@ class WeightContext:
 
 
 def predicted_bytes(spec: Spec | str, shape: Sequence[int], op_type: str = "linear", *, ios18_ops: bool = True,
-                    weight: np.ndarray | None = None) -> int:
-    """Bytes in ``weight.bin`` for one weight of ``shape`` compressed with ``spec``."""
+                    weight: np.ndarray | None = None, precision: str = "fp16") -> int:
+    """Bytes in ``weight.bin`` for one weight of ``shape`` compressed with ``spec``.
+
+    ``precision`` is the stored const's ("fp32" for packages converted in fp32: coremltools then
+    writes fp32 values, LUTs and scales)."""
     from .spec import parse_spec
 
-    ctx = WeightContext(tuple(int(d) for d in shape), op_type, ios18_ops, weight)
+    ctx = WeightContext(tuple(int(d) for d in shape), op_type, ios18_ops, weight, precision)
     return sum(t.stored_bytes for t in _tensors(parse_spec(spec), ctx))
 
 
@@ -74,7 +82,7 @@ def _tensors(spec: Spec, ctx: WeightContext) -> list[TensorCost]:
 
 @_tensors.register
 def _(spec: NoneSpec, ctx: WeightContext) -> list[TensorCost]:
-    return [TensorCost("val", ctx.numel, 16)]
+    return [TensorCost("val", ctx.numel, ctx.float_bits)]
 
 
 def _quant_param_count(spec: QuantSpec, ctx: WeightContext) -> int:
@@ -88,7 +96,7 @@ def _quant_param_count(spec: QuantSpec, ctx: WeightContext) -> int:
 
 def _quant_scale_offset(spec: QuantSpec, ctx: WeightContext) -> list[TensorCost]:
     count = _quant_param_count(spec, ctx)
-    out = [TensorCost("scale", count, 16)]
+    out = [TensorCost("scale", count, ctx.float_bits)]
     if not ctx.ios18_ops:
         out.append(TensorCost("zero_point", count, 8))  # constexpr_affine_dequantize always has one
     elif spec.mode == "linear" or spec.dtype.startswith("u"):
@@ -101,28 +109,29 @@ def _(spec: QuantSpec, ctx: WeightContext) -> list[TensorCost]:
     return [TensorCost("data", ctx.numel, spec.nbits), *_quant_scale_offset(spec, ctx)]
 
 
-def unique_nbits(weight: np.ndarray | None) -> int:
-    """Palette bits coremltools' unique mode picks for ``weight`` (8 when unknown)."""
+def unique_nbits(weight: np.ndarray | None, precision: str = "fp16") -> int:
+    """Palette bits coremltools' unique mode picks for ``weight`` stored in ``precision`` (8 when unknown)."""
     if weight is None:
         return 8
-    count = len(np.unique(np.asarray(weight, dtype=np.float16)))
+    count = len(np.unique(np.asarray(weight, dtype=np.float16 if precision == "fp16" else np.float32)))
     for nbits in (1, 2, 3, 4, 6, 8):
         if count <= 1 << nbits:
             return nbits
     return 8
 
 
-def _palette(spec: PalettizeSpec, ctx: WeightContext, index_count: int, lut_bits: int = 16) -> list[TensorCost]:
-    nbits = spec.nbits if spec.nbits is not None else unique_nbits(ctx.weight)
+def _palette(spec: PalettizeSpec, ctx: WeightContext, index_count: int, lut_bits: int | None = None) -> list[TensorCost]:
+    nbits = spec.nbits if spec.nbits is not None else unique_nbits(ctx.weight, ctx.precision)
+    lut_bits = lut_bits or ctx.float_bits
     groups = ctx.channels // spec.group_size if spec.group_size else 1
     if not ctx.ios18_ops:
-        return [TensorCost("indices", math.ceil(index_count * nbits / 8), 8), TensorCost("lut", 1 << nbits, 16)]
+        return [TensorCost("indices", math.ceil(index_count * nbits / 8), 8), TensorCost("lut", 1 << nbits, lut_bits)]
     lut_count = groups * (1 << nbits) * spec.cluster_dim
     out = [TensorCost("indices", index_count // spec.cluster_dim, nbits)]
     if spec.per_channel_scale:
         # coremltools folds the scale (max |w| over the channel axis) into a LUT per position.
         positions = ctx.numel // ctx.channels
-        out.append(TensorCost("scale", positions, 16))
+        out.append(TensorCost("scale", positions, ctx.float_bits))
         lut_count *= positions
     out.append(TensorCost("lut", lut_count, lut_bits))
     return out
@@ -141,8 +150,8 @@ def nonzero_count(spec: PruneSpec | ThresholdPruneSpec, ctx: WeightContext) -> i
 
         from .simulate import default_cache  # exact: count what coremltools' pruning keeps (cached)
 
-        weight = torch.as_tensor(np.asarray(ctx.weight, dtype=np.float32))
-        return int(torch.count_nonzero(default_cache().get(spec, weight, ctx.op_type).weight))
+        weight = torch.from_numpy(np.array(ctx.weight, dtype=np.float32))  # a copy: package reads are read-only
+        return int(torch.count_nonzero(default_cache().get(spec, weight, ctx.op_type, precision=ctx.precision).weight))
     if isinstance(spec, ThresholdPruneSpec):
         return n - int(round(spec.minimum_sparsity_percentile * n))  # the least sparsity it accepts
     return n - int(round(spec.sparsity * n))
@@ -155,7 +164,7 @@ def _prune_mask(ctx: WeightContext) -> TensorCost:
 @_tensors.register(PruneSpec)
 @_tensors.register(ThresholdPruneSpec)
 def _(spec: Spec, ctx: WeightContext) -> list[TensorCost]:
-    return [_prune_mask(ctx), TensorCost("nonzero_data", nonzero_count(spec, ctx), 16)]
+    return [_prune_mask(ctx), TensorCost("nonzero_data", nonzero_count(spec, ctx), ctx.float_bits)]
 
 
 @_tensors.register
@@ -173,8 +182,7 @@ def _(spec: JointSpec, ctx: WeightContext) -> list[TensorCost]:
         out.append(_prune_mask(ctx))
         count = nonzero_count(prune, ctx)
     if palette is not None:
-        lut_bits = 8 if lut is not None else 16
-        out += _palette(palette, ctx, count, lut_bits)
+        out += _palette(palette, ctx, count, 8 if lut is not None else None)
     if quant is not None:
         out.append(TensorCost("data_mask", ctx.numel, 1))  # sparse quantization repeats the mask
         out.append(TensorCost("nonzero_data", count, quant.nbits))

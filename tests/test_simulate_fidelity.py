@@ -33,12 +33,15 @@ IOS16 = ["int8", "uint8/asym", "int8/tensor", "uint8/tensor", "pal1", "pal2", "p
          "pal4/uniform", "prune50", "prune2:4", "prune50/block2", "thresh0.02"]
 
 
-def _check(spec_text: str, shape: tuple[int, ...], target: int = 18, kmeans: str = "exact") -> None:
-    mlmodel, weight, op_type = converted(shape, target)
+def _check(spec_text: str, shape: tuple[int, ...], target: int = 18, kmeans: str = "exact",
+           precision: str = "fp16") -> None:
+    mlmodel, weight, op_type = converted(shape, target, precision)
     spec = parse_spec(spec_text)
     lut_function = fast_lut_function(spec) if kmeans == "fast" else None
-    emitted = emitted_weight(compress(mlmodel, spec, lut_function)).astype(np.float32)
-    result = simulate(spec, weight, op_type, kmeans=kmeans)
+    emitted = emitted_weight(compress(mlmodel, spec, lut_function))
+    assert emitted.dtype == (np.float32 if precision == "fp32" else np.float16)
+    emitted = emitted.astype(np.float32)
+    result = simulate(spec, weight, op_type, kmeans=kmeans, precision=precision)
     ours = result.weight.numpy()
     assert ours.shape == emitted.shape
     mismatch = np.flatnonzero(ours != emitted)
@@ -103,3 +106,26 @@ def test_skipped_pcs_palettization_leaves_the_weight_divided_by_its_scale():
     _check("pal4/g16/pcs", (33, 17))
     result = simulate("pal4/g16/pcs", converted((33, 17))[1])
     assert result.skipped and "per-channel scale" in result.skipped
+
+
+# Packages converted with compute_precision=FLOAT32 hold fp32 consts: coremltools' passes then
+# compute in float32 (k-means through scikit-learn whatever the size) and emit fp32 palettes/scales.
+@pytest.mark.parametrize("spec_text", QUANT + PRUNE + PALETTE + JOINT)
+def test_fp32_weights_match_coremltools(spec_text):
+    _check(spec_text, (33, 17), precision="fp32")
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "int4/block16", "pal4", "pal4/g16", "pal3/g8/vec4", "prune50/block2",
+                                       "prune2:4", "thresh0.02", "prune50+pal4", "pal4+lut8"])
+def test_fp32_conv_weights_match_coremltools(spec_text):
+    _check(spec_text, (48, 32, 3, 3), precision="fp32")
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "int4/block32", "prune50", "prune50/block2", "pal4/uniform"])
+def test_fp32_large_weight_matches_coremltools(spec_text):
+    _check(spec_text, (256, 512), precision="fp32")
+
+
+@pytest.mark.parametrize("spec_text", IOS16)
+def test_fp32_ios16_ops_match_coremltools(spec_text):
+    _check(spec_text, (33, 17), target=16, precision="fp32")

@@ -26,14 +26,16 @@ def make_module(shape: tuple[int, ...]) -> tuple[torch.nn.Module, tuple[int, ...
 
 
 @functools.lru_cache(maxsize=None)
-def converted(shape: tuple[int, ...], target: int = 18):
-    """(mlmodel, torch weight, op_type) for one weight shape and deployment target, converted once."""
+def converted(shape: tuple[int, ...], target: int = 18, precision: str = "fp16"):
+    """(mlmodel, torch weight, op_type) for one weight shape, deployment target and compute
+    precision ("fp32": ``compute_precision=FLOAT32``, fp32 consts), converted once."""
     import coremltools as ct
 
     module, example, op_type = make_module(shape)
     traced = torch.jit.trace(module, torch.rand(example))
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(shape=example)], convert_to="mlprogram",
-                         minimum_deployment_target=ct.target.iOS18 if target == 18 else ct.target.iOS16)
+                         minimum_deployment_target=ct.target.iOS18 if target == 18 else ct.target.iOS16,
+                         compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
     return mlmodel, module.weight.detach().clone(), op_type
 
 

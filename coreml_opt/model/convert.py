@@ -80,7 +80,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def weight_consts(mlmodel: ct.models.MLModel) -> dict[str, tuple[int, ...]]:
-    """Core ML const names stored in the weight file (blobFileValue) -> shape, in program order."""
+    """Core ML const names stored in the weight file (blobFileValue) -> shape, in program order.
+
+    Names are the const ops' own names: coremltools names compressed ops after them, and
+    ``op_name_configs`` matches them (the output variable differs when coremltools sanitised a
+    name, e.g. ``op_0_weight_to_fp16`` writing ``var_0_weight_to_fp16``)."""
     spec = mlmodel.get_spec()
     if not spec.HasField("mlProgram"):
         raise ModelError("model", "is not an ML Program", "convert with convert_to='mlprogram'")
@@ -92,9 +96,10 @@ def weight_consts(mlmodel: ct.models.MLModel) -> dict[str, tuple[int, ...]]:
                     continue
                 if op.attributes["val"].WhichOneof("value") != "blobFileValue":
                     continue
+                names = op.attributes["name"].immediateValue.tensor.strings.values if "name" in op.attributes else []
                 for output in op.outputs:
                     dims = output.type.tensorType.dimensions
-                    out[output.name] = tuple(int(d.constant.size) for d in dims)
+                    out[names[0] if names else output.name] = tuple(int(d.constant.size) for d in dims)
     return out
 
 
@@ -104,22 +109,46 @@ CONST_SUFFIXES = ("_to_fp16", "_cast_fp16", "")
 
 
 def const_name(param_path: str) -> str:
-    """The Core ML const a traced torch parameter becomes (``features.3.weight`` -> ``features_3_weight_to_fp16``)."""
-    return param_path.replace(".", "_") + CONST_SUFFIXES[0]
+    """The Core ML const op a traced torch parameter becomes (``features.3.weight`` -> ``features_3_weight_to_fp16``;
+    ``0.weight`` of a top-level Sequential -> ``op_0_weight_to_fp16``, as coremltools sanitises op names)."""
+    return _sanitized(param_path.replace(".", "_") + CONST_SUFFIXES[0], "op_")
+
+
+def _sanitized(name: str, prefix: str) -> str:
+    """``name`` as coremltools' NameSanitizer writes it: invalid characters to ``_``, ``prefix``
+    before a leading non-letter (``var_`` for variables, ``op_`` for ops), reserved words suffixed."""
+    from coremltools.converters.mil.mil.passes.defs.preprocess import NameSanitizer
+
+    return NameSanitizer(prefix=prefix).sanitize_name(name)
+
+
+def _candidates(name: str) -> list[str]:
+    """``name`` and the forms coremltools' name sanitiser gives it as a variable and as an op
+    (``0_weight_to_fp16`` -> ``var_0_weight_to_fp16``, ``op_0_weight_to_fp16``): a top-level
+    ``nn.Sequential`` has parameter paths that start with a digit."""
+    out = [name]
+    for prefix in ("var_", "op_"):
+        sanitized = _sanitized(name, prefix)
+        if sanitized not in out:
+            out.append(sanitized)
+    return out
 
 
 def find_const(param_path: str, shape: tuple[int, ...], const_shapes: Mapping[str, tuple[int, ...]],
                allow_renamed: bool = False) -> str | None:
     """The const of ``const_shapes`` (name -> shape) holding a torch parameter, matched by name and shape.
 
+    Names are tried as traced and as coremltools sanitises them (``op_``/``var_`` prefixes).
     ``allow_renamed`` also accepts names that extend it (``..._to_fp16_palettized`` after a compression pass)."""
     base = param_path.replace(".", "_")
     for suffix in CONST_SUFFIXES:
-        if tuple(const_shapes.get(base + suffix, ())) == tuple(shape):
-            return base + suffix
+        for name in _candidates(base + suffix):
+            if tuple(const_shapes.get(name, ())) == tuple(shape):
+                return name
     if allow_renamed:
+        stems = [stem + "_" for stem in _candidates(base)]
         return next((name for name, s in const_shapes.items()
-                     if name.startswith(base + "_") and tuple(s) == tuple(shape)), None)
+                     if name.startswith(tuple(stems)) and tuple(s) == tuple(shape)), None)
     return None
 
 

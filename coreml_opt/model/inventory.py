@@ -9,6 +9,7 @@ from ..spec import reader_key
 from .program import Op, Program
 
 COMPRESSED_SUFFIX = re.compile(r"(_(palettized|quantized|sparsified)(_pcs)?)+$")
+FLOAT_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32"}  # MIL float type -> the label of an uncompressed weight
 _NBITS_BY_DTYPE = {"UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "INT4": 4, "UINT6": 6, "UINT8": 8, "INT8": 8}
 
 
@@ -16,7 +17,7 @@ _NBITS_BY_DTYPE = {"UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "INT4": 4, "U
 class WeightInfo:
     """One compressible weight as stored in the package."""
 
-    name: str  # the weight's original const name, e.g. fc_weight_to_fp16
+    name: str  # the weight's original const op name, e.g. fc_weight_to_fp16 (``function/...`` outside main)
     var: str  # the variable the consumer reads (name after compression)
     op_type: str
     op_name: str
@@ -26,6 +27,7 @@ class WeightInfo:
     torch_name: str | None = None
     consumers: list[tuple[str, str]] = field(default_factory=list)  # (op_type, op_name) of every reader
     readers: str = ""  # spec.reader_key of every reader: "conv", "conv(groups=960)", "conv+conv_transpose"
+    dtype: str = "fp16"  # the float type the weight is stored in or decompresses to: fp16 or fp32
 
     @property
     def reader_type(self) -> str:
@@ -35,6 +37,11 @@ class WeightInfo:
     @property
     def params(self) -> int:
         return int(math.prod(self.shape))
+
+    @property
+    def is_compressed(self) -> bool:
+        """False for a plain fp16/fp32 const."""
+        return self.compression not in FLOAT_DTYPES.values()
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -78,8 +85,8 @@ class Inventory:
         }
 
 
-def _describe(program: Program, chain: list[Op], shape: tuple[int, ...]) -> str:
-    """Human-readable compression of a weight from the constexpr ops that build it."""
+def _describe(program: Program, chain: list[Op], shape: tuple[int, ...], dtype: str) -> str:
+    """Human-readable compression of a weight from the constexpr ops that build it (``dtype`` when none)."""
     numel = math.prod(shape) if shape else 1
     sparse = palette = quant = ""
     for op in chain:
@@ -97,10 +104,10 @@ def _describe(program: Program, chain: list[Op], shape: tuple[int, ...]) -> str:
             if data is not None and data.dtype in ("FLOAT16", "FLOAT32"):
                 quant = quant or "per-channel scale"
             else:
-                dtype = data.dtype.lower() if data is not None else "int8"
-                quant = f"lut quantized {dtype}" if feeds_lut else f"quantized {dtype}"
+                qtype = data.dtype.lower() if data is not None else "int8"
+                quant = f"lut quantized {qtype}" if feeds_lut else f"quantized {qtype}"
     parts = [p for p in (sparse, palette, quant) if p]
-    return " + ".join(parts) if parts else "fp16"
+    return " + ".join(parts) if parts else dtype
 
 
 def _describe_palette(blobs: dict, numel: int) -> str:
@@ -120,10 +127,15 @@ def _describe_palette(blobs: dict, numel: int) -> str:
 
 
 def build_inventory(program: Program, spec_version: int, torch_names: dict[str, str] | None = None) -> Inventory:
-    """List every weight (rank >= 2, stored in the weight file) that feeds a compute op."""
+    """List every weight (rank >= 2, stored in the weight file) that feeds a compute op.
+
+    A weight is named by its const op (``op_name_configs`` matches it and coremltools names the
+    compressed ops after it). Functions sharing the same blobs (``save_multifunction`` dedups
+    identical consts) share one entry, so shared bytes are counted once."""
     torch_names = torch_names or {}
     weights: dict[str, WeightInfo] = {}
-    read_by: dict[str, list[tuple[str, int]]] = {}
+    read_by: dict[str, list[tuple[str, int]]] = {}  # weight var -> (op type, groups) of every reader
+    by_blobs: dict[tuple[int, ...], WeightInfo] = {}
     owned: set[int] = set()
     for op in program.ops:
         if op.type == "const" or op.type.startswith("constexpr_"):
@@ -139,23 +151,28 @@ def build_inventory(program: Program, spec_version: int, torch_names: dict[str, 
                 blobs = [b for o in chain for b in o.blobs]
                 if not blobs:
                     continue
+                key = tuple(sorted(b.offset for b in blobs))
+                known = weights.get(var) or by_blobs.get(key)
                 reader = (op.type, _groups(program, op))
-                if var in weights:
-                    weights[var].consumers.append((op.type, op.name))
-                    read_by[var].append(reader)
-                    weights[var].readers = reader_key(read_by[var])
+                if known is not None:
+                    known.consumers.append((op.type, op.name))
+                    read_by[known.var].append(reader)
+                    known.readers = reader_key(read_by[known.var])
                     continue
                 read_by[var] = [reader]
-                name = COMPRESSED_SUFFIX.sub("", var)
-                owned.update(b.offset for b in blobs)
-                weights[var] = WeightInfo(
+                name = COMPRESSED_SUFFIX.sub("", producer.name)
+                dtype = FLOAT_DTYPES.get(producer.output_dtype, "fp16")
+                owned.update(key)
+                weights[var] = by_blobs[key] = WeightInfo(
                     name=name, var=var, op_type=op.type, op_name=op.name, shape=producer.output_shape,
-                    bytes=sum(b.storage_bytes for b in blobs), compression=_describe(program, chain, producer.output_shape),
-                    torch_name=torch_names.get(name), consumers=[(op.type, op.name)], readers=reader_key([reader]),
+                    bytes=sum(b.storage_bytes for b in blobs),
+                    compression=_describe(program, chain, producer.output_shape, dtype),
+                    torch_name=torch_names.get(name) or torch_names.get(COMPRESSED_SUFFIX.sub("", var)),
+                    consumers=[(op.type, op.name)], readers=reader_key([reader]), dtype=dtype,
                 )
     all_blobs = {b.offset: b for o in program.ops for b in o.blobs}
     other = sum(b.storage_bytes for off, b in all_blobs.items() if off not in owned)
-    return Inventory(list(weights.values()), _ios_version(spec_version), other)
+    return Inventory(list(by_blobs.values()), _ios_version(spec_version), other)
 
 
 def _groups(program: Program, op: Op) -> int:

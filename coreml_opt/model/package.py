@@ -23,7 +23,7 @@ from typing import Iterator
 
 from ..errors import ModelError, OutputError
 from .inventory import Inventory, build_inventory
-from .program import BLOB_HEADER_BYTES, Program, read_program, weight_file_path
+from .program import BLOB_HEADER_BYTES, Program, functions_problem, read_program, weight_file_path
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class LoadedModel:
     mlmodel: object  # coremltools.models.MLModel
     program: Program
     inventory: Inventory
+    multifunction: bool = False  # saved by save_multifunction: coremltools' compression passes refuse it
 
     @property
     def torch_names(self) -> dict[str, str]:
@@ -126,6 +127,7 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
     if kind != "mlProgram":
         raise ModelError(str(path), f"is a {kind or 'empty'} model, not an ML Program",
                          "reconvert with convert_to='mlprogram' (e.g. `coreml-opt convert`)")
+    _check_functions(proto_path, spec)
     weights_path = weight_file_path(path)
     weights = weights_path.read_bytes() if weights_path.is_file() else b""
     try:
@@ -136,7 +138,15 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
     _check_blobs(path, program, weights)
     mlmodel = MLModel(str(path), skip_model_load=True) if load_weights else None
     inventory = build_inventory(program, spec.specificationVersion, read_torch_names(spec))
-    return LoadedModel(path, mlmodel, program, inventory)
+    return LoadedModel(path, mlmodel, program, inventory, bool(spec.description.functions) or program.is_multifunction)
+
+
+def _check_functions(proto_path: Path, spec) -> None:
+    """Refuse a program with no function or a function of several blocks (opset specialisations)."""
+    problem = functions_problem(spec)
+    if problem:
+        raise ModelError(str(proto_path), problem,
+                         "re-export the model with coremltools 9 (one block per function)")
 
 
 def inventory_of(mlmodel) -> Inventory:

@@ -51,12 +51,18 @@ class Op:
 
 @dataclass
 class Program:
-    """The main function of an ML Program, indexed by output variable name."""
+    """The functions of an ML Program, indexed by output variable name (``function/var`` outside
+    the default function)."""
 
     opset: str
     ops: list[Op]
     producers: dict[str, Op]
     consumers: dict[str, list[tuple[Op, str]]]
+    functions: list[str] = field(default_factory=lambda: ["main"])  # the default function first
+
+    @property
+    def is_multifunction(self) -> bool:
+        return len(self.functions) > 1
 
     def chain(self, var: str) -> list[Op]:
         """All blob-holding ops feeding ``var`` (the weight's const and constexpr chain)."""
@@ -100,14 +106,53 @@ def _blob(role: str, value, weight_file: bytes) -> Blob | None:
     return Blob(role, offset, _read_blob_size(weight_file, offset), _shape(value.type), _dtype_name(value.type))
 
 
+def function_names(spec) -> list[str]:
+    """The functions of an ML Program, the default one first (``main`` unless the package names
+    another: ``coremltools.utils.save_multifunction`` writes ``description.defaultFunctionName``)."""
+    names = list(spec.mlProgram.functions.keys())  # iterating a protobuf map never inserts keys
+    default = spec.description.defaultFunctionName or "main"
+    return sorted(names, key=lambda name: (name != default, name))
+
+
+def functions_problem(spec) -> str | None:
+    """Why the functions of ``spec`` cannot be read (no function, or a function whose blocks are not
+    exactly the one of its opset: several blocks, or none), or None."""
+    functions = spec.mlProgram.functions
+    if not functions:
+        return "holds an ML Program with no function"
+    for name in sorted(functions.keys()):
+        function = functions[name]
+        blocks = sorted(function.block_specializations.keys())
+        if blocks != [function.opset]:
+            return (f"function {name!r} has blocks {blocks} for its opset {function.opset!r}; "
+                    "coreml-opt reads exactly one block per function")
+    return None
+
+
 def read_program(spec, weight_file: bytes) -> Program:
-    """Index the ``main`` function of ``spec`` (a Model proto) against the raw weight file bytes."""
-    function = spec.mlProgram.functions["main"]
-    opset = function.opset
-    block = function.block_specializations[opset]
+    """Index every function of ``spec`` (a Model proto) against the raw weight file bytes.
+
+    Names in a function other than the default one are qualified as ``function/name``: functions of
+    a multifunction package reuse names. Raises ValueError for a program with no function or a
+    function without exactly one block (its opset's)."""
+    problem = functions_problem(spec)
+    if problem:
+        raise ValueError(problem)
     ops: list[Op] = []
     producers: dict[str, Op] = {}
     consumers: dict[str, list[tuple[Op, str]]] = {}
+    opset = ""
+    names = function_names(spec)
+    for index, function_name in enumerate(names):
+        function = spec.mlProgram.functions[function_name]
+        opset = opset or function.opset
+        qualify = (lambda name: name) if index == 0 else (lambda name, f=function_name: f"{f}/{name}" if name else "")
+        _read_block(function.block_specializations[function.opset], weight_file, qualify, ops, producers, consumers)
+    return Program(opset, ops, producers, consumers, names)
+
+
+def _read_block(block, weight_file: bytes, qualify, ops: list[Op], producers: dict[str, Op],
+                consumers: dict[str, list[tuple[Op, str]]]) -> None:
     for proto_op in block.operations:
         out = proto_op.outputs[0] if proto_op.outputs else None
         op_name = ""
@@ -116,16 +161,17 @@ def read_program(spec, weight_file: bytes) -> Program:
             op_name = names[0] if names else ""
         op = Op(
             type=proto_op.type,
-            name=op_name or (out.name if out is not None else ""),
-            output=out.name if out is not None else "",
+            name=qualify(op_name or (out.name if out is not None else "")),
+            output=qualify(out.name) if out is not None else "",
             output_shape=_shape(out.type) if out is not None and out.type.HasField("tensorType") else (),
             output_dtype=_dtype_name(out.type) if out is not None and out.type.HasField("tensorType") else "",
         )
         for input_name, binding in proto_op.inputs.items():
             for argument in binding.arguments:
                 if argument.name:
-                    op.inputs.setdefault(input_name, []).append(argument.name)
-                    consumers.setdefault(argument.name, []).append((op, input_name))
+                    var = qualify(argument.name)
+                    op.inputs.setdefault(input_name, []).append(var)
+                    consumers.setdefault(var, []).append((op, input_name))
                 elif argument.HasField("value"):
                     blob = _blob(input_name, argument.value, weight_file)
                     if blob is not None:
@@ -138,8 +184,7 @@ def read_program(spec, weight_file: bytes) -> Program:
                 op.blobs.append(blob)
         ops.append(op)
         for output in proto_op.outputs:
-            producers[output.name] = op
-    return Program(opset, ops, producers, consumers)
+            producers[qualify(output.name)] = op
 
 
 def weight_file_path(package: Path) -> Path:

@@ -33,7 +33,7 @@ class Package:
 
     @property
     def compressed(self) -> bool:
-        return any(w.compression != "fp16" for w in self.inventory.weights)
+        return any(w.is_compressed for w in self.inventory.weights)
 
     def weight_for(self, weight: WeightInfo) -> WeightInfo | None:
         """This package's copy of ``weight`` (an original's weight): by PyTorch name, else by Core ML name

@@ -51,8 +51,11 @@ def _parameter(model: nn.Module, path: str) -> tuple[nn.Parameter, nn.Module]:
 
 @contextlib.contextmanager
 def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types: Mapping[str, str] | None = None,
-               kmeans: str = "exact", cache: SimCache | None = None) -> Iterator[dict[str, SimResult]]:
-    """Within the block, each ``{param path: spec}`` weight holds its simulated value; restored after."""
+               kmeans: str = "exact", cache: SimCache | None = None,
+               precision: str = "fp16") -> Iterator[dict[str, SimResult]]:
+    """Within the block, each ``{param path: spec}`` weight holds its simulated value; restored after.
+
+    ``precision`` is the package's weight precision ("fp32" when converted with ``compute_precision=FLOAT32``)."""
     cache = cache if cache is not None else default_cache()
     saved: dict[str, torch.Tensor] = {}
     results: dict[str, SimResult] = {}
@@ -63,7 +66,7 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
             op_type = (op_types or {}).get(path) or (weight_readers(model, param) if isinstance(module, WEIGHT_MODULES)
                                                      else infer_op_type(module))
             try:
-                result = cache.get(spec, param.detach(), op_type, kmeans)
+                result = cache.get(spec, param.detach(), op_type, kmeans, precision)
             except NonFiniteWeightError as exc:
                 raise exc.named(repr(path)) from None
             results[path] = result
@@ -80,7 +83,8 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
 
 @contextlib.contextmanager
 def apply_spec(model: nn.Module, param_path: str, spec: Spec | str, op_type: str | None = None,
-               kmeans: str = "exact", cache: SimCache | None = None) -> Iterator[SimResult]:
+               kmeans: str = "exact", cache: SimCache | None = None, precision: str = "fp16") -> Iterator[SimResult]:
     """One layer with its simulated weight for the duration of the block (a sensitivity trial)."""
-    with apply_plan(model, {param_path: spec}, {param_path: op_type} if op_type else None, kmeans, cache) as res:
+    with apply_plan(model, {param_path: spec}, {param_path: op_type} if op_type else None, kmeans, cache,
+                    precision) as res:
         yield res[param_path]

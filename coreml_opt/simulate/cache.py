@@ -1,4 +1,4 @@
-"""Cache of simulated weights keyed by (fp16 content hash, spec, op type, k-means mode).
+"""Cache of simulated weights keyed by (content hash in the stored precision, spec, op type, k-means mode).
 
 Repeated trials of the same (layer, spec) - sensitivity sweeps, planner validation - reuse the
 compressed weight instead of re-running k-means. Bounded by total bytes, least recently used out.
@@ -17,11 +17,12 @@ from .core import SimResult, simulate
 DEFAULT_MAX_BYTES = 2 << 30
 
 
-def content_hash(weight: torch.Tensor) -> str:
-    """Hash of the weight's fp16 values and shape: what the simulation depends on."""
-    data = weight.detach().to(torch.float16).contiguous().cpu()
+def content_hash(weight: torch.Tensor, precision: str = "fp16") -> str:
+    """Hash of the weight's values in ``precision`` (fp16 or fp32) and shape: what the simulation depends on."""
+    dtype, bits = (torch.float16, torch.int16) if precision == "fp16" else (torch.float32, torch.int32)
+    data = weight.detach().to(dtype).contiguous().cpu()
     digest = hashlib.blake2b(str(tuple(data.shape)).encode(), digest_size=20)
-    digest.update(data.view(torch.int16).numpy().tobytes())
+    digest.update(data.view(bits).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -39,17 +40,18 @@ class SimCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, spec: Spec | str, weight: torch.Tensor, op_type: str, kmeans: str = "exact") -> SimResult:
-        """The simulated result, computed once per distinct key."""
+    def get(self, spec: Spec | str, weight: torch.Tensor, op_type: str, kmeans: str = "exact",
+            precision: str = "fp16") -> SimResult:
+        """The simulated result, computed once per distinct key (``precision``: the stored const's)."""
         spec = parse_spec(spec)
-        key = (content_hash(weight), str(spec), op_type, kmeans, str(weight.device))
+        key = (content_hash(weight, precision), str(spec), op_type, kmeans, str(weight.device), precision)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return found
-        result = simulate(spec, weight, op_type, kmeans=kmeans)
+        result = simulate(spec, weight, op_type, kmeans=kmeans, precision=precision)
         size = result.weight.numel() * result.weight.element_size()
         with self._lock:
             self.misses += 1

@@ -1,22 +1,56 @@
-"""fp16 arithmetic as numpy performs it, in torch: the building blocks of coremltools-exact numerics.
+"""fp16 (and fp32) arithmetic as numpy performs it, in torch: the building blocks of coremltools-exact numerics.
 
-coremltools runs its passes on the fp16 const, so numpy evaluates every step in float16: each
-binary op is computed in float32 and rounded to float16 once (exact for +, -, *, /, sqrt, since
-float32 has more than 2*11+2 bits). Tensors here are float32 holding fp16-representable values.
+coremltools runs its passes on the const in its stored precision. For an fp16 const numpy evaluates
+every step in float16: each binary op is computed in float32 and rounded to float16 once (exact for
++, -, *, /, sqrt, since float32 has more than 2*11+2 bits). For an fp32 const (a package converted
+with ``compute_precision=FLOAT32``) every step is plain float32. Tensors here are float32 holding
+values of the working precision, which :func:`working_precision` sets (fp16 unless told).
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import numpy as np
 import torch
 
+PRECISIONS = {"fp16": (torch.float16, np.float16), "fp32": (torch.float32, np.float32)}
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("coreml_opt_precision", default="fp16")
+
+
+@contextlib.contextmanager
+def working_precision(precision: str) -> Iterator[None]:
+    """Within the block, :func:`h` and friends round to ``precision`` ("fp16" or "fp32"): the
+    precision of the const coremltools compresses. Context-local (threads start at fp16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def numpy_dtype() -> type:
+    """numpy's type for the working precision (what coremltools' numpy computes in)."""
+    return PRECISIONS[_PRECISION.get()][1]
+
 
 def h(x: torch.Tensor) -> torch.Tensor:
-    """Round a float32 tensor to the nearest fp16 value (ties to even), kept as float32."""
-    return x.to(torch.float16).to(torch.float32)
+    """Round a float32 tensor to the working precision (fp16: nearest, ties to even), kept as float32."""
+    if _PRECISION.get() == "fp16":
+        return x.to(torch.float16).to(torch.float32)
+    return x.to(torch.float32)
 
 
-def to_fp16_values(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as Core ML stores it after conversion (cast to fp16), as float32."""
+def h64(x: torch.Tensor) -> torch.Tensor:
+    """Round a float64 tensor to the working precision once (as numpy's ``astype``), kept as float32."""
+    return x.to(PRECISIONS[_PRECISION.get()][0]).to(torch.float32)
+
+
+def to_working_values(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the package stores it (cast to the working precision), as float32."""
     return h(weight.detach().to(torch.float32))
 
 
@@ -33,9 +67,17 @@ def fp16_from_order_keys(keys: np.ndarray) -> np.ndarray:
     return np.where(keys & 0x8000, keys & 0x7FFF, 0xFFFF - keys).astype(np.uint16).view(np.float16)
 
 
-def fp16_scalar(value: float) -> float:
-    """A Python float rounded to fp16 the way numpy does (one rounding from double)."""
-    return float(np.float16(value))
+def working_scalar(value: float) -> float:
+    """A Python float as numpy compares it with an array of the working precision (NEP 50: weak)."""
+    return float(numpy_dtype()(value))
+
+
+def numpy_percentile(values: torch.Tensor, q_percent: float) -> float:
+    """``np.percentile`` of working-precision ``values`` as coremltools' pruner computes it: the fp16
+    replica without a full sort for fp16, numpy itself for fp32."""
+    if _PRECISION.get() == "fp16":
+        return numpy_percentile_fp16(kth_smallest_getter(values), values.numel(), q_percent)
+    return float(np.percentile(values.detach().cpu().numpy().astype(np.float32).reshape(-1), q_percent))
 
 
 def numpy_percentile_fp16(sorted_at, n: int, q_percent: float) -> float:

@@ -17,7 +17,7 @@ from ..errors import SpecError
 from ..spec import PalettizeSpec, channel_axis
 from .core import SimResult, register_handler, skipped
 from .kmeans import exact_group, kmeans_scalar_fast, kmeans_vector_fast
-from .numerics import h, nbits_for_count
+from .numerics import h, h64, nbits_for_count, numpy_dtype
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _uniform(x: torch.Tensor, nbits: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.round(h(h(h(x - vmin) / span) * levels))
     idx = torch.nan_to_num(idx, nan=0.0).to(torch.int64)
     steps = torch.arange(1 << nbits, device=x.device, dtype=torch.float64)
-    lut = (steps[None, :] * scale.to(torch.float64) + vmin.to(torch.float64)).to(torch.float16).to(torch.float32)
+    lut = h64(steps[None, :] * scale.to(torch.float64) + vmin.to(torch.float64))
     return lut, idx
 
 
@@ -133,7 +133,7 @@ def palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, kmeans: str)
     else:
         luts, idxs = [], []
         for g in range(groups):
-            part = ws[g * group:(g + 1) * group].cpu().numpy().astype(np.float16)
+            part = ws[g * group:(g + 1) * group].cpu().numpy().astype(numpy_dtype())
             lut_g, idx_g = exact_group(part, spec.nbits, cd)
             luts.append(torch.from_numpy(lut_g.astype(np.float32).reshape(-1, cd)))
             idxs.append(torch.from_numpy(idx_g.reshape(-1)))

@@ -4,6 +4,7 @@ coremltools works on the fp16 const, so thresholds are fp16: ``np.percentile`` o
 array computes its index in fp16 (see :func:`numerics.numpy_percentile_fp16`; above 65,519
 values it returns NaN and *nothing is pruned*), block magnitudes are fp16 sums of fp16 squares
 accumulated in order, and a threshold-pruner threshold is rounded to fp16 before comparing.
+For an fp32 const (``compute_precision=FLOAT32``) the same steps run in float32.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from ..spec import PruneSpec, ThresholdPruneSpec, readers
 from .core import SimResult, register_handler, skipped
-from .numerics import fp16_scalar, h, kth_smallest_getter, numpy_percentile_fp16
+from .numerics import h, numpy_percentile, working_scalar
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def _percentile_prune(w16: torch.Tensor, magnitude: torch.Tensor, target_sparsit
         return torch.zeros_like(w16)
     if q == 0:
         return w16.clone()
-    threshold = numpy_percentile_fp16(kth_smallest_getter(magnitude), magnitude.numel(), q)
+    threshold = numpy_percentile(magnitude, q)
     if threshold != threshold:  # NaN: numpy's fp16 index overflowed, nothing compares <= NaN
         logger.warning("coremltools prunes nothing from a weight of %d values: np.percentile of its fp16 "
                        "magnitudes overflows to NaN above 65,519 values", magnitude.numel())
@@ -76,7 +77,7 @@ def _n_m(w16: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
 def prune_values(spec: PruneSpec | ThresholdPruneSpec, w16: torch.Tensor, op_type: str) -> torch.Tensor | str:
     """The pruned fp16 weight (zeros where pruned), or the reason coremltools skips it."""
     if isinstance(spec, ThresholdPruneSpec):
-        threshold = fp16_scalar(spec.threshold)
+        threshold = working_scalar(spec.threshold)
         pruned = torch.where(w16.abs() <= threshold, torch.zeros_like(w16), w16)
         sparsity = float((pruned == 0).sum()) / pruned.numel()
         if sparsity < spec.minimum_sparsity_percentile:
