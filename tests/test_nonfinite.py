@@ -307,13 +307,13 @@ def test_refusals_rest_on_what_coremltools_really_emits(nonfinite_packages, pack
 
     from coreml_opt.model.package import load_package
     from coreml_opt.simulate.core import handler_for
-    from coreml_opt.simulate.numerics import to_fp16_values
+    from coreml_opt.simulate.numerics import to_working_values
 
     path = nonfinite_packages[package]
     weight = torch.from_numpy(load_package(path).weight_values("fc1_weight_to_fp16").astype(np.float32))
     emitted = coremltools_compress(ct.models.MLModel(str(path), skip_model_load=True), spec)
     (value,) = [v for k, v in decompressed_weights(emitted).items() if k.startswith("fc1")]
     parsed = parse_spec(spec)
-    simulated = handler_for(parsed)(parsed, to_fp16_values(weight), "linear", "exact").weight  # unchecked
+    simulated = handler_for(parsed)(parsed, to_working_values(weight), "linear", "exact").weight  # unchecked
     assert np.array_equal(~np.isfinite(value.astype(np.float32)), ~torch.isfinite(simulated).numpy())
     assert (~np.isfinite(value.astype(np.float32))).any()
