@@ -102,6 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CoreMLOptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = (f"; the trials finished so far are kept in {os.path.join(args.out, 'sensitivity.sqlite')}: run the "
+                "same command again to resume" if args.out else "; nothing was saved (pass --out DIR to make a "
+                "sweep resumable)")
+        print(f"error: sweep interrupted (Ctrl-C){kept}", file=sys.stderr)
+        return 130
     print("\n".join(header_lines(result)))
     print()
     print(ranked_table(result))
