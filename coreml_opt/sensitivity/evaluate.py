@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import Dataset, load_dataset
 from ..errors import DataError, ModelError
-from ..metrics import Metric, MetricError, get_metric, import_metric_fn
+from ..metrics import Metric, get_metric, import_metric_fn
 from ..metrics import drop as metric_drop
 from ..model.convert import fold_batchnorm, load_factory
 from .suffix import first_tensor
@@ -36,12 +36,10 @@ def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Op
         gen = torch.Generator().manual_seed(0)
         return Dataset(torch.rand((DATA_FREE_SAMPLES, *input_shape[1:]), generator=gen), None, "random inputs")
     if isinstance(data, str) and ":" in data and not os.path.exists(data):
-        fn = load_factory_fn(data)
-        try:
-            value = fn()
-        except Exception as exc:
-            raise DataError(f"data {data!r}", f"raised {type(exc).__name__}: {str(exc)[:120]}",
-                            "make the function callable with no arguments") from exc
+        from ..imports import call_without_arguments
+
+        value = call_without_arguments(load_factory_fn(data), data,
+                                       lambda text, problem, fix: DataError(f"data {text!r}", problem, fix))
         if isinstance(value, tuple) and len(value) == 2:
             return Dataset(value[0], value[1], source=data)
         return load_dataset(value)
@@ -49,11 +47,11 @@ def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Op
 
 
 def load_factory_fn(path: str) -> Callable[[], Any]:
-    """Import ``package.module:fn`` for data factories (one-line DataError when missing)."""
-    try:
-        return import_metric_fn(path)
-    except MetricError as exc:
-        raise DataError(f"data {path!r}", exc.problem, "pass a folder, an .npz or package.module:fn") from None
+    """Import ``package.module:fn`` or ``file.py:fn`` for data factories (one-line DataError naming the fix)."""
+    from ..imports import import_callable
+
+    return import_callable(path, lambda text, problem, fix: DataError(f"data {text!r}", problem, fix),
+                           example="coreml_opt.sensitivity.examples:digits_heldout")
 
 
 def resolve_model(model: Union[nn.Module, str]) -> tuple[nn.Module, Optional[str]]:
