@@ -19,25 +19,43 @@ from .solver import Choices, Option
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "k": 10**3, "m": 10**6, "g": 10**9}
+# One size unit everywhere: bytes, and KiB/MiB/GiB (1024-based) as every table prints them; KB/MB/GB are read
+# the same way, so `--size 60KB` is the 60.0 KiB a table shows (61,440 bytes).
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "k": 2**10, "m": 2**20, "g": 2**30}
 ACCURACY_LIKE = ("accuracy", "acc", "top1", "top5", "top-1", "top-5", "agreement", "top1_agreement")
 
 
 def parse_size(text: str | int | float) -> int:
-    """``12MB`` (10^6), ``1.5MiB`` (2^20), ``800kB``, ``52000`` -> bytes."""
+    """``12MB`` = ``12MiB`` (12 * 2^20), ``800kB`` (800 * 1024), ``52000`` -> bytes (1024-based, like the tables)."""
     if isinstance(text, (int, float)):
         return int(text)
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise PlanError(f"size {text!r}", "is not a size", "write e.g. 12MB, 1.5MiB, 800kB or 52000 (bytes)")
+        raise PlanError(f"size {text!r}", "is not a size", "write e.g. 12MiB, 800KiB or 52000 (bytes)")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
 def drop_unit(metric: str, unit: str | None = None) -> float:
     """Metric units per user 'point' of drop: 0.01 for fractions such as accuracy (0.5 -> 0.5 %), else 1."""
     return 0.01 if unit == "fraction" or metric.lower() in ACCURACY_LIKE or "accuracy" in metric.lower() else 1.0
+
+
+def format_metric(value: float | None, metric: str, unit: str | None = None) -> str:
+    """A metric value as users read it: ``99.44 %`` for fraction metrics (accuracy, agreement), else 4 significant
+    digits in metric units (kl ``2.56e-08``, psnr ``41.3``)."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.2f} %" if drop_unit(metric, unit) == 0.01 else f"{value:.4g}"
+
+
+def format_drop(value: float | None, metric: str, unit: str | None = None) -> str:
+    """A drop (metric units) as users give it to --max-drop: percentage points (``0.50 pp``) for fraction metrics,
+    else metric units with 4 significant digits."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.2f} pp" if drop_unit(metric, unit) == 0.01 else f"{value:.4g}"
 
 
 def _get(trial: Any, name: str) -> Any:
@@ -105,8 +123,18 @@ class Problem:
         return parse_size(size)
 
     def describe_bytes(self, total_bytes: int) -> str:
-        return (f"{total_bytes:,} bytes ({total_bytes / 1e6:.3f} MB, {self.bits_per_weight(total_bytes):.3f} bits per "
+        from ..report.tables import human_bytes
+
+        return (f"{total_bytes:,} bytes ({human_bytes(total_bytes)}, {self.bits_per_weight(total_bytes):.3f} bits per "
                 f"weight, {self.fp16_bytes / max(total_bytes, 1):.2f}x smaller than fp16)")
+
+    def metric_text(self, value: float | None) -> str:
+        """``value`` of this problem's metric, in the unit users read it (see :func:`format_metric`)."""
+        return format_metric(value, self.metric, self.sweep.get("unit"))
+
+    def drop_text(self, value: float | None) -> str:
+        """A drop of this problem's metric in the unit --max-drop takes (see :func:`format_drop`)."""
+        return format_drop(value, self.metric, self.sweep.get("unit"))
 
 
 def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
