@@ -117,6 +117,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_xcode_prep(args: argparse.Namespace) -> int:
+    from .units import format_metric, is_fraction
     from .xcode import issue_for_error, prepare, prepare_workflow, resolve_arguments
 
     plan, workflow = args.config, args.workflow
@@ -142,7 +143,8 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
     elif result.workflow is not None:
         outcome = next(s.outcome for s in result.workflow.stages if s.name == result.stage)
         print(f"coreml-opt: wrote {result.output} (stage {result.stage} of workflow {result.workflow.name}: "
-              f"{result.workflow.metric} {outcome.metric:.4f}, {result.workflow.fp16_bytes} -> "
+              f"{result.workflow.metric} {format_metric(outcome.metric, is_fraction(result.workflow.metric))}, "
+              f"{result.workflow.fp16_bytes} -> "
               f"{outcome.inventory.total_bytes} weight bytes; report {result.workflow.out / 'report.md'})")
     else:
         report = result.report

@@ -13,7 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .. import units
 from ..errors import PlanError
+from ..units import ACCURACY_LIKE, drop_unit  # noqa: F401  (re-exported: planning.drop_unit)
 from ..storage import predicted_bytes
 from .solver import Choices, Option
 
@@ -23,7 +25,6 @@ logger = logging.getLogger(__name__)
 # the same way, so `--size 60KB` is the 60.0 KiB a table shows (61,440 bytes).
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "k": 2**10, "m": 2**20, "g": 2**30}
-ACCURACY_LIKE = ("accuracy", "acc", "top1", "top5", "top-1", "top-5", "agreement", "top1_agreement")
 
 
 def parse_size(text: str | int | float) -> int:
@@ -37,25 +38,14 @@ def parse_size(text: str | int | float) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def drop_unit(metric: str, unit: str | None = None) -> float:
-    """Metric units per user 'point' of drop: 0.01 for fractions such as accuracy (0.5 -> 0.5 %), else 1."""
-    return 0.01 if unit == "fraction" or metric.lower() in ACCURACY_LIKE or "accuracy" in metric.lower() else 1.0
-
-
 def format_metric(value: float | None, metric: str, unit: str | None = None) -> str:
-    """A metric value as users read it: ``99.44 %`` for fraction metrics (accuracy, agreement), else 4 significant
-    digits in metric units (kl ``2.56e-08``, psnr ``41.3``)."""
-    if value is None or value != value:
-        return "n/a"
-    return f"{100 * value:.2f} %" if drop_unit(metric, unit) == 0.01 else f"{value:.4g}"
+    """A metric value in the unit users read it (see :mod:`coreml_opt.units`)."""
+    return units.format_metric(value, units.is_fraction(metric, unit))
 
 
 def format_drop(value: float | None, metric: str, unit: str | None = None) -> str:
-    """A drop (metric units) as users give it to --max-drop: percentage points (``0.50 pp``) for fraction metrics,
-    else metric units with 4 significant digits."""
-    if value is None or value != value:
-        return "n/a"
-    return f"{100 * value:.2f} pp" if drop_unit(metric, unit) == 0.01 else f"{value:.4g}"
+    """A drop in the unit --max-drop takes: pp for fraction metrics, else metric units (:mod:`coreml_opt.units`)."""
+    return units.format_drop(value, units.is_fraction(metric, unit))
 
 
 def _get(trial: Any, name: str) -> Any:

@@ -128,7 +128,7 @@ def _sections(report: RunReport) -> dict[str, str]:
         out["inventory"] = _missing("No .mlpackage found: no inventory.")
     if report.sweep:
         body = "".join(f"<p>{_inline_code(line)}</p>" for line in sensitivity_lines(report))
-        body += (image(report.heatmap_png, "sensitivity heatmap", "accuracy drop with one layer compressed at a time "
+        body += (image(report.heatmap_png, "sensitivity heatmap", f"{report.metric} drop with one layer compressed at a time "
                        "(darker = more sensitive)") if report.heatmap_png else _missing("heatmap.png not found"))
         out["sensitivity"] = body
     else:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report.tables import format_table, human_bytes, markdown_table
+from ..units import format_drop
 from .layers import Layer
 
 CSV_COLUMNS = ("layer", "coreml_name", "op_type", "spec", "params", "bytes", "fp16_bytes", "metric",
@@ -51,13 +52,11 @@ def _no_nan(obj: Any) -> Any:
 
 def fmt_drop(value: float | None, unit: str) -> str:
     """A drop in display units: percentage points for fractions, else the metric's own unit."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:+.2f}" if unit == "fraction" else f"{value:+.4g}"
+    return format_drop(value, unit == "fraction", signed=True, suffix=False)
 
 
 def drop_label(result) -> str:
-    unit = {"fraction": "points", "dB": "dB", "nats": "nats"}.get(result.unit, "")
+    unit = {"fraction": "pp", "dB": "dB", "nats": "nats"}.get(result.unit, "")
     return f"{result.metric} drop" + (f" ({unit})" if unit else "")
 
 
