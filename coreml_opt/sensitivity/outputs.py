@@ -112,7 +112,8 @@ def header_lines(result) -> list[str]:
     val = (lambda v: f"{100 * v:.2f} %") if result.unit == "fraction" else (lambda v: f"{v:.4g} {unit}".strip())
     lines = [(f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
              f"fp16 baseline {val(result.baseline)}, fp32 {val(result.fp32_metric)} "
-             f"(fp32 -> fp16 drop {fmt_drop(result.fp16_drop, result.unit)})")]
+             f"(fp32 -> fp16 drop {format_drop(result.fp16_drop, result.unit == 'fraction', signed=True)}); "
+             f"table cells: {drop_label(result)}")]
     for item in result.skipped_candidates:
         lines.append(f"skipped candidate {item['spec']}: {item['reason']}")
     for item in result.skipped_trials:
