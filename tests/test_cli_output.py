@@ -130,6 +130,11 @@ def test_unreachable_bits_per_weight_budget_is_stated_in_bits_per_weight(accurac
     assert "bits per weight, " in err.split("smallest size reachable")[1] and "ask for at least that" in err
 
 
+def test_a_negative_max_drop_is_named_as_given(accuracy_sweep):
+    code, _, err = run_cli("plan", str(accuracy_sweep), "--max-drop", "-0.5")
+    assert code == 2 and err.startswith("error: --max-drop -0.5: ") and "0.005" not in err
+
+
 # ---- kind 10: one unit per quantity ------------------------------------------------------------
 def test_plan_prints_accuracy_in_percent_drops_in_points_and_writes_no_null_global(accuracy_sweep, tmp_path):
     code, out, err = run_cli("plan", str(accuracy_sweep), "--max-drop", "0.5", "-o", str(tmp_path / "plan.yaml"))

@@ -63,6 +63,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     has_size = any(v is not None for v in (args.bpw, args.size, args.ratio))
     if not has_size and args.max_drop is None and not args.front:
         raise PlanError("coreml-opt plan", "no budget given", "pass --bpw 4, --size 12MiB, --ratio 4 or --max-drop 0.5")
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise PlanError(f"--max-drop {args.max_drop:g}", "is not a drop of 0 or more",
+                        "give e.g. --max-drop 0.5 (percentage points for accuracy-like metrics)")
     session = PlanningSession.open(args.sweep, measure=not args.no_validate)
     problem = session.problem
     out: dict = {}

@@ -91,7 +91,8 @@ def solve_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: fl
     minimise = "drop" if max_bytes is not None else "bytes"
     solution = solve(choices, max_bytes=room, max_drop=max_drop, minimise=minimise)
     if solution is None:
-        what = f"predicted drop {max_drop:g}" + (f" within {max_bytes:,} bytes" if max_bytes is not None else "")
+        what = (f"predicted {problem.metric} drop {problem.drop_text(max_drop)}"
+                + (f" within {max_bytes:,} bytes" if max_bytes is not None else ""))
         raise PlanError(f"budget {what}", "no plan meets it", "raise the drop budget or the size budget")
     return solution
 
@@ -107,7 +108,7 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
     if max_bytes is None and max_drop is None:
         raise PlanError("budget", "none given", "give a size budget (--bpw, --size, --ratio) or --max-drop")
     if max_drop is not None and max_drop < 0:
-        raise PlanError(f"max drop {max_drop:g}", "is negative", "give a drop of 0 or more")
+        raise PlanError(f"max drop {problem.drop_text(max_drop)}", "is negative", "give a drop of 0 or more")
     label = label or (problem.describe_bytes(max_bytes) if max_bytes is not None
                       else f"{problem.metric} drop <= {problem.drop_text(max_drop)}")
     choices = list(problem.choices)
