@@ -175,3 +175,17 @@ def test_front_plot_is_titled_and_scaled_from_the_metric_and_marks_points_off_th
     assert any(t.startswith("pal2 (0.5, off scale)") for t in labels)
     assert "uniform, off scale (value in label)" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
+
+
+def test_report_on_a_kl_sweep_names_kl_not_accuracy(tmp_path, digits_model):
+    from coreml_opt.sensitivity import analyse
+
+    sweep = tmp_path / "kl"
+    analyse("coreml_opt.zoo:digits_cnn", (1, 1, 8, 8), "coreml_opt.sensitivity.examples:digits_heldout", "kl",
+            candidates=["int8", "pal2"], out_dir=sweep, progress=False)
+    code, out, err = run_cli("report", str(sweep), "-o", str(tmp_path / "r.html"), "--no-measure")
+    assert code == 0, err
+    for page in (tmp_path / "r.html", tmp_path / "r.md"):
+        text = page.read_text()
+        assert "Size vs kl" in text and "Size vs accuracy" not in text and "accuracy drop" not in text
+    assert str(tmp_path / "r.html") in out and str(tmp_path / "r.md") in out

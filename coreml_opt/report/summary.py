@@ -15,6 +15,11 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+def section_titles(report) -> list[tuple[str, str]]:
+    """SECTIONS with the Pareto section named from the report's metric ("Size vs kl", not "Size vs accuracy")."""
+    return [(sid, f"Size vs {report.metric}" if sid == "pareto" else title) for sid, title in SECTIONS]
+
+
 def fmt_metric(report, value: float | None) -> str:
     return format_metric(value, report.fraction)
 
