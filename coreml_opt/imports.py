@@ -97,8 +97,13 @@ def call_without_arguments(fn: Callable[..., Any], text: str, error: ErrorType) 
                     "give its parameters defaults, or point at a wrapper function that takes none") from None
     except ValueError:
         pass  # no signature (builtins): just call it
+    return call_user(fn, text, error)
+
+
+def call_user(fn: Callable[..., Any], text: str, error: ErrorType, *args: Any) -> Any:
+    """``fn(*args)`` for a user's function; an exception it raises becomes one line naming it and its message."""
     try:
-        return fn()
+        return fn(*args)
     except Exception as exc:
         name = ".".join(x for x in (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) if x) or str(fn)
         raise error(text, f"{name}() raised {type(exc).__name__}: {_first_line(exc)}",

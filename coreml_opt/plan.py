@@ -202,7 +202,7 @@ class Plan:
         if problem:
             from_option = key == "global" and self.global_origin.startswith("-")
             raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
-                            "pick a spec that fits every weight, or write a plan (-c) that overrides this layer "
+                            "pick a spec that fits every weight, or write a plan (-c) to override this layer "
                             "under `layers:`" if from_option else
                             "override this layer under `layers:` with a spec that fits it, or skip it")
 

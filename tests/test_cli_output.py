@@ -111,6 +111,14 @@ def test_model_file_in_the_cwd_that_is_not_importable_gets_the_file_path_hint(tm
     assert (tmp_path / "m.mlpackage").is_dir()
 
 
+def test_user_metric_that_raises_is_one_line_naming_it(tmp_path):
+    (tmp_path / "my_metric.py").write_text("def score(model):\n    raise ValueError('labels file missing')\n")
+    code, _, err = run_cli("sensitivity", "--model", "coreml_opt.zoo:digits_cnn", "--input-shape", "1,1,8,8",
+                           "--metric", f"{tmp_path / 'my_metric.py'}:score", "--candidates", "int8")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "my_metric.py:score" in err and "raised ValueError: labels file missing" in err
+
+
 def test_target_fix_names_the_option_the_user_gave(example_mlpackage, tmp_path):
     code, _, err = run_cli("compress", str(example_mlpackage), "--spec", "int4", "--target", "iOS16",
                            "-o", str(tmp_path / "o.mlpackage"))

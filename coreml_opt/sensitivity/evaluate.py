@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import Dataset, load_dataset
 from ..errors import DataError, ModelError
-from ..metrics import Metric, get_metric, import_metric_fn
+from ..metrics import Metric, MetricError, get_metric, import_metric_fn
 from ..metrics import drop as metric_drop
 from ..model.convert import fold_batchnorm, load_factory
 from .suffix import first_tensor
@@ -122,7 +122,10 @@ class Evaluator:
     def __call__(self, model: nn.Module) -> float:
         """The metric of ``model`` on this evaluator's data."""
         if self.user_fn is not None:
-            return float(self.user_fn(model))
+            from ..imports import call_user
+
+            return float(call_user(self.user_fn, self.name,
+                                   lambda text, problem, fix: MetricError(f"metric {text!r}", problem, fix), model))
         was_training = model.training
         model.eval()
         try:
