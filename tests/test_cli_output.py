@@ -131,6 +131,15 @@ def test_target_fix_names_the_option_the_user_gave(example_mlpackage, tmp_path):
     assert not (tmp_path / "o.mlpackage").exists()
 
 
+def test_sweep_file_errors_name_the_file_and_its_target_key(tmp_path):
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text("model: coreml_opt.zoo:digits_cnn\ninput_shape: [1, 1, 8, 8]\ncandidates: [int4]\n"
+                     "target: iOS16\n")
+    code, _, err = run_cli("sensitivity", str(sweep))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {sweep}: candidate int4") and "`target: iOS18` in a sweep file" in err
+
+
 def test_unreachable_bits_per_weight_budget_is_stated_in_bits_per_weight(accuracy_sweep):
     code, _, err = run_cli("plan", str(accuracy_sweep), "--bpw", "0.5")
     assert code == 2 and err.count("\n") == 1
