@@ -158,9 +158,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_workflow(args.workflow, out=args.out, progress=True)  # bars show on a terminal only
     print(result.summary(), end="")
-    written = [s.outcome.package for s in result.stages if s.outcome is not None]
+    written = [result.out / "fp16.mlpackage", result.out / "plan.yaml"]
+    written += [result.out / "sensitivity"] if "auto_plan" in (result.plan or {}) else []
+    written += [s.outcome.package for s in result.stages if s.outcome is not None]
     written += [result.out / "report.md", result.out / "report.json"]
-    print("wrote " + ", ".join(map(str, written)))
+    print("wrote " + ", ".join(str(path) for path in written if os.path.exists(path)))
     failed = result.failed
     if failed is not None:
         print(f"error: stage {failed.name} failed: {failed.error}; earlier stages' packages are kept in {result.out}",

@@ -75,7 +75,8 @@ def test_run_is_quiet_and_names_every_package_it_wrote(tmp_path):
     for noise in ("INFO", "sensitive_k_means", "Failed to load", "Warning", "it/s"):
         assert noise not in done.stderr, done.stderr
     written = done.stdout.strip().splitlines()[-1]
-    for name in ("data_free.mlpackage", "calibration-skm.mlpackage", "report.md", "report.json"):
+    for name in ("fp16.mlpackage", "plan.yaml", "data_free.mlpackage", "calibration-skm.mlpackage", "report.md",
+                 "report.json"):
         assert str(tmp_path / "out" / name) in written
         assert (tmp_path / "out" / name).exists()
 
