@@ -17,12 +17,22 @@ logger = logging.getLogger("coreml_opt")
 
 
 def quiet_coremltools(verbose: bool) -> None:
-    """coremltools logs import noise on Linux (no libcoremlpython) and per-pass chatter; hide it."""
-    warnings.filterwarnings("ignore")
+    """coremltools logs import noise on Linux (no libcoremlpython) and per-pass chatter; hide it unless -v.
+
+    ``coremltools.optimize.torch`` installs its own handler at INFO (from COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL,
+    read when it is imported, also by k-means worker processes), so its level is set by the variable and directly.
+    """
+    if not verbose:
+        warnings.filterwarnings("ignore")
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    os.environ["COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL"] = "info" if verbose else "warning"
     for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    logging.getLogger("coremltools.optimize.torch").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+INTERRUPTED = "error: interrupted (Ctrl-C); outputs are written atomically, so none is half-written"
 
 
 def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -115,6 +125,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_xcode_prep(args: argparse.Namespace) -> int:
+    from .units import format_metric, is_fraction
     from .xcode import issue_for_error, prepare, prepare_workflow, resolve_arguments
 
     plan, workflow = args.config, args.workflow
@@ -140,7 +151,8 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
     elif result.workflow is not None:
         outcome = next(s.outcome for s in result.workflow.stages if s.name == result.stage)
         print(f"coreml-opt: wrote {result.output} (stage {result.stage} of workflow {result.workflow.name}: "
-              f"{result.workflow.metric} {outcome.metric:.4f}, {result.workflow.fp16_bytes} -> "
+              f"{result.workflow.metric} {format_metric(outcome.metric, is_fraction(result.workflow.metric))}, "
+              f"{result.workflow.fp16_bytes} -> "
               f"{outcome.inventory.total_bytes} weight bytes; report {result.workflow.out / 'report.md'})")
     else:
         report = result.report
@@ -154,9 +166,13 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .workflows import run_workflow
 
-    result = run_workflow(args.workflow, out=args.out, progress=args.verbose)
+    result = run_workflow(args.workflow, out=args.out, progress=True)  # bars show on a terminal only
     print(result.summary(), end="")
-    print(f"report: {result.out / 'report.md'}")
+    written = [result.out / "fp16.mlpackage", result.out / "plan.yaml"]
+    written += [result.out / "sensitivity"] if "auto_plan" in (result.plan or {}) else []
+    written += [s.outcome.package for s in result.stages if s.outcome is not None]
+    written += [result.out / "report.md", result.out / "report.json"]
+    print("wrote " + ", ".join(str(path) for path in written if os.path.exists(path)))
     failed = result.failed
     if failed is not None:
         print(f"error: stage {failed.name} failed: {failed.error}; earlier stages' packages are kept in {result.out}",
@@ -275,7 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the subcommand; user errors become one line on stderr and exit code 2."""
+    """Parse ``argv`` and run the subcommand; user errors become one line on stderr and exit code 2, Ctrl-C one
+    line and exit code 130 (the shell's 128 + SIGINT)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     verbose = "-v" in argv or "--verbose" in argv
     # tqdm reads TQDM_DISABLE when it is imported, so set it before anything imports coremltools.
@@ -292,9 +317,6 @@ def run(argv: Sequence[str] | None) -> int:
     except CoreMLOptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

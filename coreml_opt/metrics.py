@@ -10,7 +10,6 @@ score would read as "bit-identical" and plans would spend the whole budget on it
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -152,20 +151,13 @@ def get_metric(name: str) -> Metric:
 
 
 def import_metric_fn(path: str) -> Callable[[torch.nn.Module], float]:
-    """Import a user metric ``package.module:fn`` (called as ``fn(model) -> float``, higher is better)."""
-    module_name, sep, attr = str(path).partition(":")
-    if not sep or not module_name or not attr:
-        raise MetricError(f"metric {path!r}", "is neither a known metric nor package.module:fn", METRIC_HELP)
-    try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise MetricError(f"metric {path!r}", f"cannot import module {module_name!r} ({exc})",
-                          "check the module path and that its package is installed") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise MetricError(f"metric {path!r}", f"module {module_name!r} has no attribute {attr!r}",
-                              "check the function name after the colon")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise MetricError(f"metric {path!r}", f"{attr!r} is not callable", "point at a function model -> float")
-    return obj  # type: ignore[return-value]
+    """Import a user metric ``package.module:fn`` or ``file.py:fn`` (called as ``fn(model) -> float``, higher is
+    better)."""
+    from .imports import import_callable
+
+    def error(text: str, problem: str, fix: str) -> MetricError:
+        if problem.startswith("is not package.module"):
+            problem, fix = "is neither a known metric nor package.module:fn", METRIC_HELP
+        return MetricError(f"metric {text!r}", problem, fix)
+
+    return import_callable(path, error)  # type: ignore[return-value]

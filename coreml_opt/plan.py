@@ -61,6 +61,9 @@ class Plan:
     target: str | None = None  # None: the model's own deployment target
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
     kmeans: str = "exact"  # "fast": emit palettes from the simulation engine's fast k-means
+    # Where ``target`` came from, for error fixes: "target:" (plan YAML) or the option that set it ("--target").
+    target_origin: str = field(default="target:", compare=False, repr=False)
+    global_origin: str = field(default="global", compare=False, repr=False)  # or "--spec int4" from the CLI
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -123,7 +126,8 @@ class Plan:
             out["weight_threshold"] = self.weight_threshold
         if self.kmeans != "exact":
             out["kmeans"] = self.kmeans
-        out["global"] = str(self.global_spec) if self.global_spec is not None else None
+        if self.global_spec is not None:
+            out["global"] = str(self.global_spec)
         if self.op_types:
             out["op_types"] = {k: str(v) for k, v in self.op_types.items()}
         layers = {k: str(v) for k, v in self.layers.items() if not v.is_none}
@@ -196,10 +200,12 @@ class Plan:
     def _check(self, w: WeightInfo, key: str, spec: Spec, target: int, inventory: Inventory) -> None:
         if spec.is_none:
             return
-        where = f"{key} ({w.name}, shape {list(w.shape)})"
-        if spec.min_target > target:
+        where = f"{self.global_origin if key == 'global' else key} ({w.name}, shape {list(w.shape)})"
+        if spec.min_target > target and self.target is not None:  # None: the model's target, checked below
+            fix = (f"pass {self.target_origin} iOS{spec.min_target}" if self.target_origin.startswith("-")
+                   else f"set `{self.target_origin} iOS{spec.min_target}` in the plan")
             raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the target is iOS{target}",
-                            f"set `target: iOS{spec.min_target}` or pick a spec that runs on iOS{target} (e.g. int8, pal4)")
+                            f"{fix}, or pick a spec that runs on iOS{target} (e.g. int8, pal4)")
         if spec.min_target > inventory.deployment_target:
             raise PlanError(where, f"spec {spec} needs iOS{spec.min_target} but the model was converted for "
                             f"iOS{inventory.deployment_target}",
@@ -208,7 +214,10 @@ class Plan:
             raise PlanError(where, f"is already compressed ({w.compression})", "start from the uncompressed model")
         problem = spec.shape_problem(w.shape, w.reader_type)
         if problem:
+            from_option = key == "global" and self.global_origin.startswith("-")
             raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
+                            "pick a spec that fits every weight, or write a plan (-c) to override this layer "
+                            "under `layers:`" if from_option else
                             "override this layer under `layers:` with a spec that fits it, or skip it")
 
     def predicted_bytes(self, inventory: Inventory, weight_values: Callable[[str], Any] | None = None,
@@ -384,19 +393,22 @@ def _suggest(key: str, index: dict[str, str]) -> str:
 
 
 def load_plan(source: str | os.PathLike | Plan | None = None, *, spec: str | None = None,
-              target: str | None = None) -> Plan:
-    """A plan from a YAML path, a spec string, or a Plan; ``target`` overrides the plan's target."""
+              target: str | None = None, target_origin: str = "--target") -> Plan:
+    """A plan from a YAML path, a spec string, or a Plan; ``target`` overrides the plan's target (errors name
+    ``target_origin`` as where to change it)."""
     if isinstance(source, Plan):
         plan = source
     elif source is not None:
         plan = Plan.load(source)
     elif spec is not None:
         plan = Plan.from_spec(spec)
+        plan.global_origin = f"--spec {spec}"
     else:
         raise PlanError("plan", "no plan or spec given", "pass -c plan.yaml or --spec int8")
     if target is not None:
         target_rank(target)
         plan.target = target
+        plan.target_origin = target_origin
     return plan
 
 

@@ -195,12 +195,12 @@ def test_load_factory_supports_dotted_attributes(factories):
 
 
 @pytest.mark.parametrize("spec, problem", [
-    ("coreml_opt.zoo", "is not a model factory string"),
+    ("coreml_opt.zoo", "is not package.module:function or path/to/file.py:function"),
     ("no_such_pkg_xyz.models:net", "cannot import module 'no_such_pkg_xyz.models'"),
     ("coreml_opt.zoo:no_such_factory", "has no attribute 'no_such_factory'"),
-    ("my_factories:VALUE", "is not callable"),
-    ("my_factories:broken", "factory raised RuntimeError: weights file missing"),
-    ("my_factories:needs_args", "factory raised TypeError"),
+    ("my_factories:VALUE", "is int, not a function or class"),
+    ("my_factories:broken", "my_factories.broken() raised RuntimeError: weights file missing; fix the error in"),
+    ("my_factories:needs_args", "needs arguments (missing a required argument: 'n'); give its parameters defaults"),
     ("my_factories:not_a_model", "factory returned int, not a torch.nn.Module"),
 ])
 def test_load_factory_errors_are_one_line(factories, spec, problem):

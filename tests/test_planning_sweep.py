@@ -112,7 +112,7 @@ def test_cli_max_drop_is_in_percent_points_for_accuracy(sweep_dir):
 def test_cli_infeasible_budget_is_one_clear_line(sweep_dir):
     code, out, err = plan_cli(str(sweep_dir), "--bpw", "0.5")
     assert code == 2
-    assert err.startswith("error: size budget") and "smallest size reachable" in err
+    assert err.startswith("error: budget 0.5 bits per weight") and "smallest size reachable" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -9,7 +9,6 @@ user-defined metadata, so later stages can name layers both ways.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import numbers
 import logging
@@ -32,30 +31,11 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- factories
 
 def load_factory(spec: str) -> nn.Module:
-    """Import ``package.module:factory`` and call it with no arguments; returns an nn.Module."""
-    module_name, sep, attr_path = str(spec).partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ModelError(spec, "is not a model factory string",
-                         "write it as package.module:factory, e.g. coreml_opt.zoo:digits_cnn")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(spec, f"cannot import module {module_name!r} ({exc})",
-                         "check the module path and that its package is installed") from exc
-    obj: object = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ModelError(spec, f"module {module_name!r} has no attribute {attr_path!r}",
-                             "check the factory name after the colon")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelError(spec, f"{attr_path!r} is not callable",
-                         "point at a function or class that returns an nn.Module")
-    try:
-        model = obj()
-    except Exception as exc:
-        raise ModelError(spec, f"factory raised {type(exc).__name__}: {_first_line(exc)}",
-                         "make the factory callable with no arguments") from exc
+    """Import ``package.module:factory`` (or ``path/to/file.py:factory``) and call it with no arguments; returns
+    an nn.Module. Errors name ``spec`` as given and the fix for that form (see :mod:`coreml_opt.imports`)."""
+    from ..imports import call_without_arguments, import_callable
+
+    model = call_without_arguments(import_callable(spec, ModelError), spec, ModelError)
     if not isinstance(model, nn.Module):
         raise ModelError(spec, f"factory returned {type(model).__name__}, not a torch.nn.Module",
                          "return the model instance from the factory")

@@ -9,13 +9,15 @@ Solve the optimal mixed-precision plan from a sensitivity output folder (python 
 
 examples:
   coreml-opt plan out/sens --bpw 4 -o plan.yaml
-  coreml-opt plan out/sens --size 12MB --emit model-plan.mlpackage
-  coreml-opt plan out/sens --max-drop 0.5 -o plan.yaml        # at most 0.5 %% accuracy lost
+  coreml-opt plan out/sens --size 12MiB --emit model-plan.mlpackage
+  coreml-opt plan out/sens --max-drop 0.5 -o plan.yaml        # at most 0.5 percentage points of accuracy lost
   coreml-opt plan out/sens --front front.png --bits 2,3,4,5,6,8
 
 Sizes count every weight Core ML stores (layers outside the sweep stay fp16), so --bpw 4 is the
-whole model's bits per weight. --max-drop is in percent points for accuracy-like metrics (accuracy,
-top1, top5: 0.5 = 0.005 in metric units) and in metric units otherwise (PSNR dB, loss). Plans are
+whole model's bits per weight. Sizes are bytes; KB/KiB = 1024 bytes and MB/MiB = 2^20, as the tables
+print them. Drops (--max-drop and every printed drop) are percentage points (pp) for accuracy-like metrics
+(accuracy, top1, top5: 0.5 pp = 0.005 in metric units, shown as %%) and metric units otherwise (kl nats,
+psnr dB); --json keeps every figure in metric units. Plans are
 measured with every layer compressed together (simulated, equal to Core ML's weights) and repaired
 until they meet --max-drop.
 """
@@ -35,9 +37,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("sweep", metavar="DIR", help="sensitivity output folder (sweep.json + trials.json)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bpw", type=float, help="average bits per weight over all weights, e.g. 4")
-    size.add_argument("--size", help="total weight bytes, e.g. 12MB (10^6), 11.5MiB (2^20), 52000")
+    size.add_argument("--size", help="total weight bytes, e.g. 12MiB (= 12MB, 2^20), 60KiB (= 60KB, 1024), 52000")
     size.add_argument("--ratio", type=float, help="compression ratio against fp16, e.g. 4")
-    p.add_argument("--max-drop", type=float, help="accuracy budget: percent points for accuracy-like metrics")
+    p.add_argument("--max-drop", type=float, help="metric drop budget: percentage points for accuracy-like metrics "
+                                               "(0.5 = 0.5 pp), metric units otherwise (kl, psnr)")
     p.add_argument("-o", "--output", help="write the plan YAML here")
     p.add_argument("--emit", metavar="MLPACKAGE", help="write the swept model compressed by the plan")
     p.add_argument("--model-package", help="uncompressed .mlpackage to compress for --emit (default: convert the "
@@ -59,7 +62,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     has_size = any(v is not None for v in (args.bpw, args.size, args.ratio))
     if not has_size and args.max_drop is None and not args.front:
-        raise PlanError("coreml-opt plan", "no budget given", "pass --bpw 4, --size 12MB, --ratio 4 or --max-drop 0.5")
+        raise PlanError("coreml-opt plan", "no budget given", "pass --bpw 4, --size 12MiB, --ratio 4 or --max-drop 0.5")
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise PlanError(f"--max-drop {args.max_drop:g}", "is not a drop of 0 or more",
+                        "give e.g. --max-drop 0.5 (percentage points for accuracy-like metrics)")
     session = PlanningSession.open(args.sweep, measure=not args.no_validate)
     problem = session.problem
     out: dict = {}
@@ -79,8 +85,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not args.json:
             drops = {c.layer: {o.spec: o for o in c.options} for c in problem.choices}
             rows = [[info.layer, info.shape, result.specs[info.layer], drops[info.layer][result.specs[info.layer]].bytes,
-                     info.fp16_bytes, drops[info.layer][result.specs[info.layer]].drop] for info in problem.layers]
-            rows += [[path, "", "none (not swept)", size, size, 0.0] for path, size in problem.fixed.items()]
+                     info.fp16_bytes, problem.drop_text(drops[info.layer][result.specs[info.layer]].drop)]
+                    for info in problem.layers]
+            rows += [[path, "", "none (not swept)", size, size, problem.drop_text(0.0)]
+                     for path, size in problem.fixed.items()]
             print(format_table(["layer", "shape", "spec", "bytes", "fp16 bytes", "drop alone"], rows))
             print(result.summary())
             if args.output:
@@ -93,8 +101,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          "predicted_drop": p.predicted_drop, "measured_metric": p.measured_metric} for p in points]
         if not args.json:
             print(format_table(["kind", "budget/spec", "bytes", "bits/w", "pred drop", f"measured {problem.metric}"],
-                               [[p.kind, p.label, p.bytes, p.bits_per_weight, p.predicted_drop, p.measured_metric]
-                                for p in points]))
+                               [[p.kind, p.label, p.bytes, f"{p.bits_per_weight:.3f}", problem.drop_text(p.predicted_drop),
+                                 problem.metric_text(p.measured_metric)] for p in points]))
             print(f"wrote {args.front}")
     if args.json:
         print(json.dumps(out, indent=2))

@@ -13,31 +13,39 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .. import units
 from ..errors import PlanError
+from ..units import ACCURACY_LIKE, drop_unit  # noqa: F401  (re-exported: planning.drop_unit)
 from ..storage import predicted_bytes
 from .solver import Choices, Option
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "k": 10**3, "m": 10**6, "g": 10**9}
-ACCURACY_LIKE = ("accuracy", "acc", "top1", "top5", "top-1", "top-5", "agreement", "top1_agreement")
+# One size unit everywhere: bytes, and KiB/MiB/GiB (1024-based) as every table prints them; KB/MB/GB are read
+# the same way, so `--size 60KB` is the 60.0 KiB a table shows (61,440 bytes).
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "k": 2**10, "m": 2**20, "g": 2**30}
 
 
 def parse_size(text: str | int | float) -> int:
-    """``12MB`` (10^6), ``1.5MiB`` (2^20), ``800kB``, ``52000`` -> bytes."""
+    """``12MB`` = ``12MiB`` (12 * 2^20), ``800kB`` (800 * 1024), ``52000`` -> bytes (1024-based, like the tables)."""
     if isinstance(text, (int, float)):
         return int(text)
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise PlanError(f"size {text!r}", "is not a size", "write e.g. 12MB, 1.5MiB, 800kB or 52000 (bytes)")
+        raise PlanError(f"size {text!r}", "is not a size", "write e.g. 12MiB, 800KiB or 52000 (bytes)")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def drop_unit(metric: str, unit: str | None = None) -> float:
-    """Metric units per user 'point' of drop: 0.01 for fractions such as accuracy (0.5 -> 0.5 %), else 1."""
-    return 0.01 if unit == "fraction" or metric.lower() in ACCURACY_LIKE or "accuracy" in metric.lower() else 1.0
+def format_metric(value: float | None, metric: str, unit: str | None = None) -> str:
+    """A metric value in the unit users read it (see :mod:`coreml_opt.units`)."""
+    return units.format_metric(value, units.is_fraction(metric, unit))
+
+
+def format_drop(value: float | None, metric: str, unit: str | None = None) -> str:
+    """A drop in the unit --max-drop takes: pp for fraction metrics, else metric units (:mod:`coreml_opt.units`)."""
+    return units.format_drop(value, units.is_fraction(metric, unit))
 
 
 def _get(trial: Any, name: str) -> Any:
@@ -105,8 +113,18 @@ class Problem:
         return parse_size(size)
 
     def describe_bytes(self, total_bytes: int) -> str:
-        return (f"{total_bytes:,} bytes ({total_bytes / 1e6:.3f} MB, {self.bits_per_weight(total_bytes):.3f} bits per "
+        from ..report.tables import human_bytes
+
+        return (f"{total_bytes:,} bytes ({human_bytes(total_bytes)}, {self.bits_per_weight(total_bytes):.3f} bits per "
                 f"weight, {self.fp16_bytes / max(total_bytes, 1):.2f}x smaller than fp16)")
+
+    def metric_text(self, value: float | None) -> str:
+        """``value`` of this problem's metric, in the unit users read it (see :func:`format_metric`)."""
+        return format_metric(value, self.metric, self.sweep.get("unit"))
+
+    def drop_text(self, value: float | None) -> str:
+        """A drop of this problem's metric in the unit --max-drop takes (see :func:`format_drop`)."""
+        return format_drop(value, self.metric, self.sweep.get("unit"))
 
 
 def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],

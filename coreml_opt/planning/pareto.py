@@ -93,8 +93,20 @@ def front(problem: Problem, bits: Sequence[float], measure: Measure | None = Non
 
 
 def front_png(problem: Problem, points: Sequence[Point], mark: Mapping[str, Any] | None = None) -> bytes:
-    """Metric (measured, else predicted) against bits per weight for solved/greedy/uniform plans; a star marks
-    the chosen plan (``mark``: bits_per_weight, metric, label)."""
+    """:func:`front_figure` as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = front_figure(problem, points, mark)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def front_figure(problem: Problem, points: Sequence[Point], mark: Mapping[str, Any] | None = None):
+    """Metric (measured, else predicted; fraction metrics in %) against bits per weight for solved/greedy/uniform
+    plans, titled and scaled from the metric; a star marks the chosen plan (``mark``: bits_per_weight, metric,
+    label); uniform points beyond the plans' range sit on the edge as open arrows, their value in the label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,47 +117,64 @@ def front_png(problem: Problem, points: Sequence[Point], mark: Mapping[str, Any]
             return p.measured_metric
         return problem.baseline - p.predicted_drop if problem.higher_is_better else problem.baseline + p.predicted_drop
 
+    from .costs import drop_unit
+
+    percent = drop_unit(problem.metric, problem.sweep.get("unit")) == 0.01  # fraction metrics plot in %
+    k = 100.0 if percent else 1.0
+
+    def yk(p) -> float:
+        return k * y(p)
+
     measured = all(p.measured_metric is not None for p in points)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for kind, style in (("solved", dict(marker="o", color="C0", lw=2)),
                         ("greedy", dict(marker="s", color="C1", ls="--"))):
         pts = sorted((p for p in points if p.kind == kind), key=lambda p: p.bits_per_weight)
         if pts:
-            ax.plot([p.bits_per_weight for p in pts], [y(p) for p in pts], label=f"{kind} plan", **style)
-    values = [y(p) for p in points if p.kind != "uniform"] + [problem.baseline]
+            ax.plot([p.bits_per_weight for p in pts], [yk(p) for p in pts], label=f"{kind} plan", **style)
+    baseline = k * problem.baseline
+    values = [yk(p) for p in points if p.kind != "uniform"] + [baseline]
     if mark and mark.get("metric") is not None:
-        values.append(mark["metric"])
+        values.append(k * mark["metric"])
     values = [v for v in values if v == v]
-    bottom = None
-    if values:  # zoom on the plans; uniform points far below sit on the bottom edge, labelled
+    bottom = top = None
+    if values:  # zoom on the plans; uniform points beyond sit on the worse edge, marked "off scale"
         low, high = min(values), max(values)
         span = max(high - low, 1e-3 * max(abs(high), 1.0))
-        bottom = low - 0.3 * span
-        ax.set_ylim(bottom, high + 0.2 * span)
-    uniform = [p for p in points if p.kind == "uniform"]
+        worse_room, better_room = 0.3 * span, 0.2 * span
+        bottom = low - (worse_room if problem.higher_is_better else better_room)
+        top = high + (better_room if problem.higher_is_better else worse_room)
+        if low >= 0 > bottom:  # kl, accuracy, psnr of real models: no axis below zero
+            bottom = 0.0
+        ax.set_ylim(bottom, top)
+    uniform = sorted((p for p in points if p.kind == "uniform"), key=lambda p: p.bits_per_weight)
     if uniform:
-        shown = [max(y(p), bottom) if bottom is not None else y(p) for p in uniform]
-        ax.scatter([p.bits_per_weight for p in uniform], shown, marker="^", color="C2", zorder=3, label="uniform")
-        for i, (p, v) in enumerate(sorted(zip(uniform, shown), key=lambda pv: pv[0].bits_per_weight)):
-            text = p.label if v == y(p) else f"{p.label} ({y(p):.3g}, off scale)"
+        shown = [min(max(yk(p), bottom), top) if bottom is not None else yk(p) for p in uniform]
+        off = [v != yk(p) for p, v in zip(uniform, shown)]
+        ax.scatter([p.bits_per_weight for p, o in zip(uniform, off) if not o],
+                   [v for v, o in zip(shown, off) if not o], marker="^", color="C2", zorder=3, label="uniform")
+        for j, (p, v) in enumerate((p, v) for p, v, o in zip(uniform, shown, off) if o):  # arrow: beyond the edge
+            ax.scatter([p.bits_per_weight], [v], marker="v" if v == bottom else "^", color="C2", facecolor="white",
+                       zorder=3, label="uniform, off scale (value in label)" if j == 0 else None)
+        for i, (p, v, o) in enumerate(zip(uniform, shown, off)):
+            text = p.label if not o else f"{p.label} ({problem.metric_text(y(p))}, off scale)"
             # alternate above/below so neighbouring labels do not overprint
             ax.annotate(text, (p.bits_per_weight, v), textcoords="offset points", xytext=(4, 6 if i % 2 == 0 else -12),
-                        fontsize=7, color="C2")
-    if problem.baseline == problem.baseline:
-        ax.axhline(problem.baseline, color="gray", ls=":", lw=1, label="fp16 baseline")
+                        fontsize=7, color="C2", annotation_clip=False)
+    if baseline == baseline:
+        ax.axhline(baseline, color="gray", ls=":", lw=1, label="fp16 baseline")
     if mark and mark.get("metric") is not None:
-        ax.scatter([mark["bits_per_weight"]], [mark["metric"]], marker="*", s=260, color="#d62728",
+        ax.scatter([mark["bits_per_weight"]], [k * mark["metric"]], marker="*", s=260, color="#d62728",
                    edgecolor="black", zorder=5, label=mark.get("label", "chosen plan"))
+    direction = "higher is better" if problem.higher_is_better else "lower is better"
     ax.set_xlabel("bits per weight (all weights, as stored by Core ML)")
-    ax.set_ylabel(f"{problem.metric} ({'measured' if measured else 'predicted'})")
-    ax.set_title("size vs accuracy: solved plans, greedy baseline, uniform compression")
+    ax.set_ylabel(f"{problem.metric}{' (%)' if percent else ''}, {'measured' if measured else 'predicted'}")
+    ax.set_title(f"size vs {problem.metric} ({direction}): solved plans, greedy baseline, uniform compression",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.6)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def plot_front(problem: Problem, points: Sequence[Point], path: str | Path,

@@ -61,12 +61,12 @@ class PlanResult:
     def summary(self) -> str:
         p = self.problem
         lines = [f"budget: {self.budget}", f"size:   {p.describe_bytes(self.bytes)}",
-                 f"{p.metric}: baseline {p.baseline:.4f}, predicted drop {self.predicted_drop:.4f}"
-                 + (f", measured {self.measured_metric:.4f} (drop {self.measured_drop:.4f})"
+                 f"{p.metric}: baseline {p.metric_text(p.baseline)}, predicted drop {p.drop_text(self.predicted_drop)}"
+                 + (f", measured {p.metric_text(self.measured_metric)} (drop {p.drop_text(self.measured_drop)})"
                     if self.measured_metric is not None else " (not measured)")]
         if len(self.attempts) > 1:
             lines.append(f"{len(self.attempts)} plans solved and measured (predicted -> measured drop): "
-                         + "; ".join(f"{a.predicted_drop:.4f} -> {a.measured_drop:.4f}"
+                         + "; ".join(f"{p.drop_text(a.predicted_drop)} -> {p.drop_text(a.measured_drop)}"
                                      for a in self.attempts if a.measured_drop is not None) + "; kept the last "
                          "that met the budget, or the best measured")
         return "\n".join(lines)
@@ -92,7 +92,8 @@ def solve_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: fl
     minimise = "drop" if max_bytes is not None else "bytes"
     solution = solve(choices, max_bytes=room, max_drop=max_drop, minimise=minimise)
     if solution is None:
-        what = f"predicted drop {max_drop:g}" + (f" within {max_bytes:,} bytes" if max_bytes is not None else "")
+        what = (f"predicted {problem.metric} drop {problem.drop_text(max_drop)}"
+                + (f" within {max_bytes:,} bytes" if max_bytes is not None else ""))
         raise PlanError(f"budget {what}", "no plan meets it", "raise the drop budget or the size budget")
     return solution
 
@@ -108,9 +109,15 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
     if max_bytes is None and max_drop is None:
         raise PlanError("budget", "none given", "give a size budget (--bpw, --size, --ratio) or --max-drop")
     if max_drop is not None and max_drop < 0:
-        raise PlanError(f"max drop {max_drop:g}", "is negative", "give a drop of 0 or more")
-    label = label or (problem.describe_bytes(max_bytes) if max_bytes is not None else f"drop <= {max_drop:g}")
+        raise PlanError(f"max drop {problem.drop_text(max_drop)}", "is negative", "give a drop of 0 or more")
+    label = label or (problem.describe_bytes(max_bytes) if max_bytes is not None
+                      else f"{problem.metric} drop <= {problem.drop_text(max_drop)}")
     choices = list(problem.choices)
+    least = smallest(choices).bytes + problem.fixed_bytes
+    if max_bytes is not None and max_bytes < least:  # named as the user gave it (bits per weight, size or ratio)
+        raise PlanError(f"budget {label}", "is below the most compressed plan these candidates allow",
+                        f"the smallest size reachable with these candidates is {problem.describe_bytes(least)}: ask for at "
+                        "least that, or sweep smaller candidates (e.g. pal1)")
     attempts: list[Attempt] = []
     rounds = 1 if measure is None else max_rounds if max_drop is not None else max(refine_rounds, 1)
     for round_no in range(rounds):

@@ -97,11 +97,12 @@ class PlanningSession:
         max_bytes = None
         if any(v is not None for v in (size, bpw, ratio)):
             max_bytes = self.problem.budget_bytes(size=size, bpw=bpw, ratio=ratio)
+        given = (f"{bpw:g} bits per weight" if bpw is not None else f"{ratio:g}x smaller than fp16"
+                 if ratio is not None else f"{size}" if size is not None else "")
         label = " and ".join(x for x in (
-            f"{bpw:g} bits per weight" if bpw is not None else "",
-            f"{ratio:g}x" if ratio is not None else "",
-            f"{max_bytes:,} bytes" if size is not None else "",
-            f"drop <= {max_drop:g} {self.problem.metric}" if max_drop is not None else "") if x)
+            f"{given} ({max_bytes:,} bytes)" if given and str(given) != str(max_bytes) else
+            f"{max_bytes:,} bytes" if given else "",
+            f"{self.problem.metric} drop <= {self.problem.drop_text(max_drop)}" if max_drop is not None else "") if x)
         measure = self.measure if validate and self.can_measure else None
         if validate and max_drop is not None and measure is None:
             logger.warning("cannot measure: the plan meets the drop budget by prediction only")

@@ -6,10 +6,13 @@ by a second solve on the other quantity (see :func:`solve`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -121,6 +124,26 @@ def _tolerance(layers: Sequence[Choices], value: float) -> float:
     return 1e-9 * max(scale, abs(value), 1e-12)
 
 
+@contextlib.contextmanager
+def c_stdout_silenced() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null for the block, so C libraries (HiGHS) cannot write to stdout and
+    break `plan --json`; Python's and C's buffers are flushed on both sides."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _milp(layers: Sequence[Choices], minimise: str, max_bytes: int | None, max_drop: float | None,
           time_limit: float, early_ok: bool = False) -> tuple[int, ...] | None:
     """One HiGHS solve with binary x[layer, option]; returns option indices per layer or None."""
@@ -151,8 +174,9 @@ def _milp(layers: Sequence[Choices], minimise: str, max_bytes: int | None, max_d
     cost = {"drop": drop_off, "bytes": byte_off, "-bytes": -byte_off}[minimise]
     top = float(np.max(np.abs(cost))) if n else 0.0
     cost = cost * (_SCALE / top) if top > 0 else cost
-    result = milp(cost, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
-                  options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
+    with c_stdout_silenced():  # HiGHS prints some MIP diagnostics from C even with disp off
+        result = milp(cost, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                      options={"disp": False, "mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
     if result.x is None:
         if result.status == 1 and not early_ok:
             raise PlanError("planner", f"the integer program hit its {time_limit:g} s time limit",

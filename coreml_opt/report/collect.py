@@ -91,7 +91,9 @@ class RunReport:
     @property
     def fraction(self) -> bool:
         """Accuracy-like metric (shown in percent)."""
-        return (self.sweep or {}).get("unit") == "fraction" or "acc" in self.metric.lower() or "top" in self.metric
+        from ..units import is_fraction
+
+        return is_fraction(self.metric, (self.sweep or {}).get("unit"))
 
     @property
     def target(self) -> str | None:

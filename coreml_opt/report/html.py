@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .collect import RunReport, collect
-from .summary import SECTIONS, headline, inventory_rows, result_rows, sensitivity_lines, stage_rows, target_lines
+from .summary import headline, section_titles, inventory_rows, result_rows, sensitivity_lines, stage_rows, target_lines
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _sections(report: RunReport) -> dict[str, str]:
         out["inventory"] = _missing("No .mlpackage found: no inventory.")
     if report.sweep:
         body = "".join(f"<p>{_inline_code(line)}</p>" for line in sensitivity_lines(report))
-        body += (image(report.heatmap_png, "sensitivity heatmap", "accuracy drop with one layer compressed at a time "
+        body += (image(report.heatmap_png, "sensitivity heatmap", f"{report.metric} drop with one layer compressed at a time "
                        "(darker = more sensitive)") if report.heatmap_png else _missing("heatmap.png not found"))
         out["sensitivity"] = body
     else:
@@ -187,9 +187,10 @@ def render_html(report: RunReport) -> str:
     sections = _sections(report)
     cards = "".join(f'<div class="card"><div class="t">{_e(t)}</div><div class="v">{_e(v)}</div>'
                     f'<div class="d">{_e(d)}</div></div>' for t, v, d in headline(report))
-    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
+    titles = section_titles(report)
+    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in titles)
     body = "".join(f'<section id="{sid}"><h2><a href="#{sid}">{_e(title)}</a></h2>{sections[sid]}</section>'
-                   for sid, title in SECTIONS if sid != "summary")
+                   for sid, title in titles if sid != "summary")
     name = report.folder.root.resolve().name
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'

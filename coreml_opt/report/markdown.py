@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .guidance import target_rows
-from .summary import SECTIONS, headline, inventory_rows, result_rows, sensitivity_lines, stage_rows, target_lines
+from .summary import headline, section_titles, inventory_rows, result_rows, sensitivity_lines, stage_rows, target_lines
 from .tables import markdown_table
 
 
@@ -19,7 +19,7 @@ def render_markdown(report, stem: str = "report") -> tuple[str, dict[str, bytes]
 
     found = report.folder
     out = [f"# coreml-opt report: {found.root.resolve().name}", "",
-           " · ".join(f"[{title}](#{sid})" for sid, title in SECTIONS), "", "## Summary", ""]
+           " · ".join(f"[{title}](#{sid})" for sid, title in section_titles(report)), "", "## Summary", ""]
     out += [f"- **{t}**: {v} ({d})" for t, v, d in headline(report)] + [""]
 
     out += ["## Before and after", ""]
@@ -40,7 +40,7 @@ def render_markdown(report, stem: str = "report") -> tuple[str, dict[str, bytes]
     else:
         out += ["_No sensitivity sweep found._", ""]
 
-    out += ["## Size vs accuracy", ""]
+    out += [f"## Size vs {report.metric}", ""]
     out += image(report.front_png, "pareto", "Pareto front") + [f"_{report.front_note}_", ""]
 
     out += ["## Plan", ""]

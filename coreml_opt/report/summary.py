@@ -5,6 +5,7 @@ import math
 from typing import Any
 
 from .guidance import target_rows
+from ..units import format_drop, format_metric
 from .tables import human_bytes
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -14,17 +15,19 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+def section_titles(report) -> list[tuple[str, str]]:
+    """SECTIONS with the Pareto section named from the report's metric ("Size vs kl", not "Size vs accuracy")."""
+    return [(sid, f"Size vs {report.metric}" if sid == "pareto" else title) for sid, title in SECTIONS]
+
+
 def fmt_metric(report, value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.2f} %" if report.fraction else f"{value:.4g}"
+    return format_metric(value, report.fraction)
 
 
 def fmt_delta(report, value: float | None, base: float | None) -> str:
     if value is None or base is None or value != value or base != base:
         return "-"
-    diff = value - base + 0.0  # no '-0.00'
-    return f"{100 * diff:+.2f} pt" if report.fraction else f"{diff:+.4g}"
+    return format_drop(value - base, report.fraction, signed=True)
 
 
 def headline(report) -> list[tuple[str, str, str]]:

@@ -107,8 +107,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
                          batch_size=args.batch_size, kmeans=args.kmeans)
     except CoreMLOptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
+        print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file
         return 2
+    except KeyboardInterrupt:
+        kept = (f"; the trials finished so far are kept in {os.path.join(args.out, 'sensitivity.sqlite')}: run the "
+                "same command again to resume" if args.out else "; nothing was saved (pass --out DIR to make a "
+                "sweep resumable)")
+        print(f"error: sweep interrupted (Ctrl-C){kept}", file=sys.stderr)
+        return 130
     print("\n".join(header_lines(result)))
     print()
     print(ranked_table(result))

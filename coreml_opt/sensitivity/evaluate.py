@@ -36,12 +36,10 @@ def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Op
         gen = torch.Generator().manual_seed(0)
         return Dataset(torch.rand((DATA_FREE_SAMPLES, *input_shape[1:]), generator=gen), None, "random inputs")
     if isinstance(data, str) and ":" in data and not os.path.exists(data):
-        fn = load_factory_fn(data)
-        try:
-            value = fn()
-        except Exception as exc:
-            raise DataError(f"data {data!r}", f"raised {type(exc).__name__}: {str(exc)[:120]}",
-                            "make the function callable with no arguments") from exc
+        from ..imports import call_without_arguments
+
+        value = call_without_arguments(load_factory_fn(data), data,
+                                       lambda text, problem, fix: DataError(f"data {text!r}", problem, fix))
         if isinstance(value, tuple) and len(value) == 2:
             return Dataset(value[0], value[1], source=data)
         return load_dataset(value)
@@ -49,11 +47,11 @@ def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Op
 
 
 def load_factory_fn(path: str) -> Callable[[], Any]:
-    """Import ``package.module:fn`` for data factories (one-line DataError when missing)."""
-    try:
-        return import_metric_fn(path)
-    except MetricError as exc:
-        raise DataError(f"data {path!r}", exc.problem, "pass a folder, an .npz or package.module:fn") from None
+    """Import ``package.module:fn`` or ``file.py:fn`` for data factories (one-line DataError naming the fix)."""
+    from ..imports import import_callable
+
+    return import_callable(path, lambda text, problem, fix: DataError(f"data {text!r}", problem, fix),
+                           example="coreml_opt.sensitivity.examples:digits_heldout")
 
 
 def resolve_model(model: Union[nn.Module, str]) -> tuple[nn.Module, Optional[str]]:
@@ -124,7 +122,10 @@ class Evaluator:
     def __call__(self, model: nn.Module) -> float:
         """The metric of ``model`` on this evaluator's data."""
         if self.user_fn is not None:
-            return check_finite_value(self.name, self.user_fn(model))
+            from ..imports import call_user
+
+            return check_finite_value(self.name, call_user(
+                self.user_fn, self.name, lambda text, problem, fix: MetricError(f"metric {text!r}", problem, fix), model))
         was_training = model.training
         model.eval()
         try:

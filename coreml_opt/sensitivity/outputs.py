@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report.tables import format_table, human_bytes, markdown_table
+from ..units import format_drop
 from .layers import Layer
 
 CSV_COLUMNS = ("layer", "coreml_name", "op_type", "spec", "params", "bytes", "fp16_bytes", "metric",
@@ -44,13 +45,11 @@ def _no_nan(obj: Any) -> Any:
 
 def fmt_drop(value: float | None, unit: str) -> str:
     """A drop in display units: percentage points for fractions, else the metric's own unit."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:+.2f}" if unit == "fraction" else f"{value:+.4g}"
+    return format_drop(value, unit == "fraction", signed=True, suffix=False)
 
 
 def drop_label(result) -> str:
-    unit = {"fraction": "points", "dB": "dB", "nats": "nats"}.get(result.unit, "")
+    unit = {"fraction": "pp", "dB": "dB", "nats": "nats"}.get(result.unit, "")
     return f"{result.metric} drop" + (f" ({unit})" if unit else "")
 
 
@@ -106,7 +105,8 @@ def header_lines(result) -> list[str]:
     val = (lambda v: f"{100 * v:.2f} %") if result.unit == "fraction" else (lambda v: f"{v:.4g} {unit}".strip())
     lines = [(f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
              f"fp16 baseline {val(result.baseline)}, fp32 {val(result.fp32_metric)} "
-             f"(fp32 -> fp16 drop {fmt_drop(result.fp16_drop, result.unit)})")]
+             f"(fp32 -> fp16 drop {format_drop(result.fp16_drop, result.unit == 'fraction', signed=True)}); "
+             f"table cells: {drop_label(result)}")]
     for item in result.skipped_candidates:
         lines.append(f"skipped candidate {item['spec']}: {item['reason']}")
     for item in result.skipped_trials:

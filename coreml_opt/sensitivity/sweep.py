@@ -150,7 +150,8 @@ def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
                             "list only compression specs, e.g. int8,pal4")
         if spec.min_target > rank:
             raise SpecError(f"candidate {spec}", f"needs iOS{spec.min_target} but the target is {target}",
-                            f"drop it or pass --target iOS{spec.min_target}")
+                            f"drop it or raise the target (--target iOS{spec.min_target}, or "
+                            f"`target: iOS{spec.min_target}` in a sweep file)")
         if str(spec) not in map(str, out):
             out.append(spec)
     if not out:

@@ -85,19 +85,25 @@ class WorkflowResult:
                 "failed_stage": failed.name if failed else None, "stages": [s.to_dict() for s in self.stages]}
 
     def summary(self) -> str:
-        """A Markdown table: metric and size before and per stage."""
+        """A Markdown table: metric (in % for accuracy-like metrics, see :mod:`coreml_opt.units`) and size before and
+        per stage."""
+        from ..units import format_metric, is_fraction
+
+        def show(value: float | None) -> str:
+            return format_metric(value, is_fraction(self.metric))
+
         lines = [f"# workflow {self.name}", "", f"metric: {self.metric} (measured in PyTorch on the weights each "
                  "package holds)", "", "| stage | method | status | metric | torch model | weight bytes | bits/w |",
                  "|---|---|---|---|---|---|---|",
-                 f"| fp32 (PyTorch) | - | ok | {self.baseline['fp32']:.4f} | - | - | 32 |",
-                 f"| fp16 package | - | ok | {self.baseline['fp16']:.4f} | - | {self.fp16_bytes} | 16 |"]
+                 f"| fp32 (PyTorch) | - | ok | {show(self.baseline['fp32'])} | - | - | 32 |",
+                 f"| fp16 package | - | ok | {show(self.baseline['fp16'])} | - | {self.fp16_bytes} | 16 |"]
         for s in self.stages:
             o = s.outcome
             if o is None:
                 lines.append(f"| {s.name} | {s.method} | {s.status} | - | - | - | - |")
                 continue
-            tm = f"{o.torch_metric:.4f}" if o.torch_metric is not None else "-"
-            lines.append(f"| {s.name} | {s.method} | {s.status} | {o.metric:.4f} | {tm} | {o.inventory.total_bytes} "
+            lines.append(f"| {s.name} | {s.method} | {s.status} | {show(o.metric)} | {show(o.torch_metric)} | "
+                         f"{o.inventory.total_bytes} "
                          f"| {o.inventory.bits_per_weight:.2f} |")
         for s in self.stages:
             for note in (s.outcome.notes if s.outcome else []):

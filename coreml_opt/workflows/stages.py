@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -122,14 +123,21 @@ def _calibration(stage: StageConfig, ctx: StageContext, output: Path) -> StageOu
         config.calibration_nsamples = len(batches)
         reference = ctx.reference
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(batches), desc="calibration (sensitivity)", unit="batch", leave=False,
+                   disable=not ctx.progress or not sys.stderr.isatty())
+
         def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
             x, y = batch
             if y is None:  # unlabeled: the uncompressed model's predictions are the targets
                 with torch.no_grad():
                     y = reference(x).argmax(dim=1)
+            bar.update(1)  # SKM computes one loss per calibration batch
             return F.cross_entropy(m(x), y)
 
-        compressed = SKMPalettizer(model, config).compress(dataloader=batches, loss_fn=loss_fn)
+        with bar:
+            compressed = SKMPalettizer(model, config).compress(dataloader=batches, loss_fn=loss_fn)
     elif method in ("gptq", "sparsegpt"):
         from coremltools.optimize.torch.layerwise_compression import LayerwiseCompressor
 
