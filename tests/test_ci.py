@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Real tools .ci/run and the README's command use; everything else on PATH is a stub that logs its arguments.
 TOOLS = ("bash", "grep", "dirname", "mkdir")
 INSTALLS = re.compile(r"""["']apt-get["']|["']apt["']\s*,\s*["']install|["']pip["']\s*,\s*["']install|"""
-                      r"""-m\s+pip\s+install|ensurepip|os\.system\(""")
+                      r"""-m\s+pip\s+install|ensurepip""")
 
 
 def stub(path: Path, body: str) -> None:
