@@ -339,13 +339,16 @@ def optimization_config_dict(config) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """A YAML-safe value: enums become their lower-case names, numpy dtypes their names."""
+    """A YAML-safe value: enums become their lower-case names, numpy and MIL dtypes their names (``int8``)."""
     import enum
 
     import numpy as np
+    from coremltools.converters.mil.mil import types
 
     if isinstance(value, enum.Enum):
         return value.name.lower()
+    if isinstance(value, type) and types.is_builtin(value):  # MIL types all have __name__ "int"/"fp"
+        return types.builtin_to_string(value)
     if isinstance(value, type):
         return np.dtype(value).name if issubclass(value, np.generic) else value.__name__
     if isinstance(value, np.dtype):

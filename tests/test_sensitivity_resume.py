@@ -39,6 +39,7 @@ def _key(trials) -> list[tuple]:
     return [(t.layer, t.spec, t.bytes, t.metric, t.drop) for t in trials]
 
 
+@pytest.mark.slow  # a whole sweep in a subprocess, killed, then resumed
 def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -45,6 +45,7 @@ def test_examples_exist():
     assert len(EXAMPLES) >= 4
 
 
+@pytest.mark.slow  # every bundled workflow end to end: 2 to 7 minutes each on a loaded 2-core machine
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_workflow_emits_packages_compressed_as_planned(path, tmp_path):
     workflow = _shrink(load_workflow(path))

@@ -191,6 +191,7 @@ def workflow_file(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # runs the workflow end to end several times
 def test_workflow_second_run_does_no_work_and_same_inputs_give_identical_bytes(tmp_path, workflow_file, plan_file,
                                                                                monkeypatch, caplog):
     output = tmp_path / "derived" / "Digits.mlpackage"
@@ -221,6 +222,7 @@ def test_workflow_second_run_does_no_work_and_same_inputs_give_identical_bytes(t
     assert _contents(output) == _contents(there)
 
 
+@pytest.mark.slow  # runs the workflow end to end several times
 def test_changed_workflow_reruns_and_a_failing_stage_leaves_output_untouched(tmp_path, workflow_file):
     output = tmp_path / "Digits.mlpackage"
     first = prepare_workflow(workflow_file, output)

@@ -41,6 +41,7 @@ def test_factory_string_builds_the_example_model(digits_model):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+@pytest.mark.slow  # trains the example CNN twice
 def test_training_is_deterministic_and_cached(tmp_path, monkeypatch, digits_model):
     monkeypatch.setenv("COREML_OPT_CACHE", str(tmp_path))
     first = zoo.digits_cnn()  # trains into the empty cache
