@@ -1,0 +1,210 @@
+"""Build a loaded ML Program once into a list of closures over resolved arguments, and run it in PyTorch.
+
+Constants and constexpr (compressed-weight) chains, and any op whose inputs are all constant, are evaluated
+once at build time; each remaining op becomes one closure that reads its inputs from the environment, calls
+its handler and stores its outputs. Nothing is parsed per call.
+
+Precision: ``fp32`` runs every op in fp32 (fp16 weights are widened exactly). ``fp16`` emulates a package
+run with FLOAT16 compute precision: inputs, weights and every op's float output are rounded to fp16
+(overflow becomes inf, as on the GPU/ANE). Not emulated: accumulation order and width inside an op
+(matmul/conv reductions accumulate in fp32 here), fused kernels, and the ANE's own approximations of
+transcendental functions — expect differences of a few fp16 ulps against a device.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from .loader import Graph, Node
+from .ops import HANDLERS, VARIADIC, Context, supported_ops
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+_SMALL = 64  # integer/bool constants up to this many elements reach handlers as Python lists
+
+
+def _is_folded(node: Node) -> bool:
+    return node.type == "const" or node.type.startswith("constexpr_")
+
+
+def check_supported(graph: Graph) -> None:
+    """Raise ModelError naming the first op type the runtime lacks, its output, and the supported list."""
+    for node in graph.nodes:
+        if node.type not in HANDLERS:
+            output = node.outputs[0].name if node.outputs else node.name
+            raise ModelError(str(graph.path), f"op type {node.type!r} (output {output!r}) is not supported by the "
+                             f"package runtime (supported: {', '.join(supported_ops())})",
+                             "run this model on macOS with Core ML, or add a handler in coreml_opt/runtime/ops/")
+
+
+class Executable:
+    """The built form of one package's main function on one device at one precision."""
+
+    def __init__(self, graph: Graph, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_supported(graph)
+        self.graph = graph
+        self.precision = precision
+        self.device = torch.device(device)
+        self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
+        self.consts: dict[str, Any] = {}
+        self.steps: list[Callable[[dict], None]] = []
+        self.batched: bool | None = None  # whether a batch runs in one pass; decided on the first batch
+        with torch.no_grad():
+            for node in graph.nodes:
+                self._add(node)
+
+    # -- building ---------------------------------------------------------------------------------
+    def _raw(self, value: Any) -> Any:
+        """A stored value in its stored dtype (for constexpr decompression)."""
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind in "US":
+                return value.tolist()
+            if value.ndim == 0 and value.dtype.kind in "iub":
+                return value.item()
+            return torch.from_numpy(value.copy()).to(self.device)  # ascontiguousarray would make 0-d 1-d
+        return value
+
+    def _arg(self, value: Any) -> Any:
+        """A constant as a handler argument: small int/bool -> Python, float scalar -> float, float -> compute dtype."""
+        if isinstance(value, (str, int, float, bool, list, tuple)) or value is None:
+            return value
+        if isinstance(value, np.ndarray):
+            value = self._raw(value)
+            if not isinstance(value, torch.Tensor):
+                return value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point():
+            value = self._round(value.to(torch.float32))
+            return value.item() if value.dim() == 0 else value
+        if value.dim() <= 1 and value.numel() <= _SMALL:
+            return value.item() if value.dim() == 0 else value.tolist()
+        return value
+
+    def _round(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(torch.float16).to(torch.float32) if self.ctx.fp16 else value
+
+    def _add(self, node: Node) -> None:
+        handler = HANDLERS[node.type]
+        folded = _is_folded(node)
+        static: dict[str, Any] = {k: (self._raw(v) if folded else self._arg(v)) for k, v in node.attrs.items()}
+        dynamic: list[tuple[str, Any]] = []
+        for param, args in node.inputs.items():
+            items = []
+            is_const = True
+            for arg in args:
+                if arg.var is None:
+                    items.append(("c", self._raw(arg.value) if folded else self._arg(arg.value)))
+                elif arg.var in self.consts:
+                    value = self.consts[arg.var]
+                    items.append(("c", value if folded else self._arg(value)))
+                else:
+                    items.append(("v", arg.var))
+                    is_const = False
+            variadic = param in VARIADIC
+            if is_const:
+                static[param] = [v for _, v in items] if variadic else items[0][1]
+            else:
+                dynamic.append((param, items if variadic else items[0]))
+        outputs = [port.name for port in node.outputs]
+        if not dynamic:  # all-constant: evaluate now
+            result = handler(static, node, self.ctx)
+            for name, value in zip(outputs, result if isinstance(result, tuple) else (result,)):
+                self.consts[name] = value if folded else self._finish(value)
+            return
+        self.steps.append(self._step(handler, node, static, dynamic, outputs))
+
+    def _finish(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return self._round(value.to(torch.float32))
+        return value
+
+    def _step(self, handler, node, static, dynamic, outputs) -> Callable[[dict], None]:
+        ctx, finish = self.ctx, self._finish
+        single = len(outputs) == 1
+        out0 = outputs[0]
+
+        def step(env: dict) -> None:
+            args = dict(static)
+            for param, item in dynamic:
+                if isinstance(item, list):
+                    args[param] = [env[v] if kind == "v" else v for kind, v in item]
+                else:
+                    args[param] = env[item[1]]
+            result = handler(args, node, ctx)
+            if single:
+                env[out0] = finish(result[0] if isinstance(result, tuple) else result)
+            else:
+                for name, value in zip(outputs, result):
+                    env[name] = finish(value)
+        return step
+
+    # -- running ----------------------------------------------------------------------------------
+    def _input(self, port, value: Any) -> torch.Tensor:
+        tensor = torch.as_tensor(value, device=self.device)
+        if port.dtype.startswith("FLOAT"):
+            return self._round(tensor.to(torch.float32))
+        return tensor.to({"INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}.get(port.dtype, torch.int32))
+
+    def _run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env: dict[str, Any] = dict(tensors)
+        with torch.no_grad():
+            for step in self.steps:
+                step(env)
+        return {name: env[name] if name in env else self.consts[name] for name in self.graph.outputs}
+
+    def _looped(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts = [self._run({k: v[i:i + 1] for k, v in tensors.items()}) for i in range(self._batch(tensors))]
+        return {name: torch.cat([p[name] for p in parts]) for name in self.graph.outputs}
+
+    def _batch(self, tensors: dict[str, torch.Tensor]) -> int:
+        return next(iter(tensors.values())).shape[0] if tensors else 1
+
+    def _batch_safe(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether one batched run of two samples equals two single runs (decided once per executable)."""
+        pair = {k: v[:2] for k, v in tensors.items()}
+        try:
+            batched = self._run(pair)
+        except (RuntimeError, IndexError, ValueError):
+            return False
+        looped = self._looped(pair)
+        for name in self.graph.outputs:
+            a, b = batched[name], looped[name]
+            if a.shape != b.shape:
+                return False
+            if a.is_floating_point():
+                scale = float(b.abs().max()) if b.numel() else 0.0
+                if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                    return False
+            elif not torch.equal(a, b):
+                return False
+        return True
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run on ``inputs`` by the package's input names; outputs by its output names (float outputs fp32).
+
+        A batch N (leading dim) runs as one batch when the graph allows it; the first call with N > 1 checks
+        that two samples batched equal two single runs, and if not (literal batch-1 reshapes that the
+        handlers cannot carry, e.g. attention's seq-first layout) later calls loop over samples."""
+        tensors: dict[str, torch.Tensor] = {}
+        for port in self.graph.inputs:
+            if port.name not in inputs:
+                raise KeyError(f"missing input {port.name!r}; the package's inputs are "
+                               f"{[p.name for p in self.graph.inputs]}")
+            tensors[port.name] = self._input(port, inputs[port.name])
+        batch = self._batch(tensors)
+        declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
+        if batch > 1 and declared == (1,):
+            if self.batched is None:
+                self.batched = self._batch_safe(tensors)
+                logger.info("%s: batch %s", self.graph.path, "in one run" if self.batched else "looped per sample")
+            if not self.batched:
+                return self._looped(tensors)
+        return self._run(tensors)
