@@ -55,7 +55,7 @@ class Executable:
         self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
         self.consts: dict[str, Any] = {}
         self.steps: list[Callable[[dict], None]] = []
-        self.batched: bool | None = None  # whether a batch runs in one pass; decided on the first batch
+        self.batching: str | None = None  # "batched", "vmap" or "looped"; decided on the first batch
         with torch.no_grad():
             for node in graph.nodes:
                 self._add(node)
@@ -164,24 +164,32 @@ class Executable:
         parts = [self._run({k: v[i:i + 1] for k, v in tensors.items()}) for i in range(self._batch(tensors))]
         return {name: torch.cat([p[name] for p in parts]) for name in self.graph.outputs}
 
+    def _vmapped(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch-1 graph mapped over the batch by ``torch.func.vmap``: every op sees the declared shapes."""
+        def one(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = self._run({k: v.unsqueeze(0) for k, v in sample.items()})
+            return {k: v.squeeze(0) for k, v in out.items()}
+        return torch.func.vmap(one)(tensors)
+
     def _batch(self, tensors: dict[str, torch.Tensor]) -> int:
         return next(iter(tensors.values())).shape[0] if tensors else 1
 
-    def _batch_safe(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Whether one batched run of two samples equals two single runs (decided once per executable)."""
+    def _agrees(self, run: Callable, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether ``run`` on two samples equals two single runs (to fp16/fp32 rounding of the mode)."""
         pair = {k: v[:2] for k, v in tensors.items()}
         try:
-            batched = self._run(pair)
-        except (RuntimeError, IndexError, ValueError):
+            batched = run(pair)
+        except (RuntimeError, IndexError, ValueError, TypeError, NotImplementedError):
             return False
         looped = self._looped(pair)
+        rtol = 5e-3 if self.ctx.fp16 else 1e-4
         for name in self.graph.outputs:
             a, b = batched[name], looped[name]
             if a.shape != b.shape:
                 return False
             if a.is_floating_point():
                 scale = float(b.abs().max()) if b.numel() else 0.0
-                if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                if not torch.allclose(a, b, rtol=rtol, atol=rtol * 0.1 * max(scale, 1.0), equal_nan=True):
                     return False
             elif not torch.equal(a, b):
                 return False
@@ -191,8 +199,9 @@ class Executable:
         """Run on ``inputs`` by the package's input names; outputs by its output names (float outputs fp32).
 
         A batch N (leading dim) runs as one batch when the graph allows it; the first call with N > 1 checks
-        that two samples batched equal two single runs, and if not (literal batch-1 reshapes that the
-        handlers cannot carry, e.g. attention's seq-first layout) later calls loop over samples."""
+        that two samples batched equal two single runs. If not (literal batch-1 reshapes that the handlers
+        cannot carry, e.g. attention's seq-first layout), the batch-1 graph is mapped over the batch with
+        ``torch.func.vmap`` (checked the same way), and failing that, later calls loop over samples."""
         tensors: dict[str, torch.Tensor] = {}
         for port in self.graph.inputs:
             if port.name not in inputs:
@@ -202,9 +211,12 @@ class Executable:
         batch = self._batch(tensors)
         declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
         if batch > 1 and declared == (1,):
-            if self.batched is None:
-                self.batched = self._batch_safe(tensors)
-                logger.info("%s: batch %s", self.graph.path, "in one run" if self.batched else "looped per sample")
-            if not self.batched:
+            if self.batching is None:
+                self.batching = next((mode for mode, fn in (("batched", self._run), ("vmap", self._vmapped))
+                                      if self._agrees(fn, tensors)), "looped")
+                logger.info("%s: a batch runs %s", self.graph.path, self.batching)
+            if self.batching == "vmap":
+                return self._vmapped(tensors)
+            if self.batching == "looped":
                 return self._looped(tensors)
         return self._run(tensors)
