@@ -151,3 +151,13 @@ def test_macos_core_ml_agrees_with_the_runtime(packages):
         (expected,) = mlmodel.predict({"x": x}).values()
         (ours,) = load_runtime(path, precision="fp16")({"x": batch[:1]}).values()
         np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-2, atol=1e-2 * float(np.abs(expected).max()))
+
+
+def test_fp16_input_port_rounds_the_input_as_core_ml_does(example_mlpackage):
+    """`coreml-opt convert` packages take FLOAT16 input: even in fp32 mode the input is rounded to fp16 first."""
+    runtime = load_runtime(example_mlpackage)
+    assert runtime.graph.inputs[0].dtype == "FLOAT16"
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) + 1e-3
+    (a,) = runtime({"x": x}).values()
+    (b,) = runtime({"x": x.half().float()}).values()
+    assert torch.equal(a, b)

@@ -149,6 +149,8 @@ class Executable:
     # -- running ----------------------------------------------------------------------------------
     def _input(self, port, value: Any) -> torch.Tensor:
         tensor = torch.as_tensor(value, device=self.device)
+        if port.dtype == "FLOAT16":  # the package takes fp16: round as Core ML does, in either mode
+            return tensor.to(torch.float16).to(torch.float32)
         if port.dtype.startswith("FLOAT"):
             return self._round(tensor.to(torch.float32))
         return tensor.to({"INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}.get(port.dtype, torch.int32))
