@@ -36,12 +36,16 @@ def torch_pad(pads: list[tuple[int, int]]) -> list[int]:
     return [p for pair in reversed(pads) for p in pair]
 
 
-@register("conv")
-def conv(a, node, ctx):
+def _geometry(a) -> tuple:
+    """(x, weight, spatial rank, strides, dilations) of a conv-like op."""
     x, w = a["x"], a["weight"]
     n = x.dim() - 2
-    strides = ints(a.get("strides", [1] * n))
-    dilations = ints(a.get("dilations", [1] * n))
+    return x, w, n, ints(a.get("strides", [1] * n)), ints(a.get("dilations", [1] * n))
+
+
+@register("conv")
+def conv(a, node, ctx):
+    x, w, n, strides, dilations = _geometry(a)
     pads = spatial_pads(a.get("pad_type", "valid"), a.get("pad", [0] * 2 * n), x.shape[2:], w.shape[2:],
                         strides, dilations)
     if any(p for pair in pads for p in pair):
@@ -54,10 +58,7 @@ def conv(a, node, ctx):
 @register("conv_transpose")
 def conv_transpose(a, node, ctx):
     """Full transposed conv, then crop the pads; ``output_shape`` (when given) fixes the trailing size."""
-    x, w = a["x"], a["weight"]
-    n = x.dim() - 2
-    strides = ints(a.get("strides", [1] * n))
-    dilations = ints(a.get("dilations", [1] * n))
+    x, w, n, strides, dilations = _geometry(a)
     y = _CONV_T[n](x, w, None, strides, 0, 0, a.get("groups", 1), dilations)
     pad_type = a.get("pad_type", "valid")
     full = y.shape[2:]

@@ -10,16 +10,20 @@ def _channel(v, x):
     return v.reshape(1, -1, *([1] * (x.dim() - 2))) if isinstance(v, torch.Tensor) else v
 
 
-@register("batch_norm")
-def batch_norm(a, node, ctx):
-    x = a["x"]
-    scale = torch.rsqrt(a["variance"] + a.get("epsilon", 1e-5))
-    y = (x - _channel(a["mean"], x)) * _channel(scale, x)
+def _channel_affine(y, a, x):
+    """y * gamma + beta per channel (axis 1), each optional."""
     if a.get("gamma") is not None:
         y = y * _channel(a["gamma"], x)
     if a.get("beta") is not None:
         y = y + _channel(a["beta"], x)
     return y
+
+
+@register("batch_norm")
+def batch_norm(a, node, ctx):
+    x = a["x"]
+    scale = torch.rsqrt(a["variance"] + a.get("epsilon", 1e-5))
+    return _channel_affine((x - _channel(a["mean"], x)) * _channel(scale, x), a, x)
 
 
 @register("instance_norm")
@@ -28,12 +32,7 @@ def instance_norm(a, node, ctx):
     dims = tuple(range(2, x.dim()))
     mean = x.mean(dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dims, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5))
-    if a.get("gamma") is not None:
-        y = y * _channel(a["gamma"], x)
-    if a.get("beta") is not None:
-        y = y + _channel(a["beta"], x)
-    return y
+    return _channel_affine((x - mean) * torch.rsqrt(var + a.get("epsilon", 1e-5)), a, x)
 
 
 @register("layer_norm")
