@@ -201,3 +201,35 @@ def convert_model(model: nn.Module, example: torch.Tensor, path: Path, target: s
     mlmodel.save(str(path))
     return path
 
+
+
+class OpMix(nn.Module):
+    """Op semantics the six models leave out: same/asymmetric padding, dilation, groups, ceil-mode and
+    exclude-padding pooling, output_padding, reflect pad, chunk/split, softmax, matmul with transposes,
+    instance norm, leaky relu, elu, hard sigmoid, division, rsqrt-style ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(4, 8, 4, padding="same")          # even kernel: asymmetric pads
+        self.dil = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.leaky_relu(self.same(x), 0.1)
+        y = nn.functional.elu(self.dil(y))
+        y = nn.functional.avg_pool2d(y, 3, 2, padding=1, ceil_mode=True, count_include_pad=False)
+        y = nn.functional.max_pool2d(nn.functional.pad(y, (1, 1, 1, 1), mode="reflect"), 2, 1)
+        y = self.strided(y)
+        a, b = torch.chunk(y, 2, dim=1)
+        y = torch.cat([a * torch.sigmoid(b), nn.functional.hardsigmoid(a) / (b.abs() + 1.0)], dim=1)
+        z = self.inorm(self.up(y))
+        flat = z.flatten(2)                                      # (N, 4, HW)
+        attn = torch.softmax(flat @ flat.transpose(1, 2) / 8.0, dim=-1)
+        return (attn @ flat).mean(dim=2) + torch.sqrt(flat.pow(2).mean(dim=2) + 1e-3)
+
+
+def opmix() -> tuple[nn.Module, torch.Tensor]:
+    _seeded(8)
+    return OpMix().eval(), torch.rand(1, 4, 15, 15)

@@ -168,6 +168,8 @@ def pad(a, node, ctx):
     x = a["x"]
     values = ints(a["pad"])
     pairs = [(values[2 * i], values[2 * i + 1]) for i in range(len(values) // 2)]
+    while len(pairs) > 1 and pairs[0] == (0, 0):  # reflect/replicate pad only trailing dims in torch
+        pairs.pop(0)
     flat = [p for pair in reversed(pairs) for p in pair]
     mode = a.get("mode", "constant")
     if mode == "constant":
@@ -194,3 +196,11 @@ def cast(a, node, ctx):
     if x.is_floating_point() and dtype != torch.bool:
         x = torch.trunc(x)
     return x.to(dtype)
+
+
+@register("crop")
+def crop(a, node, ctx):
+    """Remove [begin, end] rows/columns from the last two dims (iOS15 ``image_resizing.crop``)."""
+    x = a["x"]
+    (top, bottom), (left, right) = ints(a["crop_height"]), ints(a["crop_width"])
+    return x[..., top:x.shape[-2] - bottom, left:x.shape[-1] - right]
