@@ -177,3 +177,19 @@ def test_fp16_input_port_rounds_the_input_as_core_ml_does(example_mlpackage):
     (a,) = runtime({"x": x}).values()
     (b,) = runtime({"x": x.half().float()}).values()
     assert torch.equal(a, b)
+
+
+def test_multifunction_package_runs_its_default_function(packages, tmp_path):
+    """A save_multifunction package (no 'main', default 'second'): the default function runs; an empty
+    protobuf map entry is never taken for a function."""
+    from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+    model, batch, path = packages[("lenet5", False)]
+    desc = MultiFunctionDescriptor()
+    desc.add_function(str(path), "main", "first")
+    desc.add_function(str(path), "main", "second")
+    desc.default_function_name = "second"
+    save_multifunction(desc, str(tmp_path / "two.mlpackage"))
+    (out,) = load_runtime(tmp_path / "two.mlpackage")({"x": batch[:2]}).values()
+    ref = _reference(model, batch[:2])
+    assert float((out - ref).abs().max() / ref.abs().max()) < FP32_BOUND

@@ -96,14 +96,18 @@ def decode_value(value, weights: bytes) -> Any:
 
 
 def load_graph(path: str | os.PathLike) -> Graph:
-    """Parse the ``main`` function of an ML Program package; ModelError (one line) on a bad package."""
+    """Parse the default function (``main`` unless the package names another) of an ML Program package;
+    ModelError (one line) on a bad package."""
     path = Path(path)
     spec, weights, _program = open_program(path)
     functions = spec.mlProgram.functions
-    if "main" not in functions:
-        raise ModelError(str(path), f"has no 'main' function (functions: {sorted(functions) or 'none'})",
+    chosen = spec.description.defaultFunctionName or "main"
+    # a protobuf map creates an empty entry on a missing key: an empty opset means "no such function"
+    present = sorted(name for name, f in functions.items() if f.opset)
+    if chosen not in present:
+        raise ModelError(str(path), f"has no {chosen!r} function (functions: {', '.join(present) or 'none'})",
                          "save the model with a 'main' function (coremltools' default)")
-    function = functions["main"]
+    function = functions[chosen]
     if function.opset not in function.block_specializations:
         raise ModelError(str(path), f"has no block for its opset {function.opset!r}", "re-save it with coremltools")
     block = function.block_specializations[function.opset]

@@ -14,6 +14,7 @@ from .registry import axis_list, batch_axis, ints, register
 
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int32": torch.int32, "int64": torch.int64,
            "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_UNSIGNED_WIDE = {"uint16": (16, torch.int32), "uint32": (32, torch.int64)}
 
 
 
@@ -190,7 +191,11 @@ def fill(a, node, ctx):
 @register("cast")
 def cast(a, node, ctx):
     """Float casts keep the compute dtype (fp32) and, in fp16 precision, the result is rounded by the graph."""
-    x, dtype = a["x"], _DTYPES[a["dtype"]]
+    x, name = a["x"], a["dtype"]
+    if name in _UNSIGNED_WIDE:  # torch has no general uint16/uint32: wrap as Core ML does, keep in a wider int
+        bits, wide = _UNSIGNED_WIDE[name]
+        return (torch.trunc(x) if x.is_floating_point() else x).to(torch.int64).remainder(2 ** bits).to(wide)
+    dtype = _DTYPES[name]
     if dtype.is_floating_point:
         return x.float() if not x.is_floating_point() else x
     if x.is_floating_point() and dtype != torch.bool:
