@@ -60,3 +60,24 @@ def test_runtime_on_compressed_linear_equals_simulated_weights(tmp_path, spec_te
 @pytest.mark.parametrize("spec_text", IOS16_SPECS)
 def test_ios16_constexpr_formats(tmp_path, spec_text):
     _run(tmp_path, CONV, spec_text, 16)
+
+
+@pytest.mark.parametrize("spec_text", ["int4/block32", "pal4/g16", "prune50+pal4"])
+def test_overriding_a_weight_with_its_simulation_equals_the_compressed_package(tmp_path, spec_text):
+    """A trial on a package: the fp16 package with one weight replaced by its simulated compressed value
+    gives exactly the output of the package coremltools compressed."""
+    mlmodel, weight, op_type = converted(CONV, 18)
+    plain, compressed = tmp_path / "plain.mlpackage", tmp_path / "c.mlpackage"
+    mlmodel.save(str(plain))
+    compress(mlmodel, spec_text).save(str(compressed))
+    runtime = load_runtime(plain)
+    (node,) = [n for n in runtime.graph.nodes if n.type == "conv"]
+    var = node.inputs["weight"][0].var
+    simulated = simulate(parse_spec(spec_text), weight, op_type).weight.half()
+    trial = load_runtime(plain, overrides={var: simulated})
+    x = torch.rand(2, 32, 5, 5, generator=torch.Generator().manual_seed(4))
+    name = runtime.graph.inputs[0].name
+    (ours,) = trial({name: x}).values()
+    (theirs,) = load_runtime(compressed)({name: x}).values()
+    (before,) = runtime({name: x}).values()
+    assert torch.equal(ours, theirs) and not torch.equal(ours, before)

@@ -16,6 +16,9 @@ from .ops import supported_ops
 __all__ = ["PRECISIONS", "Executable", "Graph", "check_supported", "load_graph", "load_runtime", "supported_ops"]
 
 
-def load_runtime(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> Executable:
-    """Load and build the package at ``path``; ModelError (one line) for a bad package or an unsupported op."""
-    return Executable(load_graph(path), device=device, precision=precision)
+def load_runtime(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32",
+                 overrides: dict | None = None) -> Executable:
+    """Load and build the package at ``path``; ModelError (one line) for a bad package or an unsupported op.
+
+    ``overrides`` replaces constants by output variable name (see ``Executable``)."""
+    return Executable(load_graph(path), device=device, precision=precision, overrides=overrides)

@@ -45,7 +45,11 @@ def check_supported(graph: Graph) -> None:
 class Executable:
     """The built form of one package's main function on one device at one precision."""
 
-    def __init__(self, graph: Graph, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, graph: Graph, device: str | torch.device = "cpu", precision: str = "fp32",
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        """``overrides`` maps a constant's output variable (e.g. a weight, or the output of its constexpr
+        chain) to a value used instead of the stored one: a sensitivity trial on a package swaps in one
+        simulated compressed weight this way."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_supported(graph)
@@ -54,6 +58,10 @@ class Executable:
         self.device = torch.device(device)
         self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
         self.consts: dict[str, Any] = {}
+        self.overrides = dict(overrides or {})
+        unknown = sorted(set(self.overrides) - set(graph.ports))
+        if unknown:
+            raise KeyError(f"overrides name no variable of the package: {unknown[:5]}")
         self.steps: list[Callable[[dict], None]] = []
         self.batching: str | None = None  # "batched", "vmap" or "looped"; decided on the first batch
         with torch.no_grad():
@@ -92,6 +100,10 @@ class Executable:
         return value.to(torch.float16).to(torch.float32) if self.ctx.fp16 else value
 
     def _add(self, node: Node) -> None:
+        if node.outputs and all(port.name in self.overrides for port in node.outputs):
+            for port in node.outputs:
+                self.consts[port.name] = torch.as_tensor(self.overrides[port.name]).to(self.device)
+            return
         handler = HANDLERS[node.type]
         folded = _is_folded(node)
         static: dict[str, Any] = {k: (self._raw(v) if folded else self._arg(v)) for k, v in node.attrs.items()}
