@@ -71,3 +71,9 @@ def test_eval_wrong_data_shape_and_missing_reference_are_one_line(example_mlpack
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32))
     _one_line_exit_2(["eval", str(example_mlpackage), "--data", str(tmp_path / "d.npz")], capsys, "shape")
     _one_line_exit_2(["eval", str(example_mlpackage), "--data", DATA, "--metric", "kl"], capsys, "--reference")
+
+
+def test_help_lists_eval():
+    from coreml_opt.cli import build_parser
+
+    assert "eval" in build_parser().format_help()

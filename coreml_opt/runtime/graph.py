@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
 _SMALL = 64  # integer/bool constants up to this many elements reach handlers as Python lists
+# ops whose outputs are inputs' values moved or selected: fp16 inputs give fp16 outputs, no rounding needed
+_VALUE_PRESERVING = {"reshape", "transpose", "expand_dims", "squeeze", "concat", "split", "slice_by_index",
+                     "slice_by_size", "gather", "gather_along_axis", "tile", "flatten2d", "crop", "relu", "relu6",
+                     "clip", "max_pool", "identity", "stack", "select", "reduce_max", "reduce_min", "maximum",
+                     "minimum", "abs", "pad", "upsample_nearest_neighbor", "threshold", "thresholded_relu"}
 
 
 def _is_folded(node: Node) -> bool:
@@ -139,7 +144,10 @@ class Executable:
         return value
 
     def _step(self, handler, node, static, dynamic, outputs) -> Callable[[dict], None]:
-        ctx, finish = self.ctx, self._finish
+        ctx = self.ctx
+        # fp32 mode: handlers of fp32 inputs return fp32, nothing to do per op
+        exact = not ctx.fp16 or node.type in _VALUE_PRESERVING
+        finish = (lambda value: value) if exact else self._finish
         single = len(outputs) == 1
         out0 = outputs[0]
 
