@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
 _SMALL = 64  # integer/bool constants up to this many elements reach handlers as Python lists
+_DATA_PARAMS = {"x", "y", "a", "b", "cond", "data"}  # operands that stay tensors even when small integer constants
 # ops whose outputs are inputs' values moved or selected: fp16 inputs give fp16 outputs, no rounding needed
 _VALUE_PRESERVING = {"reshape", "transpose", "expand_dims", "squeeze", "concat", "split", "slice_by_index",
                      "slice_by_size", "gather", "gather_along_axis", "tile", "flatten2d", "crop", "relu", "relu6",
@@ -84,8 +85,9 @@ class Executable:
             return torch.from_numpy(value.copy()).to(self.device)  # ascontiguousarray would make 0-d 1-d
         return value
 
-    def _arg(self, value: Any) -> Any:
-        """A constant as a handler argument: small int/bool -> Python, float scalar -> float, float -> compute dtype."""
+    def _arg(self, value: Any, param: str = "") -> Any:
+        """A constant as a handler argument: small int/bool -> Python (not for data operands such as ``x``),
+        float scalar -> float, float -> compute dtype."""
         if isinstance(value, (str, int, float, bool, list, tuple)) or value is None:
             return value
         if isinstance(value, np.ndarray):
@@ -97,7 +99,7 @@ class Executable:
         if value.is_floating_point():
             value = self._round(value.to(torch.float32))
             return value.item() if value.dim() == 0 else value
-        if value.dim() <= 1 and value.numel() <= _SMALL:
+        if value.dim() <= 1 and value.numel() <= _SMALL and param not in _DATA_PARAMS:
             return value.item() if value.dim() == 0 else value.tolist()
         return value
 
@@ -111,17 +113,17 @@ class Executable:
             return
         handler = HANDLERS[node.type]
         folded = _is_folded(node)
-        static: dict[str, Any] = {k: (self._raw(v) if folded else self._arg(v)) for k, v in node.attrs.items()}
+        static: dict[str, Any] = {k: (self._raw(v) if folded else self._arg(v, k)) for k, v in node.attrs.items()}
         dynamic: list[tuple[str, Any]] = []
         for param, args in node.inputs.items():
             items = []
             is_const = True
             for arg in args:
                 if arg.var is None:
-                    items.append(("c", self._raw(arg.value) if folded else self._arg(arg.value)))
+                    items.append(("c", self._raw(arg.value) if folded else self._arg(arg.value, param)))
                 elif arg.var in self.consts:
                     value = self.consts[arg.var]
-                    items.append(("c", value if folded else self._arg(value)))
+                    items.append(("c", value if folded else self._arg(value, param)))
                 else:
                     items.append(("v", arg.var))
                     is_const = False
@@ -144,7 +146,7 @@ class Executable:
         return value
 
     def _step(self, handler, node, static, dynamic, outputs) -> Callable[[dict], None]:
-        ctx = self.ctx
+        ctx, path = self.ctx, self.graph.path
         # fp32 mode: handlers of fp32 inputs return fp32, nothing to do per op
         exact = not ctx.fp16 or node.type in _VALUE_PRESERVING
         finish = (lambda value: value) if exact else self._finish
@@ -158,7 +160,11 @@ class Executable:
                     args[param] = [env[v] if kind == "v" else v for kind, v in item]
                 else:
                     args[param] = env[item[1]]
-            result = handler(args, node, ctx)
+            try:
+                result = handler(args, node, ctx)
+            except NotImplementedError as exc:
+                raise ModelError(str(path), f"op {node.type!r} (output {out0!r}) uses {exc}, which the package "
+                                 "runtime does not support", "run this model on macOS with Core ML") from None
             if single:
                 env[out0] = finish(result[0] if isinstance(result, tuple) else result)
             else:
