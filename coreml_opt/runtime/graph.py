@@ -4,7 +4,8 @@ Constants and constexpr (compressed-weight) chains, and any op whose inputs are 
 once at build time; each remaining op becomes one closure that reads its inputs from the environment, calls
 its handler and stores its outputs. Nothing is parsed per call.
 
-Precision: ``fp32`` runs every op in fp32 (fp16 weights are widened exactly). ``fp16`` emulates a package
+Precision: ``fp32`` runs every op in fp32 (fp16 weights are widened exactly; an input port declared FLOAT16
+is rounded to fp16 first, as Core ML converts it). ``fp16`` emulates a package
 run with FLOAT16 compute precision: inputs, weights and every op's float output are rounded to fp16
 (overflow becomes inf, as on the GPU/ANE). Not emulated: accumulation order and width inside an op
 (matmul/conv reductions accumulate in fp32 here), fused kernels, and the ANE's own approximations of
