@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import register
+from .registry import Args, Context, Node, Out, register
 
 
 @register("scaled_dot_product_attention")
-def scaled_dot_product_attention(a, node, ctx):
+def scaled_dot_product_attention(a: Args, node: Node, ctx: Context) -> Out:
     mask = a.get("attn_mask")
     if mask is not None and not mask.dtype.is_floating_point and mask.dtype != torch.bool:
         mask = mask.bool()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import ints, register
+from .registry import Args, Context, Node, Out, ints, register
 
 _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,7 +41,7 @@ def _unpack_bits(packed: torch.Tensor, nbits: int, count: int) -> torch.Tensor:
 
 
 @register("constexpr_affine_dequantize")
-def affine_dequantize(a, node, ctx):
+def affine_dequantize(a: Args, node: Node, ctx: Context) -> Out:
     """iOS16: ((q - zero_point) * scale) in fp32, then cast to the scale's dtype."""
     q, zp, scale, axis = a["quantized_data"], a["zero_point"], a["scale"], a["axis"]
     data = q.to(torch.float32)
@@ -51,12 +51,12 @@ def affine_dequantize(a, node, ctx):
 
 
 @register("constexpr_cast")
-def constexpr_cast(a, node, ctx):
+def constexpr_cast(a: Args, node: Node, ctx: Context) -> Out:
     return a["source_val"].to(_TORCH_DTYPES[a["output_dtype"]])
 
 
 @register("constexpr_lut_to_dense")
-def lut_to_dense(a, node, ctx):
+def lut_to_dense(a: Args, node: Node, ctx: Context) -> Out:
     """iOS16: packed indices into a flat LUT of 2**nbits entries. iOS18: per-block LUTs [..., palette, vector]."""
     indices, lut = a["indices"], a["lut"]
     if "shape" in a and a.get("shape") is not None:
@@ -90,7 +90,7 @@ def _sparse_to_dense(nonzero: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register("constexpr_sparse_to_dense")
-def sparse_to_dense(a, node, ctx):
+def sparse_to_dense(a: Args, node: Node, ctx: Context) -> Out:
     """iOS16: mask packed in uint8 bytes (LSB first) + shape. iOS18: uint1 mask of the dense shape."""
     nonzero, mask = a["nonzero_data"], a["mask"]
     if a.get("shape") is not None:
@@ -110,13 +110,13 @@ def _shift_scale(data: torch.Tensor, scale: torch.Tensor, offset) -> torch.Tenso
 
 
 @register("constexpr_blockwise_shift_scale")
-def blockwise_shift_scale(a, node, ctx):
+def blockwise_shift_scale(a: Args, node: Node, ctx: Context) -> Out:
     """iOS18: scale * (data - offset) in the scale's dtype, scale/offset repeated per block."""
     return _shift_scale(a["data"], a["scale"], a.get("offset"))
 
 
 @register("constexpr_lut_to_sparse")
-def lut_to_sparse(a, node, ctx):
+def lut_to_sparse(a: Args, node: Node, ctx: Context) -> Out:
     """iOS18: (mask, non-zero values) of a LUT over sparse indices; vector LUTs widen the mask."""
     mask, lut, vector_axis = a["indices_mask"], a["lut"], a.get("vector_axis")
     indices = _sparse_to_dense(a["indices_nonzero_data"], mask)
@@ -127,7 +127,7 @@ def lut_to_sparse(a, node, ctx):
 
 
 @register("constexpr_sparse_blockwise_shift_scale")
-def sparse_blockwise_shift_scale(a, node, ctx):
+def sparse_blockwise_shift_scale(a: Args, node: Node, ctx: Context) -> Out:
     """iOS18: (mask, non-zero values) of a quantized sparse weight."""
     mask = a["data_mask"]
     dense = _shift_scale(_sparse_to_dense(a["nonzero_data"], mask), a["scale"], a.get("offset"))

@@ -9,7 +9,7 @@ import math
 
 import torch.nn.functional as F
 
-from .registry import ints, register
+from .registry import Args, Context, Node, Out, ints, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -43,7 +43,7 @@ def _geometry(a) -> tuple:
 
 
 @register("conv")
-def conv(a, node, ctx):
+def conv(a: Args, node: Node, ctx: Context) -> Out:
     x, w, n, strides, dilations = _geometry(a)
     pads = spatial_pads(a.get("pad_type", "valid"), a.get("pad", [0] * 2 * n), x.shape[2:], w.shape[2:],
                         strides, dilations)
@@ -55,7 +55,7 @@ def conv(a, node, ctx):
 
 
 @register("conv_transpose")
-def conv_transpose(a, node, ctx):
+def conv_transpose(a: Args, node: Node, ctx: Context) -> Out:
     """Full transposed conv, then crop the pads; ``output_shape`` (when given) fixes the trailing size."""
     x, w, n, strides, dilations = _geometry(a)
     y = _CONV_T[n](x, w, None, strides, 0, 0, a.get("groups", 1), dilations)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register
+from .registry import Args, Context, Node, Out, register
 
 _BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "real_div": torch.true_divide,
@@ -19,7 +19,7 @@ def _tensor(v, like):
 
 
 def _binary(fn):
-    def handler(a, node, ctx):
+    def handler(a: Args, node: Node, ctx: Context) -> Out:
         x, y = a["x"], a["y"]
         if isinstance(y, list):
             y = _tensor(y, x)
@@ -52,32 +52,32 @@ for _name, _fn in _UNARY.items():
 
 
 @register("rsqrt")
-def rsqrt(a, node, ctx):
+def rsqrt(a: Args, node: Node, ctx: Context) -> Out:
     return torch.rsqrt(a["x"] + a.get("epsilon", 1e-12))
 
 
 @register("inverse")
-def inverse(a, node, ctx):
+def inverse(a: Args, node: Node, ctx: Context) -> Out:
     return 1.0 / (a["x"] + a.get("epsilon", 1e-4))
 
 
 @register("log")
-def log(a, node, ctx):
+def log(a: Args, node: Node, ctx: Context) -> Out:
     return torch.log(a["x"] + a.get("epsilon", 0.0))
 
 
 @register("clip")
-def clip(a, node, ctx):
+def clip(a: Args, node: Node, ctx: Context) -> Out:
     return torch.clamp(a["x"], a["alpha"], a["beta"])
 
 
 @register("threshold")
-def threshold(a, node, ctx):
+def threshold(a: Args, node: Node, ctx: Context) -> Out:
     return torch.clamp(a["x"], min=a["alpha"])
 
 
 @register("select")
-def select(a, node, ctx):
+def select(a: Args, node: Node, ctx: Context) -> Out:
     cond, x, y = a["cond"], a["a"], a["b"]
     x = _tensor(x, cond)
     y = _tensor(y, cond)

@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import register
+from .registry import Args, Context, Node, Out, register
 
 
 @register("linear")
-def linear(a, node, ctx):
+def linear(a: Args, node: Node, ctx: Context) -> Out:
     return F.linear(a["x"], a["weight"], a.get("bias"))
 
 
 @register("matmul")
-def matmul(a, node, ctx):
+def matmul(a: Args, node: Node, ctx: Context) -> Out:
     x, y = a["x"], a["y"]
     if a.get("transpose_x", False):
         x = x.transpose(-1, -2)
@@ -23,5 +23,5 @@ def matmul(a, node, ctx):
 
 
 @register("einsum")
-def einsum(a, node, ctx):
+def einsum(a: Args, node: Node, ctx: Context) -> Out:
     return torch.einsum(a["equation"], *a["values"])

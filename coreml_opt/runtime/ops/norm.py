@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import axis_list, register
+from .registry import Args, Context, Node, Out, axis_list, register
 
 
 def _channel(v, x):
@@ -20,14 +20,14 @@ def _channel_affine(y, a, x):
 
 
 @register("batch_norm")
-def batch_norm(a, node, ctx):
+def batch_norm(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     scale = torch.rsqrt(a["variance"] + a.get("epsilon", 1e-5))
     return _channel_affine((x - _channel(a["mean"], x)) * _channel(scale, x), a, x)
 
 
 @register("instance_norm")
-def instance_norm(a, node, ctx):
+def instance_norm(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     dims = tuple(range(2, x.dim()))
     mean = x.mean(dims, keepdim=True)
@@ -36,7 +36,7 @@ def instance_norm(a, node, ctx):
 
 
 @register("layer_norm")
-def layer_norm(a, node, ctx):
+def layer_norm(a: Args, node: Node, ctx: Context) -> Out:
     """Normalise over ``axes`` (all when absent); gamma/beta have the shape of those axes."""
     x = a["x"]
     axes = axis_list(a["axes"], x.dim()) if a.get("axes") is not None else list(range(x.dim()))
@@ -54,7 +54,7 @@ def layer_norm(a, node, ctx):
 
 
 @register("l2_norm")
-def l2_norm(a, node, ctx):
+def l2_norm(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     dims = tuple(axis_list(a["axes"], x.dim())) if a.get("axes") is not None else tuple(range(1, x.dim()))
     return x / torch.sqrt((x * x).sum(dims, keepdim=True).clamp_min(a.get("epsilon", 1e-6)))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import spatial_pads, torch_pad
-from .registry import ints, register
+from .registry import Args, Context, Node, Out, ints, register
 
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -21,7 +21,7 @@ def _setup(a, x):
 
 
 @register("avg_pool")
-def avg_pool(a, node, ctx):
+def avg_pool(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     n, kernel, strides, pads, ceil = _setup(a, x)
     exclude = bool(a.get("exclude_padding_from_average", False))
@@ -36,7 +36,7 @@ def avg_pool(a, node, ctx):
 
 
 @register("max_pool")
-def max_pool(a, node, ctx):
+def max_pool(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     n, kernel, strides, pads, ceil = _setup(a, x)
     if any(p for pair in pads for p in pair):
@@ -45,7 +45,7 @@ def max_pool(a, node, ctx):
 
 
 @register("l2_pool")
-def l2_pool(a, node, ctx):
+def l2_pool(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     n, kernel, strides, pads, ceil = _setup(a, x)
     x = F.pad(x * x, torch_pad(pads))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import axis_list, register
+from .registry import Args, Context, Node, Out, axis_list, register
 
 
 def _axes(a, x):
@@ -11,7 +11,7 @@ def _axes(a, x):
 
 
 def _reduce(fn):
-    def handler(a, node, ctx):
+    def handler(a: Args, node: Node, ctx: Context) -> Out:
         x = a["x"]
         return fn(x, _axes(a, x), bool(a.get("keep_dims", False)))
     return handler
@@ -42,7 +42,7 @@ for _name, _fn in _REDUCE.items():
 
 
 @register("reduce_argmax", "reduce_argmin")
-def reduce_arg(a, node, ctx):
+def reduce_arg(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     fn = torch.argmax if node.type == "reduce_argmax" else torch.argmin
     return fn(x, dim=a.get("axis", -1), keepdim=bool(a.get("keep_dims", False))).to(torch.int32)

@@ -6,9 +6,14 @@ integer, bool and string parameters and for scalar float constants; variadic par
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
+
+from ..loader import Node
+
+Args = dict[str, Any]  # a handler's resolved arguments by parameter name
+Out = Union[torch.Tensor, tuple]  # one tensor, or a tuple for multi-output ops (split, sparse constexprs)
 
 HANDLERS: dict[str, Callable[..., Any]] = {}
 VARIADIC = {"values"}
@@ -22,13 +27,13 @@ class Context:
     fp16: bool
     shapes: dict[str, tuple[int, ...]]
 
-    def static_shape(self, node, param: str) -> tuple[int, ...]:
+    def static_shape(self, node: Node, param: str) -> tuple[int, ...]:
         """The package's declared shape of ``node``'s argument ``param`` (() when a literal)."""
         arg = node.inputs[param][0]
         return self.shapes.get(arg.var, ()) if arg.var else ()
 
 
-def batch_axis(node, ctx: Context, x: torch.Tensor, param: str = "x") -> int | None:
+def batch_axis(node: Node, ctx: Context, x: torch.Tensor, param: str = "x") -> int | None:
     """The axis where ``x`` runs a batch the package did not declare (static size 1, run-time size N), or None."""
     static = ctx.static_shape(node, param)
     if len(static) != x.dim() or tuple(x.shape) == static:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .registry import register
+from .registry import Args, Context, Node, Out, register
 
 
 def _grid(size_in: int, size_out: int, align_corners: bool, half_pixel: bool, device) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _grid(size_in: int, size_out: int, align_corners: bool, half_pixel: bool, de
 
 
 @register("upsample_bilinear")
-def upsample_bilinear(a, node, ctx):
+def upsample_bilinear(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     h, w = x.shape[-2:]
     out_h = math.floor(h * float(a.get("scale_factor_height", 1)))
@@ -44,7 +44,7 @@ def upsample_bilinear(a, node, ctx):
 
 
 @register("upsample_nearest_neighbor")
-def upsample_nearest_neighbor(a, node, ctx):
+def upsample_nearest_neighbor(a: Args, node: Node, ctx: Context) -> Out:
     """out[i] = in[floor(i / scale)]."""
     x = a["x"]
     h, w = x.shape[-2:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import axis_list, batch_axis, ints, register
+from .registry import Args, Context, Node, Out, axis_list, batch_axis, ints, register
 
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int32": torch.int32, "int64": torch.int64,
            "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -20,12 +20,12 @@ _UNSIGNED_WIDE = {"uint16": (16, torch.int32), "uint32": (32, torch.int64)}
 
 
 @register("const")
-def const(a, node, ctx):
+def const(a: Args, node: Node, ctx: Context) -> Out:
     return a["val"]
 
 
 @register("reshape")
-def reshape(a, node, ctx):
+def reshape(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     shape = ints(a["shape"])
     axis = batch_axis(node, ctx, x)
@@ -45,19 +45,19 @@ def reshape(a, node, ctx):
 
 
 @register("flatten2d")
-def flatten2d(a, node, ctx):
+def flatten2d(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     axis = a.get("axis", 1) % x.dim()
     return x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
 
 
 @register("transpose")
-def transpose(a, node, ctx):
+def transpose(a: Args, node: Node, ctx: Context) -> Out:
     return a["x"].permute(ints(a["perm"]))
 
 
 @register("expand_dims")
-def expand_dims(a, node, ctx):
+def expand_dims(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     rank = x.dim() + len(ints(a["axes"]))
     for axis in sorted(v % rank for v in ints(a["axes"])):
@@ -66,7 +66,7 @@ def expand_dims(a, node, ctx):
 
 
 @register("squeeze")
-def squeeze(a, node, ctx):
+def squeeze(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     if a.get("axes") is None:
         return x.squeeze()
@@ -76,7 +76,7 @@ def squeeze(a, node, ctx):
 
 
 @register("concat")
-def concat(a, node, ctx):
+def concat(a: Args, node: Node, ctx: Context) -> Out:
     values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=ctx.device) for v in a["values"]]
     if a.get("interleave", False):
         axis = a["axis"] % values[0].dim()
@@ -86,12 +86,12 @@ def concat(a, node, ctx):
 
 
 @register("stack")
-def stack(a, node, ctx):
+def stack(a: Args, node: Node, ctx: Context) -> Out:
     return torch.stack(list(a["values"]), dim=a["axis"])
 
 
 @register("split")
-def split(a, node, ctx):
+def split(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     axis = a["axis"]
     if a.get("split_sizes") is not None:
@@ -100,7 +100,7 @@ def split(a, node, ctx):
 
 
 @register("slice_by_index")
-def slice_by_index(a, node, ctx):
+def slice_by_index(a: Args, node: Node, ctx: Context) -> Out:
     """Python-style slicing per dim with begin/end/squeeze masks; a negative stride flips the dim first."""
     x = a["x"]
     rank = x.dim()
@@ -127,14 +127,14 @@ def slice_by_index(a, node, ctx):
 
 
 @register("slice_by_size")
-def slice_by_size(a, node, ctx):
+def slice_by_size(a: Args, node: Node, ctx: Context) -> Out:
     x = a["x"]
     index = tuple(slice(b, None if s == -1 else b + s) for b, s in zip(ints(a["begin"]), ints(a["size"])))
     return x[index]
 
 
 @register("gather")
-def gather(a, node, ctx):
+def gather(a: Args, node: Node, ctx: Context) -> Out:
     """x.take along ``axis`` by ``indices`` of any shape (negative indices wrap); batch_dims leading dims shared."""
     x, idx = a["x"], a["indices"]
     if not isinstance(idx, torch.Tensor):
@@ -152,19 +152,19 @@ def gather(a, node, ctx):
 
 
 @register("gather_along_axis")
-def gather_along_axis(a, node, ctx):
+def gather_along_axis(a: Args, node: Node, ctx: Context) -> Out:
     x, idx = a["x"], a["indices"].long()
     axis = a.get("axis", 0) % x.dim()
     return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
 
 
 @register("tile")
-def tile(a, node, ctx):
+def tile(a: Args, node: Node, ctx: Context) -> Out:
     return a["x"].repeat(ints(a["reps"]))
 
 
 @register("pad")
-def pad(a, node, ctx):
+def pad(a: Args, node: Node, ctx: Context) -> Out:
     """``pad`` is [begin, end] per trailing dim, first dim first; modes constant/reflect/replicate."""
     x = a["x"]
     values = ints(a["pad"])
@@ -179,17 +179,17 @@ def pad(a, node, ctx):
 
 
 @register("shape")
-def shape(a, node, ctx):
+def shape(a: Args, node: Node, ctx: Context) -> Out:
     return torch.tensor(a["x"].shape, dtype=torch.int32, device=ctx.device)
 
 
 @register("fill")
-def fill(a, node, ctx):
+def fill(a: Args, node: Node, ctx: Context) -> Out:
     return torch.full(ints(a["shape"]), float(a.get("value", 0.0)), device=ctx.device)
 
 
 @register("cast")
-def cast(a, node, ctx):
+def cast(a: Args, node: Node, ctx: Context) -> Out:
     """Float casts keep the compute dtype (fp32) and, in fp16 precision, the result is rounded by the graph."""
     x, name = a["x"], a["dtype"]
     if name in _UNSIGNED_WIDE:  # torch has no general uint16/uint32: wrap as Core ML does, keep in a wider int
@@ -204,7 +204,7 @@ def cast(a, node, ctx):
 
 
 @register("crop")
-def crop(a, node, ctx):
+def crop(a: Args, node: Node, ctx: Context) -> Out:
     """Remove [begin, end] rows/columns from the last two dims (iOS15 ``image_resizing.crop``)."""
     x = a["x"]
     (top, bottom), (left, right) = ints(a["crop_height"]), ints(a["crop_width"])
