@@ -68,9 +68,10 @@ def test_fp16_runtime_stays_within_measured_tolerance(packages, case):
 
 
 def test_batch_runs_equal_single_runs(packages):
-    """A batch of 16 gives the rows that single-sample runs give: CNNs in one batched run, the encoder (whose
-    attention reshapes hold a literal batch of 1 in a seq-first layout) through vmap."""
-    for case, mode in [(("mobilenet", False), "batched"), (("encoder", False), "vmap"), (("upnet", False), "batched")]:
+    """A batch of 16 gives the rows that single-sample runs give, in one batched run: CNNs, and the encoder
+    whose attention reshapes merge the batch with the heads (seq-first layout) and split it out again."""
+    for case, mode in [(("mobilenet", False), "batched"), (("encoder", False), "batched"),
+                       (("upnet", False), "batched")]:
         _model, batch, path = packages[case]
         runtime = load_runtime(path)
         (whole,) = runtime({"x": batch}).values()
@@ -89,6 +90,22 @@ def test_the_models_cover_the_listed_op_families(packages):
                "slice_by_index", "select", "scaled_dot_product_attention"]:
         assert op in seen, op
     assert seen <= set(supported_ops())
+
+
+def test_batch_the_graph_cannot_carry_runs_through_vmap(tmp_path):
+    """A reshape that mixes the batch into a flattened dim (no place for it): the batch-1 graph is vmapped."""
+    class Mixer(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x.permute(1, 0, 2).reshape(1, -1)) * 2.0
+
+    model = Mixer().eval()
+    path = rm.convert_model(model, torch.rand(1, 4, 6), tmp_path / "mixer.mlpackage")
+    runtime = load_runtime(path)
+    batch = torch.rand(5, 4, 6, generator=torch.Generator().manual_seed(9)).half().float()
+    (out,) = runtime({"x": batch}).values()
+    assert runtime.batching == "vmap"
+    expected = torch.cat([model(batch[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("precision,bound", [("fp32", FP32_BOUND), ("fp16", FP16_BOUND)])

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
 _SMALL = 64  # integer/bool constants up to this many elements reach handlers as Python lists
+_MINOR = "\0batch-inner"  # env key: variables holding the batch as the inner factor of a merged dim
 _DATA_PARAMS = {"x", "y", "a", "b", "cond", "data"}  # operands that stay tensors even when small integer constants
 # ops whose outputs are inputs' values moved or selected: fp16 inputs give fp16 outputs, no rounding needed
 _VALUE_PRESERVING = {"reshape", "transpose", "expand_dims", "squeeze", "concat", "split", "slice_by_index",
@@ -154,6 +155,9 @@ class Executable:
         single = len(outputs) == 1
         out0 = outputs[0]
 
+        inputs = [v for _, item in dynamic for kind, v in (item if isinstance(item, list) else [item]) if kind == "v"]
+        is_reshape = node.type == "reshape"
+
         def step(env: dict) -> None:
             args = dict(static)
             for param, item in dynamic:
@@ -161,6 +165,10 @@ class Executable:
                     args[param] = [env[v] if kind == "v" else v for kind, v in item]
                 else:
                     args[param] = env[item[1]]
+            minor = env.get(_MINOR)
+            minor_in = bool(minor) and any(v in minor for v in inputs)
+            if is_reshape:
+                ctx.minor_in = minor_in
             try:
                 result = handler(args, node, ctx)
             except NotImplementedError as exc:
@@ -171,6 +179,8 @@ class Executable:
             else:
                 for name, value in zip(outputs, result):
                     env[name] = finish(value)
+            if (ctx.minor_out if is_reshape else minor_in):  # the batch stays an inner factor downstream
+                env.setdefault(_MINOR, set()).update(outputs)
         return step
 
     # -- running ----------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class Context:
     device: torch.device
     fp16: bool
     shapes: dict[str, tuple[int, ...]]
+    minor_in: bool = False  # set by the graph for reshape: the batch is the inner factor of a merged dim
+    minor_out: bool = False  # set by reshape: its output holds the batch as an inner factor
 
     def static_shape(self, node: Node, param: str) -> tuple[int, ...]:
         """The package's declared shape of ``node``'s argument ``param`` (() when a literal)."""
@@ -33,13 +35,16 @@ class Context:
         return self.shapes.get(arg.var, ()) if arg.var else ()
 
 
-def batch_axis(node: Node, ctx: Context, x: torch.Tensor, param: str = "x") -> int | None:
-    """The axis where ``x`` runs a batch the package did not declare (static size 1, run-time size N), or None."""
+def batch_axis(node: Node, ctx: Context, x: torch.Tensor, param: str = "x", merged: bool = False) -> int | None:
+    """The axis where ``x`` runs a batch the package did not declare (static size 1, run-time size N; with
+    ``merged``, also static k, run-time N*k), or None."""
     static = ctx.static_shape(node, param)
     if len(static) != x.dim() or tuple(x.shape) == static:
         return None
     for axis, (declared, actual) in enumerate(zip(static, x.shape)):
         if declared == 1 and actual != 1:
+            return axis
+        if merged and declared > 1 and actual != declared and actual % declared == 0:
             return axis
     return None
 

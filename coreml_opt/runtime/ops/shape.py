@@ -26,22 +26,38 @@ def const(a: Args, node: Node, ctx: Context) -> Out:
 
 @register("reshape")
 def reshape(a: Args, node: Node, ctx: Context) -> Out:
+    """Row-major reshape; a batch N the package did not declare is placed where it lies in memory: at the
+    output dim whose inner size equals the batch's (a literal 1 there becomes N; else the batch becomes the
+    outer factor of that dim, or the inner factor of the dim before when that dim is the last, feature dim)."""
     x = a["x"]
-    shape = ints(a["shape"])
-    axis = batch_axis(node, ctx, x)
-    if axis is not None:
-        offset = 1
-        for size in ctx.static_shape(node, "x")[:axis]:
-            offset *= size
-        running = 1
-        for j, size in enumerate(shape):
-            if running == offset and size == 1:
-                shape[j] = x.shape[axis]
-                break
-            if size == -1:
-                break
-            running *= size
-    return x.reshape(shape)
+    ctx.minor_out = False
+    axis = batch_axis(node, ctx, x, merged=True)
+    if axis is None:
+        return x.reshape(ints(a["shape"]))
+    static_in = ctx.static_shape(node, "x")
+    target = list(node.outputs[0].shape)
+    count = x.shape[axis] // static_in[axis]
+    inner = _prod(static_in[axis + 1:]) * (1 if ctx.minor_in and static_in[axis] > 1 else static_in[axis])
+    j = next((j for j in range(len(target) + 1) if _prod(target[j:]) == inner), None)
+    if j is None or -1 in target:
+        return x.reshape(ints(a["shape"]))  # no place for the batch: the graph's batch check falls back
+    if j < len(target) and target[j] == 1:
+        target[j] = count
+    elif j > 0 and target[j - 1] == 1:
+        target[j - 1] = count
+    elif j < len(target) - 1:
+        target[j] *= count
+    elif j > 0:
+        target[j - 1] *= count
+        ctx.minor_out = True
+    return x.reshape(target)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
 @register("flatten2d")
