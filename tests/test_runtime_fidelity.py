@@ -82,3 +82,24 @@ def test_overriding_a_weight_with_its_simulation_equals_the_compressed_package(t
     (theirs,) = load_runtime(compressed)({name: x}).values()
     (before,) = runtime({name: x}).values()
     assert torch.equal(ours, theirs) and not torch.equal(ours, before)
+
+
+def test_constexpr_cast_in_an_fp32_program(tmp_path):
+    """constexpr_cast (fp16 storage widened to fp32), written by coremltools' MIL builder into a real package."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    w = (np.random.default_rng(0).standard_normal((64, 48)) * 0.1).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 48))], opset_version=ct.target.iOS16)
+    def prog(x):
+        return mb.linear(x=x, weight=mb.constexpr_cast(source_val=w, output_dtype="fp32"))
+
+    mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                         compute_precision=ct.precision.FLOAT32)
+    mlmodel.save(str(tmp_path / "cast.mlpackage"))
+    runtime = load_runtime(tmp_path / "cast.mlpackage")
+    assert "constexpr_cast" in {n.type for n in runtime.graph.nodes}
+    x = torch.rand(3, 48, generator=torch.Generator().manual_seed(5))
+    (out,) = runtime({runtime.graph.inputs[0].name: x}).values()
+    assert torch.equal(out, F.linear(x, torch.from_numpy(w).float()))
