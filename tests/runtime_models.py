@@ -116,6 +116,33 @@ class TinyEncoder(nn.Module):
         return self.head(self.norm(h[:, 0] + h.mean(dim=1)))
 
 
+class TinyDecoder(nn.Module):
+    """GPT-style decoder block on int token ids: causal mask by masked_fill(-inf), split qkv, matmul attention,
+    tanh gelu, last-token logits."""
+
+    def __init__(self, vocab=40, d=32, seq=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.1)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 64), nn.GELU(approximate="tanh"), nn.Linear(64, d))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", torch.tril(torch.ones(seq, seq)).bool())
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.ln(h)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, 4, d // 4).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / (d // 4) ** 0.5
+        att = att.masked_fill(~self.mask[:t, :t], float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        h = h + self.proj(y)
+        h = h + self.mlp(self.ln(h))
+        return self.head(h)[:, -1]
+
+
 class UpNet(nn.Module):
     """Encoder-decoder with ConvTranspose2d, nearest and bilinear upsampling and a channel concat."""
 
@@ -171,13 +198,18 @@ def encoder() -> tuple[nn.Module, torch.Tensor]:
     return TinyEncoder().eval(), torch.randint(0, 50, (1, 12), dtype=torch.int32)
 
 
+def decoder() -> tuple[nn.Module, torch.Tensor]:
+    _seeded(9)
+    return TinyDecoder().eval(), torch.randint(0, 40, (1, 10), dtype=torch.int32)
+
+
 def upnet() -> tuple[nn.Module, torch.Tensor]:
     _seeded(6)
     return UpNet().eval(), torch.rand(1, 3, 16, 16)
 
 
 MODELS = {"digits": digits, "lenet5": lenet5, "mobilenet": mobilenet, "efficientnet": efficientnet,
-          "encoder": encoder, "upnet": upnet}
+          "encoder": encoder, "decoder": decoder, "upnet": upnet}
 
 
 def convert_model(model: nn.Module, example: torch.Tensor, path: Path, target: str = "iOS18",
