@@ -103,6 +103,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .runtime.evaluate import evaluate_package
+
+    result = evaluate_package(args.model, args.data, args.metric, reference=args.reference,
+                              precision=args.precision, device=args.device)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    line = f"{result.metric_name} {result.metric:.6g} on {result.samples} samples ({result.precision} runtime)"
+    if result.drop is not None:
+        line += f"; reference {result.reference:.6g}, drop {result.drop:.6g}"
+    print(line)
+    return 0
+
+
 def cmd_example(args: argparse.Namespace) -> int:
     from .example import run_example
 
@@ -219,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", choices=["exact", "fast"], help="k-means for palettes: coremltools' (exact) or ours")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="run an .mlpackage on Linux (package runtime) and score it with a metric",
+                       description="example: coreml-opt eval digits-int4.mlpackage --data calibration_data/digits "
+                                   "--metric accuracy --reference digits.mlpackage")
+    p.add_argument("model", help=".mlpackage (ML Program) to run")
+    p.add_argument("--data", required=True, help="calibration folder, .npz or package.module:fn")
+    p.add_argument("--metric", default="accuracy", help="accuracy (labels), top1, kl, psnr, sqnr, cosine")
+    p.add_argument("--reference", help="reference .mlpackage or PyTorch factory package.module:fn (for the drop)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32: every op in fp32; fp16: each op's output rounded to fp16 (GPU/ANE-like)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object (its metric key holds the value)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("example", help="the main job on the bundled digits model: build, convert, compress, report",
                        description="example: coreml-opt example --out out/example")

@@ -103,9 +103,8 @@ def _check_blobs(path: Path, program: Program, weights: bytes) -> None:
                                  "re-export the model; the package was cut short when copied or saved")
 
 
-def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> LoadedModel:
-    """Open and validate an ``.mlpackage`` (ML Program), raising a one-line ModelError on bad input."""
-    from coremltools.models import MLModel
+def open_program(path: str | os.PathLike) -> tuple[object, bytes, Program]:
+    """(Model proto, weight.bin bytes, program index) of a validated ML Program package; ModelError otherwise."""
     from coremltools.proto import Model_pb2
 
     path = Path(path)
@@ -134,6 +133,15 @@ def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> Loade
         raise ModelError(str(weights_path), f"is truncated or corrupt: {exc}",
                          "re-export the model; the package was cut short or damaged when copied or saved") from None
     _check_blobs(path, program, weights)
+    return spec, weights, program
+
+
+def load_package(path: str | os.PathLike, *, load_weights: bool = True) -> LoadedModel:
+    """Open and validate an ``.mlpackage`` (ML Program), raising a one-line ModelError on bad input."""
+    from coremltools.models import MLModel
+
+    path = Path(path)
+    spec, _weights, program = open_program(path)
     mlmodel = MLModel(str(path), skip_model_load=True) if load_weights else None
     inventory = build_inventory(program, spec.specificationVersion, read_torch_names(spec))
     return LoadedModel(path, mlmodel, program, inventory)

@@ -93,6 +93,38 @@ def _read_blob_size(weight_file: bytes, offset: int) -> int:
     return int(size)
 
 
+SUB_BYTE_BITS = {"INT4": 4, "UINT1": 1, "UINT2": 2, "UINT3": 3, "UINT4": 4, "UINT6": 6}
+NUMPY_DTYPES = {"FLOAT16": "float16", "FLOAT32": "float32", "FLOAT64": "float64", "INT8": "int8", "UINT8": "uint8",
+                "INT16": "int16", "UINT16": "uint16", "INT32": "int32", "UINT32": "uint32", "INT64": "int64",
+                "UINT64": "uint64", "BOOL": "bool"}
+
+
+def decode_bytes(raw: bytes, dtype: str, shape: tuple[int, ...]):
+    """Numpy array of ``shape`` from stored bytes of MIL ``dtype``; sub-byte types are packed LSB first
+    (coremltools' ``restore_elements_from_packed_bits``), signed INT4 is sign-extended to int8."""
+    import numpy as np
+
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype in SUB_BYTE_BITS:
+        from coremltools.optimize._utils import restore_elements_from_packed_bits
+
+        packed = np.frombuffer(raw, np.uint8)
+        return restore_elements_from_packed_bits(packed, SUB_BYTE_BITS[dtype], count,
+                                                 dtype == "INT4").reshape(shape)
+    if dtype not in NUMPY_DTYPES:
+        raise ValueError(f"unsupported stored dtype {dtype}")
+    return np.frombuffer(raw, NUMPY_DTYPES[dtype], count=count).reshape(shape)
+
+
+def read_blob_values(weight_file: bytes, offset: int, dtype: str, shape: tuple[int, ...]):
+    """The values of the blob whose header sits at ``offset`` in ``weight.bin`` (raises ValueError when cut short)."""
+    size = _read_blob_size(weight_file, offset)
+    _sentinel, _dtype, _size, data_offset = struct.unpack_from("<IIQQ", weight_file, offset)
+    if data_offset + size > len(weight_file):
+        raise ValueError(f"blob at offset {offset} needs {data_offset + size} bytes, file has {len(weight_file)}")
+    return decode_bytes(bytes(weight_file[data_offset:data_offset + size]), dtype, shape)
+
+
 def _blob(role: str, value, weight_file: bytes) -> Blob | None:
     if not value.HasField("blobFileValue"):
         return None
