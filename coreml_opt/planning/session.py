@@ -57,7 +57,7 @@ class PlanningSession:
             if data is None and sweep.get("data") is None:
                 logger.warning("sweep.json records no data (it was not a path or factory): measuring on what the "
                                "analyser uses without data; pass data= if the sweep used other data")
-            from ..sensitivity import make_evaluator
+            from ..evaluation import make_evaluator
 
             shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
             recorded = data_beside(sweep.get("data"), sweep_dir)  # relative: beside sweep.json, never the cwd

@@ -14,7 +14,7 @@ transcendental functions — expect differences of a few fp16 ulps against a dev
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,10 +53,11 @@ class Executable:
     """The built form of one package's main function on one device at one precision."""
 
     def __init__(self, graph: Graph, device: str | torch.device = "cpu", precision: str = "fp32",
-                 overrides: Mapping[str, Any] | None = None) -> None:
+                 overrides: Mapping[str, Any] | None = None, variables: Sequence[str] | None = None) -> None:
         """``overrides`` maps a constant's output variable (e.g. a weight, or the output of its constexpr
-        chain) to a value used instead of the stored one: a sensitivity trial on a package swaps in one
-        simulated compressed weight this way."""
+        chain) to a value used instead of the stored one, fixed at build time. ``variables`` names constants
+        kept replaceable after the build: each run reads them like inputs, from their stored value or the
+        one ``set_values`` gave, so a sensitivity sweep on a package builds once and swaps one weight per trial."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_supported(graph)
@@ -66,7 +67,9 @@ class Executable:
         self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
         self.consts: dict[str, Any] = {}
         self.overrides = dict(overrides or {})
-        unknown = sorted(set(self.overrides) - set(graph.ports))
+        self.variables = set(variables or ())
+        self.values: dict[str, torch.Tensor] = {}  # current value of each variable (fp32 for floats)
+        unknown = sorted((set(self.overrides) | self.variables) - set(graph.ports))
         if unknown:
             raise KeyError(f"overrides name no variable of the package: {unknown[:5]}")
         self.steps: list[Callable[[dict], None]] = []
@@ -122,7 +125,7 @@ class Executable:
             for arg in args:
                 if arg.var is None:
                     items.append(("c", self._raw(arg.value) if folded else self._arg(arg.value, param)))
-                elif arg.var in self.consts:
+                elif arg.var in self.consts and arg.var not in self.variables:
                     value = self.consts[arg.var]
                     items.append(("c", value if folded else self._arg(value, param)))
                 else:
@@ -137,7 +140,10 @@ class Executable:
         if not dynamic:  # all-constant: evaluate now
             result = handler(static, node, self.ctx)
             for name, value in zip(outputs, result if isinstance(result, tuple) else (result,)):
-                self.consts[name] = value if folded else self._finish(value)
+                if name in self.variables:
+                    self.values[name] = self._finish(torch.as_tensor(value).to(self.device))
+                else:
+                    self.consts[name] = value if folded else self._finish(value)
             return
         self.steps.append(self._step(handler, node, static, dynamic, outputs))
 
@@ -174,6 +180,15 @@ class Executable:
         return step
 
     # -- running ----------------------------------------------------------------------------------
+    def set_values(self, values: Mapping[str, Any]) -> None:
+        """Replace the current values of variables named at build time (float values are used in fp32,
+        rounded to fp16 in fp16 mode); KeyError for a name that is not a variable."""
+        unknown = sorted(set(values) - self.variables)
+        if unknown:
+            raise KeyError(f"not variables of this build: {unknown[:5]}")
+        for name, value in values.items():
+            self.values[name] = self._finish(torch.as_tensor(value).to(self.device))
+
     def _input(self, port, value: Any) -> torch.Tensor:
         tensor = torch.as_tensor(value, device=self.device)
         if port.dtype == "FLOAT16":  # the package takes fp16: round as Core ML does, in either mode
@@ -183,7 +198,7 @@ class Executable:
         return tensor.to({"INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}.get(port.dtype, torch.int32))
 
     def _run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        env: dict[str, Any] = dict(tensors)
+        env: dict[str, Any] = {**self.values, **tensors}
         with torch.no_grad():
             for step in self.steps:
                 step(env)
