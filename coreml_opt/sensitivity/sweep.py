@@ -28,13 +28,7 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from .evaluate import (
-    DEFAULT_BATCH_SIZE,
-    Evaluator,
-    resolve_data,
-    resolve_model,
-    run_batches,
-)
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -104,7 +98,10 @@ class SweepResult:
         data = self.data
         if data is not None and os.path.isabs(data) and self.out_dir is not None:  # portable: beside sweep.json
             data = os.path.relpath(data, self.out_dir.absolute())
-        return {"model": self.model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
+        model = self.model
+        if model is not None and os.path.isabs(model) and self.out_dir is not None:  # a package, made portable
+            model = os.path.relpath(model, self.out_dir.absolute())
+        return {"model": model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
                 "target": self.target, "candidates": self.candidates, "baseline": self.baseline,
                 "fp32_metric": self.fp32_metric, "fp16_drop": self.fp16_drop,
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,

@@ -1,0 +1,211 @@
+"""``analyse_package``: a sensitivity sweep of a model given only as an ``.mlpackage``, run by the package runtime.
+
+The package is built once (fp32, as factory sweeps evaluate) with every swept weight const kept replaceable;
+a trial puts one weight's simulated compressed value (``coreml_opt.simulate``: same specs, skip reasons and
+k-means modes as factory sweeps) in place of the stored fp16 value and runs the package. The reference for
+proxy metrics is the uncompressed package's outputs (or ``reference``, a factory or another package); the
+baseline is the uncompressed package. Layers are the package's uncompressed inventory weights, named by
+torch name where the package records the mapping, else by const name. Same store, outputs and sweep.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import DataError, ModelError
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data
+from ..metrics import MetricError, get_metric
+from ..simulate import NonFiniteWeightError, SimCache
+from ..spec import Spec
+from ..storage import predicted_bytes
+from ..targets import target_name, target_rank
+from .chunks import ChunkSimulator
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
+from .store import STORE_NAME, ResultStore
+from .sweep import SweepResult, Trial, _data_reference, _progress, _skip_reason, resolve_candidates
+
+logger = logging.getLogger(__name__)
+
+
+def package_hash(package: Union[str, os.PathLike]) -> str:
+    """sha256 of every file of the package (relative path and bytes): the store's model key."""
+    root = Path(package)
+    digest = hashlib.sha256(b"mlpackage;")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.name == "Manifest.json":  # coremltools writes random identifiers there
+            continue
+        digest.update(f"{path.relative_to(root)};".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def package_layers(package: Union[str, os.PathLike], weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
+                   include_all: bool = False) -> tuple[list[Layer], dict[str, str], int]:
+    """(layers, layer name -> const output variable, package iOS version) of the uncompressed weights."""
+    from ..model.package import load_package
+
+    inventory = load_package(package, load_weights=False).inventory
+    ios18 = inventory.deployment_target >= 18
+    layers, variables = [], {}
+    for weight in inventory.weights:
+        if weight.compression != "fp16":
+            logger.info("%s: %s is stored %s, not swept", package, weight.name, weight.compression)
+            continue
+        if not include_all and weight.params <= weight_threshold:
+            continue
+        name = weight.torch_name or weight.name
+        layers.append(Layer(name, weight.name, weight.reader_type, tuple(weight.shape), weight.params,
+                            predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18)))
+        variables[name] = weight.var
+    return layers, variables, inventory.deployment_target
+
+
+def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: str = "top1",
+                    candidates: Union[str, Sequence[Union[str, Spec]], None] = None, target: Optional[str] = None,
+                    out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
+                    time_budget: Optional[float] = None, progress: bool = True, *,
+                    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
+                    batch_size: int = DEFAULT_BATCH_SIZE, kmeans: str = "exact", reference: Any = None,
+                    device: str = "cpu") -> SweepResult:
+    """Rank the package's weights by the metric drop each candidate causes alone; ``target`` defaults to the
+    package's own. ModelError/DataError/SpecError (one line) for bad input."""
+    start = time.perf_counter()
+    timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
+              "store": 0.0, "outputs": 0.0}
+    label = str(package)
+    if callable(metric) or ":" in str(metric):
+        raise MetricError(f"metric {metric!r}", "is a function of a torch model, and this model is a package",
+                          "use a built-in metric (accuracy, kl, top1, psnr, sqnr, cosine)")
+    get_metric(str(metric))  # a bad name fails before the package is read
+    layers, variables, ios = package_layers(package, weight_threshold, include_all)
+    target = target_name(target or f"iOS{ios}")
+    if target_rank(target) > ios:
+        raise ModelError(label, f"targets iOS{ios}, the sweep asks for {target}",
+                         f"pass --target iOS{ios} or lower, or reconvert the model for {target}")
+    specs, skipped_candidates = resolve_candidates(candidates, target)
+    if not layers:
+        raise ModelError(label, f"has no uncompressed weight above {weight_threshold} elements",
+                         "pass --all-layers or a lower --weight-threshold, or sweep the uncompressed package")
+    backend = PackageBackend(package, "fp32", device, variables=list(variables.values()))
+    shape = tuple(backend.input_shape)
+    if data is None and any(d <= 0 for d in shape):
+        raise DataError(label, f"declares a flexible input shape {list(shape)}, so random inputs cannot be made",
+                        "pass --data with inputs for this model")
+    dataset = resolve_data(data, shape)
+    if dataset is not None and tuple(dataset.x.shape[1:]) != shape[1:]:
+        raise ModelError(label, f"takes inputs of shape {list(shape[1:])} per sample, the data holds "
+                         f"{list(dataset.x.shape[1:])}", "pass data shaped for this model")
+    evaluator = Evaluator(metric, dataset, None, batch_size)
+    stored = {name: backend.executable.values[var].clone() for name, var in variables.items()}
+    timing["setup"] = time.perf_counter() - start
+
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        from ..model.package import make_output_folder
+
+        make_output_folder(out_path)
+    store = ResultStore(out_path / STORE_NAME if out_path else None, package_hash(package), evaluator.data_hash,
+                        evaluator.name, kmeans)
+    done = store.finished()
+    cache = SimCache()
+    plan, skipped_trials = [], []
+    for layer in layers:
+        for spec in specs:
+            problem = _skip_reason(layer, spec, stored[layer.layer], cache, kmeans)
+            if problem:
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
+            else:
+                plan.append((layer, spec))
+    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    reused = len(plan) - len(pending)
+    runnable = pending[:max_trials] if max_trials is not None else pending
+    ran, new_keys, unemittable = 0, set(), set()
+    bar = _progress(len(runnable), progress)
+    deadline = start + time_budget if time_budget is not None else None
+    simulator = ChunkSimulator(runnable, stored, cache, kmeans, deadline=deadline)
+    try:
+        simulator.start(0)
+        t0 = time.perf_counter()
+        baseline_outputs = [backend(x) for x in evaluator.batches]
+        evaluator.reference = (torch.cat(baseline_outputs) if reference is None else
+                               torch.cat([backend_for(reference)(x) for x in evaluator.batches]))
+        fp32_metric = evaluator.score([evaluator.reference])
+        baseline = evaluator.score(baseline_outputs)
+        timing["baseline"] = time.perf_counter() - t0
+        for i, (layer, spec) in enumerate(runnable):
+            if deadline is not None and time.perf_counter() >= deadline:
+                logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
+                break
+            t0 = time.perf_counter()
+            try:
+                simulator.wait(i)
+                try:
+                    simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans).weight
+                except NonFiniteWeightError as exc:
+                    raise exc.named(repr(layer.layer)) from None
+                var = variables[layer.layer]
+                backend.set_values({var: simulated})
+                t1 = time.perf_counter()
+                try:
+                    value = evaluator.score([backend(x) for x in evaluator.batches])
+                except MetricError as exc:
+                    raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                                      exc.problem, exc.fix) from None
+                finally:
+                    backend.set_values({var: stored[layer.layer]})
+            except NonFiniteWeightError as exc:
+                if exc.stage != "produced":
+                    raise
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
+                unemittable.add((layer.layer, str(spec)))
+                bar.update(1)
+                continue
+            t2 = time.perf_counter()
+            store.add(layer.layer, str(spec), value, t2 - t0)
+            timing["compression"] += t1 - t0
+            timing["evaluation"] += t2 - t1
+            timing["store"] += time.perf_counter() - t2
+            done[(layer.layer, str(spec))] = (value, t2 - t0)
+            new_keys.add((layer.layer, str(spec)))
+            ran += 1
+            bar.update(1)
+    finally:
+        simulator.close()
+        if simulator.pool is not None:
+            timing["compression_cpu"] = simulator.cpu_seconds
+        bar.close()
+        store.close()
+
+    ios18 = target_rank(target) >= 18
+    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in unemittable]
+    trials = []
+    for layer, spec in plan:
+        found = done.get((layer.layer, str(spec)))
+        if found is None:
+            continue
+        value, seconds = found
+        nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18,
+                                 weight=stored[layer.layer].to(torch.float16).cpu().numpy())
+        trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
+                            layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
+                            from_store=(layer.layer, str(spec)) not in new_keys))
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
+                         evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
+                         os.path.abspath(package), _data_reference(data), list(shape), timing, ran, reused,
+                         len(plan) - len(trials), out_path, kmeans)
+    if out_path is not None:
+        from .outputs import write_json, write_outputs
+
+        t0 = time.perf_counter()
+        write_outputs(result, out_path)
+        timing["outputs"] = time.perf_counter() - t0
+        timing["total"] = time.perf_counter() - start
+        write_json(out_path / "sweep.json", result.sweep_dict())
+    timing["total"] = time.perf_counter() - start
+    return result
