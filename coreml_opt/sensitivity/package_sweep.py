@@ -198,7 +198,7 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
                          evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
                          os.path.abspath(package), _data_reference(data), list(shape), timing, ran, reused,
-                         len(plan) - len(trials), out_path, kmeans)
+                         len(plan) - len(trials), out_path, kmeans, _model_reference(reference))
     if out_path is not None:
         from .outputs import write_json, write_outputs
 
@@ -209,3 +209,11 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
         write_json(out_path / "sweep.json", result.sweep_dict())
     timing["total"] = time.perf_counter() - start
     return result
+
+
+def _model_reference(reference: Any) -> Optional[str]:
+    """What sweep.json records of ``reference``: a factory as written, a package path made absolute, else None."""
+    if not isinstance(reference, (str, os.PathLike)):
+        return None
+    reference = str(reference)
+    return reference if ":" in reference and not os.path.exists(reference) else os.path.abspath(reference)

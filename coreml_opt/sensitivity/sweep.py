@@ -83,6 +83,7 @@ class SweepResult:
     pending: int = 0
     out_dir: Optional[Path] = None
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
+    reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
 
     @property
     def complete(self) -> bool:
@@ -95,19 +96,21 @@ class SweepResult:
 
     def sweep_dict(self) -> dict[str, Any]:
         """The ``sweep.json`` document the planner reads."""
-        data = self.data
-        if data is not None and os.path.isabs(data) and self.out_dir is not None:  # portable: beside sweep.json
-            data = os.path.relpath(data, self.out_dir.absolute())
-        model = self.model
-        if model is not None and os.path.isabs(model) and self.out_dir is not None:  # a package, made portable
-            model = os.path.relpath(model, self.out_dir.absolute())
-        return {"model": model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
+        data, model = self._portable(self.data), self._portable(self.model)  # portable: beside sweep.json
+        extra = {"reference": self._portable(self.reference)} if self.reference is not None else {}
+        return {**extra, "model": model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
                 "target": self.target, "candidates": self.candidates, "baseline": self.baseline,
                 "fp32_metric": self.fp32_metric, "fp16_drop": self.fp16_drop,
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
                 "unit": self.unit, "skipped_candidates": self.skipped_candidates,
                 "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
                 "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans}
+
+    def _portable(self, path: Optional[str]) -> Optional[str]:
+        """An absolute path made relative to the output folder (beside sweep.json), anything else as is."""
+        if path is not None and os.path.isabs(path) and self.out_dir is not None:
+            return os.path.relpath(path, self.out_dir.absolute())
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.sweep_dict(), "trials": [t.to_dict() for t in self.trials]}
