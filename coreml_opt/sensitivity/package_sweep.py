@@ -14,12 +14,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from ..errors import DataError, ModelError
-from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data, run_batches
 from ..metrics import MetricError, get_metric
 from ..simulate import NonFiniteWeightError, SimCache
 from ..spec import Spec
@@ -28,7 +28,8 @@ from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
 from .store import STORE_NAME, ResultStore
-from .sweep import SweepResult, Trial, _data_reference, _progress, _skip_reason, resolve_candidates
+from .sweep import (SweepResult, TrialBook, _data_reference, _progress, _skip_reason, collect_trials, finish_sweep,
+                    resolve_candidates, run_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -125,56 +126,34 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
-    ran, new_keys, unemittable = 0, set(), set()
+    book = TrialBook(done, skipped_trials, timing)
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
     simulator = ChunkSimulator(runnable, stored, cache, kmeans, deadline=deadline)
     try:
-        simulator.start(0)
+        simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
-        baseline_outputs = [backend(x) for x in evaluator.batches]
-        evaluator.reference = (torch.cat(baseline_outputs) if reference is None else
-                               torch.cat([backend_for(reference)(x) for x in evaluator.batches]))
+        baseline_outputs = run_batches(backend, evaluator.batches)
+        evaluator.reference = torch.cat(baseline_outputs if reference is None
+                                        else run_batches(backend_for(reference), evaluator.batches))
         fp32_metric = evaluator.score([evaluator.reference])
         baseline = evaluator.score(baseline_outputs)
         timing["baseline"] = time.perf_counter() - t0
-        for i, (layer, spec) in enumerate(runnable):
-            if deadline is not None and time.perf_counter() >= deadline:
-                logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
-                break
-            t0 = time.perf_counter()
+
+        def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
             try:
-                simulator.wait(i)
-                try:
-                    simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans).weight
-                except NonFiniteWeightError as exc:
-                    raise exc.named(repr(layer.layer)) from None
-                var = variables[layer.layer]
-                backend.set_values({var: simulated})
-                t1 = time.perf_counter()
-                try:
-                    value = evaluator.score([backend(x) for x in evaluator.batches])
-                except MetricError as exc:
-                    raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
-                                      exc.problem, exc.fix) from None
-                finally:
-                    backend.set_values({var: stored[layer.layer]})
+                simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans).weight
             except NonFiniteWeightError as exc:
-                if exc.stage != "produced":
-                    raise
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
-                unemittable.add((layer.layer, str(spec)))
-                bar.update(1)
-                continue
-            t2 = time.perf_counter()
-            store.add(layer.layer, str(spec), value, t2 - t0)
-            timing["compression"] += t1 - t0
-            timing["evaluation"] += t2 - t1
-            timing["store"] += time.perf_counter() - t2
-            done[(layer.layer, str(spec))] = (value, t2 - t0)
-            new_keys.add((layer.layer, str(spec)))
-            ran += 1
-            bar.update(1)
+                raise exc.named(repr(layer.layer)) from None
+            var = variables[layer.layer]
+            backend.set_values({var: simulated})
+            t1 = time.perf_counter()
+            try:
+                return evaluator.score(run_batches(backend, evaluator.batches)), t1
+            finally:
+                backend.set_values({var: stored[layer.layer]})
+
+        run_trials(runnable, trial, simulator, store, book, bar, deadline)
     finally:
         simulator.close()
         if simulator.pool is not None:
@@ -182,33 +161,12 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
         bar.close()
         store.close()
 
-    ios18 = target_rank(target) >= 18
-    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in unemittable]
-    trials = []
-    for layer, spec in plan:
-        found = done.get((layer.layer, str(spec)))
-        if found is None:
-            continue
-        value, seconds = found
-        nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18,
-                                 weight=stored[layer.layer].to(torch.float16).cpu().numpy())
-        trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
-                            layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
-                            from_store=(layer.layer, str(spec)) not in new_keys))
-    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
-                         evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
-                         os.path.abspath(package), _data_reference(data), list(shape), timing, ran, reused,
-                         len(plan) - len(trials), out_path, kmeans, _model_reference(reference))
-    if out_path is not None:
-        from .outputs import write_json, write_outputs
-
-        t0 = time.perf_counter()
-        write_outputs(result, out_path)
-        timing["outputs"] = time.perf_counter() - t0
-        timing["total"] = time.perf_counter() - start
-        write_json(out_path / "sweep.json", result.sweep_dict())
-    timing["total"] = time.perf_counter() - start
-    return result
+    trials, pending_count = collect_trials(plan, book, stored, baseline, evaluator, target_rank(target) >= 18)
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
+                         evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
+                         os.path.abspath(package), _data_reference(data), list(shape), timing, book.ran, reused,
+                         pending_count, out_path, kmeans, _model_reference(reference))
+    return finish_sweep(result, start)
 
 
 def _model_reference(reference: Any) -> Optional[str]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecError
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
 from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
@@ -28,7 +29,6 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -226,9 +226,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                 plan.append((layer, spec))
     pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
     reused = len(plan) - len(pending)
-    ran = 0
-    new_keys: set[tuple[str, str]] = set()
-    unemittable: set[tuple[str, str]] = set()  # trials whose simulated weight holds NaN/inf
+    book = TrialBook(done, skipped_trials, timing)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
@@ -257,43 +255,15 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                         len(runner.available), len(layers))
         timing["activation_cache"] = time.perf_counter() - t0
 
-        for i, (layer, spec) in enumerate(runnable):
-            if deadline is not None and time.perf_counter() >= deadline:
-                logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
-                break
-            t0 = time.perf_counter()
-            try:
-                simulator.wait(i)
-                with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
-                    t1 = time.perf_counter()
-                    try:
-                        if evaluator.user_fn is not None:
-                            value = evaluator(base)
-                        else:
-                            outputs = runner.outputs(layer.layer) if runner is not None else None
-                            value = evaluator.score(outputs if outputs is not None
-                                                    else run_batches(base, evaluator.batches))
-                    except MetricError as exc:  # NaN/inf: name the trial that made it
-                        raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
-                                          exc.problem, exc.fix) from None
-            except NonFiniteWeightError as exc:
-                if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
-                    raise
-                # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
-                # the shape problems, so no plan can pick it
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
-                unemittable.add((layer.layer, str(spec)))
-                bar.update(1)
-                continue
-            t2 = time.perf_counter()
-            store.add(layer.layer, str(spec), value, t2 - t0)
-            timing["compression"] += t1 - t0
-            timing["evaluation"] += t2 - t1
-            timing["store"] += time.perf_counter() - t2
-            done[(layer.layer, str(spec))] = (value, t2 - t0)
-            new_keys.add((layer.layer, str(spec)))
-            ran += 1
-            bar.update(1)
+        def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
+            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+                t1 = time.perf_counter()
+                if evaluator.user_fn is not None:
+                    return evaluator(base), t1
+                outputs = runner.outputs(layer.layer) if runner is not None else None
+                return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
+
+        run_trials(runnable, trial, simulator, store, book, bar, deadline)
     finally:
         simulator.close()
         if simulator.pool is not None:
@@ -301,10 +271,72 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
         bar.close()
         store.close()
 
-    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in unemittable]
+    trials, pending_count = collect_trials(plan, book, weights, baseline, evaluator, ios18)
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
+                         evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
+                         factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
+                         out_path, kmeans)
+    return finish_sweep(result, start)
+
+
+@dataclass
+class TrialBook:
+    """What a sweep's trial loop records: finished values by (layer, spec), skips, timing and counts."""
+
+    done: dict[tuple[str, str], tuple[float, float]]
+    skipped_trials: list[dict[str, str]]
+    timing: dict[str, float]
+    ran: int = 0
+    new_keys: set[tuple[str, str]] = field(default_factory=set)
+    unemittable: set[tuple[str, str]] = field(default_factory=set)  # trials whose simulated weight holds NaN/inf
+
+
+def run_trials(runnable: list[tuple[Layer, Spec]], trial: Callable[[Layer, Spec], tuple[float, float]],
+               simulator: ChunkSimulator, store: ResultStore, book: TrialBook, bar: Any,
+               deadline: Optional[float]) -> None:
+    """Run each (layer, spec) by ``trial`` (-> metric, time the compression ended), storing each as it finishes;
+    stops at ``deadline`` (perf_counter seconds). A NaN/inf metric names its trial; a spec whose simulated
+    weight overflows is a skipped trial (compress refuses it), a layer holding NaN/inf is an error."""
+    timing = book.timing
+    for i, (layer, spec) in enumerate(runnable):
+        if deadline is not None and time.perf_counter() >= deadline:
+            logger.info("time budget reached after %d trials", book.ran)
+            break
+        t0 = time.perf_counter()
+        try:
+            simulator.wait(i)
+            try:
+                value, t1 = trial(layer, spec)
+            except MetricError as exc:  # NaN/inf: name the trial that made it
+                raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                                  exc.problem, exc.fix) from None
+        except NonFiniteWeightError as exc:
+            if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
+                raise
+            # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
+            # the shape problems, so no plan can pick it
+            book.skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
+            book.unemittable.add((layer.layer, str(spec)))
+            bar.update(1)
+            continue
+        t2 = time.perf_counter()
+        store.add(layer.layer, str(spec), value, t2 - t0)
+        timing["compression"] += t1 - t0
+        timing["evaluation"] += t2 - t1
+        timing["store"] += time.perf_counter() - t2
+        book.done[(layer.layer, str(spec))] = (value, t2 - t0)
+        book.new_keys.add((layer.layer, str(spec)))
+        book.ran += 1
+        bar.update(1)
+
+
+def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dict[str, torch.Tensor],
+                   baseline: float, evaluator: Evaluator, ios18: bool) -> tuple[list[Trial], int]:
+    """(the finished trials of ``plan`` in plan order with their predicted bytes, how many are still pending)."""
+    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in book.unemittable]
     trials = []
     for layer, spec in plan:
-        found = done.get((layer.layer, str(spec)))
+        found = book.done.get((layer.layer, str(spec)))
         if found is None:
             continue
         value, seconds = found
@@ -312,11 +344,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                                  weight=weights[layer.layer].to(torch.float16).cpu().numpy())
         trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
                             layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
-                            from_store=(layer.layer, str(spec)) not in new_keys))
-    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
-                         evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target, factory,
-                         _data_reference(data), list(shape), timing, ran, reused,
-                         len(plan) - len(trials), out_path, kmeans)
+                            from_store=(layer.layer, str(spec)) not in book.new_keys))
+    return trials, len(plan) - len(trials)
+
+
+def finish_sweep(result: SweepResult, start: float) -> SweepResult:
+    """Write the output files (when the sweep has a folder) and the total time; sweep.json last, with it."""
+    timing, out_path = result.timing, result.out_dir
     if out_path is not None:
         from .outputs import write_outputs
 
