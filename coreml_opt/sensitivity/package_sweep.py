@@ -27,8 +27,7 @@ from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
-from .store import STORE_NAME, ResultStore
-from .sweep import (SweepResult, TrialBook, _data_reference, _progress, _skip_reason, collect_trials, finish_sweep,
+from .sweep import (SweepResult, _data_reference, _progress, collect_trials, finish_sweep, open_store, plan_trials,
                     resolve_candidates, run_trials)
 
 logger = logging.getLogger(__name__)
@@ -106,27 +105,11 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     stored = {name: backend.executable.values[var].clone() for name, var in variables.items()}
     timing["setup"] = time.perf_counter() - start
 
-    out_path = Path(out_dir) if out_dir is not None else None
-    if out_path is not None:
-        from ..model.package import make_output_folder
-
-        make_output_folder(out_path)
-    store = ResultStore(out_path / STORE_NAME if out_path else None, package_hash(package), evaluator.data_hash,
-                        evaluator.name, kmeans)
-    done = store.finished()
+    out_path, store = open_store(out_dir, package_hash(package), evaluator, kmeans)
     cache = SimCache()
-    plan, skipped_trials = [], []
-    for layer in layers:
-        for spec in specs:
-            problem = _skip_reason(layer, spec, stored[layer.layer], cache, kmeans)
-            if problem:
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
-            else:
-                plan.append((layer, spec))
-    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
-    book = TrialBook(done, skipped_trials, timing)
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
     simulator = ChunkSimulator(runnable, stored, cache, kmeans, deadline=deadline)

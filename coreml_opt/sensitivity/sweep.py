@@ -204,29 +204,12 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                          "pass --all-layers or a lower --weight-threshold")
     timing["setup"] = time.perf_counter() - start
 
-    out_path = Path(out_dir) if out_dir is not None else None
-    if out_path is not None:
-        from ..model.package import make_output_folder
-
-        make_output_folder(out_path)  # one line for an unwritable folder
-    store = ResultStore(out_path / STORE_NAME if out_path else None, model_hash(base), evaluator.data_hash,
-                        evaluator.name, kmeans)
-    done = store.finished()
+    out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
     cache = SimCache()
-    plan: list[tuple[Layer, Spec]] = []
-    skipped_trials: list[dict[str, str]] = []
-    for layer in layers:
-        for spec in specs:
-            problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
-            if problem:
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
-            else:
-                plan.append((layer, spec))
-    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
-    book = TrialBook(done, skipped_trials, timing)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
@@ -277,6 +260,38 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                          factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
                          out_path, kmeans)
     return finish_sweep(result, start)
+
+
+def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,
+               kmeans: str) -> tuple[Optional[Path], ResultStore]:
+    """(output folder, the resumable store keyed by model, data, metric and k-means mode); in memory without a
+    folder. One line for an unwritable folder."""
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        from ..model.package import make_output_folder
+
+        make_output_folder(out_path)
+    return out_path, ResultStore(out_path / STORE_NAME if out_path else None, model_key, evaluator.data_hash,
+                                 evaluator.name, kmeans)
+
+
+def plan_trials(layers: Sequence[Layer], specs: Sequence[Spec], weights: dict[str, torch.Tensor], cache: SimCache,
+                kmeans: str, store: ResultStore,
+                timing: dict[str, float]) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
+    """(every (layer, spec) compress could emit, those not yet in the store, the book holding the skips and
+    the stored values)."""
+    done = store.finished()
+    plan: list[tuple[Layer, Spec]] = []
+    skipped_trials: list[dict[str, str]] = []
+    for layer in layers:
+        for spec in specs:
+            problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
+            if problem:
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
+            else:
+                plan.append((layer, spec))
+    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    return plan, pending, TrialBook(done, skipped_trials, timing)
 
 
 @dataclass
