@@ -160,3 +160,13 @@ def test_workflows_and_runtime_no_longer_reach_into_sensitivity_for_evaluation()
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("sensitivity.evaluate", "sensitivity.reference",
                                                    "sensitivity.suffix")), (path, node.module)
+
+
+def test_rerunning_only_the_ops_after_the_weight_changes_no_result(example_mlpackage):
+    """Trials from cached values before the swapped weight's first reader equal full runs bit for bit."""
+    kwargs = dict(metric="kl", candidates="pal2,int4/block32", progress=False)
+    cached = analyse_package(example_mlpackage, DATA, **kwargs)
+    full = analyse_package(example_mlpackage, DATA, use_prefix=False, **kwargs)
+    assert [(t.layer, t.spec, t.metric) for t in cached.trials] == [(t.layer, t.spec, t.metric) for t in full.trials]
+    backend = PackageBackend(example_mlpackage, variables=["classifier_0_weight_to_fp16"])
+    assert 0 < backend.executable.first_reader("classifier_0_weight_to_fp16") < len(backend.executable.steps)

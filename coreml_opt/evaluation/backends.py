@@ -73,6 +73,8 @@ class PackageBackend:
                              "evaluate it from Python with coreml_opt.runtime.load_runtime")
         self.port = self.graph.inputs[0]
         self.output = self.graph.outputs[0]
+        self._prefix_key: Optional[tuple[str, int]] = None
+        self._prefix: Optional[list[dict]] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -84,6 +86,21 @@ class PackageBackend:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.executable({self.port.name: x})[self.output].float().cpu()
+
+    def outputs_after(self, variable: str, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs per batch, as ``run_batches(self, batches)`` gives them, running only the steps from the first
+        reader of ``variable`` on: what comes before is computed once and kept for the last variable asked
+        (a sweep's trials of one layer are consecutive). Batches that cannot run batched run in full."""
+        exe = self.executable
+        start = exe.first_reader(variable)
+        if self._prefix_key != (variable, id(batches)):
+            self._prefix = None
+            cached = [exe.run_prefix({self.port.name: x}, start) for x in batches]
+            self._prefix = None if any(c is None for c in cached) else cached
+            self._prefix_key = (variable, id(batches))
+        if self._prefix is None:
+            return run_batches(self, batches)
+        return [exe.run_suffix(values, start)[self.output].float().cpu() for values in self._prefix]
 
 
 def resolve_model(model: Union[nn.Module, str]) -> tuple[nn.Module, Optional[str]]:

@@ -73,6 +73,7 @@ class Executable:
         if unknown:
             raise KeyError(f"overrides name no variable of the package: {unknown[:5]}")
         self.steps: list[Callable[[dict], None]] = []
+        self.step_reads: list[set[str]] = []  # the variables each step reads, for prefix caching
         self.batching: str | None = None  # "batched", "vmap" or "looped"; decided on the first batch
         with torch.no_grad():
             for node in graph.nodes:
@@ -146,6 +147,8 @@ class Executable:
                     self.consts[name] = value if folded else self._finish(value)
             return
         self.steps.append(self._step(handler, node, static, dynamic, outputs))
+        self.step_reads.append({v for _, item in dynamic for kind, v in (item if isinstance(item, list) else [item])
+                                if kind == "v"})
 
     def _finish(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -201,6 +204,34 @@ class Executable:
         env: dict[str, Any] = {**self.values, **tensors}
         with torch.no_grad():
             for step in self.steps:
+                step(env)
+        return {name: env[name] if name in env else self.consts[name] for name in self.graph.outputs}
+
+    def first_reader(self, variable: str) -> int:
+        """Index of the first step that reads ``variable`` (a build-time variable); steps before it do not
+        depend on its value."""
+        return next((i for i, reads in enumerate(self.step_reads) if variable in reads), len(self.steps))
+
+    def run_prefix(self, inputs: Mapping[str, Any], stop: int) -> dict[str, torch.Tensor] | None:
+        """The values that steps from ``stop`` on (and the outputs) read, after running ``steps[:stop]`` on a
+        batch; None when the batch does not run as one batch (then use ``__call__``)."""
+        tensors = {port.name: self._input(port, inputs[port.name]) for port in self.graph.inputs}
+        declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
+        if self._batch(tensors) > 1 and declared == (1,) and self.batching != "batched":
+            return None
+        env: dict[str, Any] = {**self.values, **tensors}
+        with torch.no_grad():
+            for step in self.steps[:stop]:
+                step(env)
+        live = set(self.graph.outputs).union(*self.step_reads[stop:]) - self.variables
+        return {name: value for name, value in env.items() if name in live}
+
+    def run_suffix(self, cached: Mapping[str, Any], start: int) -> dict[str, torch.Tensor]:
+        """Outputs from ``run_prefix(inputs, start)``'s values: only ``steps[start:]`` run, with the current
+        variable values."""
+        env: dict[str, Any] = {**cached, **self.values}
+        with torch.no_grad():
+            for step in self.steps[start:]:
                 step(env)
         return {name: env[name] if name in env else self.consts[name] for name in self.graph.outputs}
 

@@ -72,9 +72,10 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
                     time_budget: Optional[float] = None, progress: bool = True, *,
                     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
                     batch_size: int = DEFAULT_BATCH_SIZE, kmeans: str = "exact", reference: Any = None,
-                    device: str = "cpu") -> SweepResult:
+                    device: str = "cpu", use_prefix: bool = True) -> SweepResult:
     """Rank the package's weights by the metric drop each candidate causes alone; ``target`` defaults to the
-    package's own. ModelError/DataError/SpecError (one line) for bad input."""
+    package's own. ``use_prefix``: a trial reruns only the ops from the first reader of its weight (the values
+    before it are computed once per layer), which changes no result. One-line errors for bad input."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -132,7 +133,9 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
             backend.set_values({var: simulated})
             t1 = time.perf_counter()
             try:
-                return evaluator.score(run_batches(backend, evaluator.batches)), t1
+                outputs = (backend.outputs_after(var, evaluator.batches) if use_prefix
+                           else run_batches(backend, evaluator.batches))
+                return evaluator.score(outputs), t1
             finally:
                 backend.set_values({var: stored[layer.layer]})
 
