@@ -104,7 +104,7 @@ def test_cli_package_sweep_writes_every_output_and_resumes(example_mlpackage, tm
             "--candidates", "int8,pal4", "--out", str(out), "--no-progress")
     code, stdout, stderr = run_cli(*argv)
     assert code == 0, stderr
-    assert "10 run now, 0 from the store" in stdout
+    assert "10 run now, 0 from the store" in stdout and "package baseline" in stdout
     for name in ("trials.csv", "trials.json", "sweep.json", "summary.md", "heatmap.png", "sensitivity.sqlite"):
         assert (out / name).is_file(), name
     sweep, trials = load_sweep(out)
