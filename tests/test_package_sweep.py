@@ -144,7 +144,11 @@ def test_plan_emit_from_a_package_sweep_compresses_the_package(example_mlpackage
 
 
 def test_package_sweep_bad_input_is_one_line(example_mlpackage, example_iOS16_mlpackage, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "rgb.npz", x=np.zeros((4, 3, 8, 8), np.float32))
     for argv, fragment in (
+            (("--model", str(example_mlpackage), "--data", str(tmp_path / "rgb.npz")), "takes inputs of shape"),
             (("--model", str(tmp_path / "missing.mlpackage"), "--data", DATA), "does not exist"),
             (("--model", str(example_mlpackage), "--data", DATA, "--metric", "coreml_opt.zoo:digits_cnn"),
              "is a package"),

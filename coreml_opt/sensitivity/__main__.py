@@ -19,7 +19,8 @@ EPILOG = """examples:
   python -m coreml_opt.sensitivity --model digits.mlpackage --data calibration_data/digits --metric kl --out out/pkg
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
-candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans);
+candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
+reference);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
