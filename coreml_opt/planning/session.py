@@ -41,6 +41,8 @@ class PlanningSession:
         from ..sensitivity.layers import fp16_copy
 
         sweep, trials = load_sweep(sweep_dir)
+        if model is None and _swept_package(sweep, sweep_dir) is not None:
+            return cls._open_package(sweep, trials, sweep_dir, evaluator, data, candidates, measure)
         source = model if model is not None else sweep.get("model")
         original = load_factory(source) if isinstance(source, str) else source
         # Folded and fp16 everywhere (biases too), exactly as the analyser measured its baseline.
@@ -57,7 +59,7 @@ class PlanningSession:
             if data is None and sweep.get("data") is None:
                 logger.warning("sweep.json records no data (it was not a path or factory): measuring on what the "
                                "analyser uses without data; pass data= if the sweep used other data")
-            from ..sensitivity import make_evaluator
+            from ..evaluation import make_evaluator
 
             shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
             recorded = data_beside(sweep.get("data"), sweep_dir)  # relative: beside sweep.json, never the cwd
@@ -72,6 +74,24 @@ class PlanningSession:
                                 "restore the data the sweep used, or rerun the sweep with --data") from None
         return cls(problem, folded, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
 
+    @classmethod
+    def _open_package(cls, sweep: dict, trials: list, sweep_dir: str | os.PathLike, evaluator: Any, data: Any,
+                      candidates: Sequence[str] | None, measure: bool) -> "PlanningSession":
+        """A package-only sweep: the package itself is measured (package runtime) and emitted (compressed)."""
+        from .package import PackageModel, package_evaluator
+
+        path = _swept_package(sweep, sweep_dir)
+        package = PackageModel(path, sweep.get("layers", []), sweep.get("kmeans", "exact"))
+        fixed, fixed_params = package.fixed_weights([row["layer"] for row in sweep.get("layers", [])])
+        problem = build_problem(sweep, trials, fixed, fixed_params, candidates)
+        if measure and evaluator is None:
+            recorded = data_beside(sweep.get("data"), sweep_dir)
+            reference = sweep.get("reference")
+            if isinstance(reference, str) and ":" not in reference:
+                reference = str(Path(sweep_dir) / reference)
+            evaluator = package_evaluator(package, data if data is not None else recorded, problem.metric, reference)
+        return cls(problem, package, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
+
     @property
     def can_measure(self) -> bool:
         return self.model is not None and self.evaluator is not None
@@ -84,6 +104,8 @@ class PlanningSession:
             raise PlanError("plan validation", "the sweep names no model or data to measure with",
                             "pass model= and data= to PlanningSession.open, or skip validation")
         key = frozenset(specs.items())
+        if key not in self._cache and hasattr(self.model, "backend"):  # a package-only sweep
+            self._cache[key] = self.model.measure(specs, self.evaluator)
         if key not in self._cache:
             assignment = {path: "none" for path in self.problem.fixed}
             assignment.update(specs)
@@ -122,6 +144,8 @@ class PlanningSession:
         from ..compress import compress
         from ..model.convert import convert
 
+        if model_package is None and hasattr(self.model, "backend"):  # a package-only sweep: compress it
+            model_package = self.model.path
         if model_package is not None:
             return compress(model_package, result.plan, output)
         sweep = self.problem.sweep
@@ -132,6 +156,17 @@ class PlanningSession:
             package = Path(tmp) / "swept.mlpackage"
             convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
             return compress(package, result.plan, output)
+
+
+def _swept_package(sweep: Mapping[str, Any], sweep_dir: str | os.PathLike) -> Path | None:
+    """The .mlpackage a package-only sweep recorded (relative: beside sweep.json), or None for a factory sweep."""
+    from ..evaluation import is_package
+
+    recorded = sweep.get("model")
+    if not isinstance(recorded, str) or ":" in recorded or not recorded.rstrip("/").endswith(".mlpackage"):
+        return None
+    path = Path(recorded) if os.path.isabs(recorded) else Path(sweep_dir) / recorded
+    return path if is_package(path) else None
 
 
 def plan_from_sweep(sweep_dir: str | os.PathLike, *, size: str | int | None = None, bpw: float | None = None,

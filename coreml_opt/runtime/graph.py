@@ -14,7 +14,7 @@ transcendental functions — expect differences of a few fp16 ulps against a dev
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,10 +54,11 @@ class Executable:
     """The built form of one package's main function on one device at one precision."""
 
     def __init__(self, graph: Graph, device: str | torch.device = "cpu", precision: str = "fp32",
-                 overrides: Mapping[str, Any] | None = None) -> None:
+                 overrides: Mapping[str, Any] | None = None, variables: Sequence[str] | None = None) -> None:
         """``overrides`` maps a constant's output variable (e.g. a weight, or the output of its constexpr
-        chain) to a value used instead of the stored one: a sensitivity trial on a package swaps in one
-        simulated compressed weight this way."""
+        chain) to a value used instead of the stored one, fixed at build time. ``variables`` names constants
+        kept replaceable after the build: each run reads them like inputs, from their stored value or the
+        one ``set_values`` gave, so a sensitivity sweep on a package builds once and swaps one weight per trial."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_supported(graph)
@@ -67,10 +68,13 @@ class Executable:
         self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
         self.consts: dict[str, Any] = {}
         self.overrides = dict(overrides or {})
-        unknown = sorted(set(self.overrides) - set(graph.ports))
+        self.variables = set(variables or ())
+        self.values: dict[str, torch.Tensor] = {}  # current value of each variable (fp32 for floats)
+        unknown = sorted((set(self.overrides) | self.variables) - set(graph.ports))
         if unknown:
             raise KeyError(f"overrides name no variable of the package: {unknown[:5]}")
         self.steps: list[Callable[[dict], None]] = []
+        self.step_reads: list[set[str]] = []  # the variables each step reads, for prefix caching
         self.batching: str | None = None  # "batched", "vmap" or "looped"; decided on the first batch
         with torch.no_grad():
             for node in graph.nodes:
@@ -123,7 +127,7 @@ class Executable:
             for arg in args:
                 if arg.var is None:
                     items.append(("c", self._raw(arg.value) if folded else self._arg(arg.value, param)))
-                elif arg.var in self.consts:
+                elif arg.var in self.consts and arg.var not in self.variables:
                     value = self.consts[arg.var]
                     items.append(("c", value if folded else self._arg(value, param)))
                 else:
@@ -138,9 +142,14 @@ class Executable:
         if not dynamic:  # all-constant: evaluate now
             result = handler(static, node, self.ctx)
             for name, value in zip(outputs, result if isinstance(result, tuple) else (result,)):
-                self.consts[name] = value if folded else self._finish(value)
+                if name in self.variables:
+                    self.values[name] = self._finish(torch.as_tensor(value).to(self.device))
+                else:
+                    self.consts[name] = value if folded else self._finish(value)
             return
         self.steps.append(self._step(handler, node, static, dynamic, outputs))
+        self.step_reads.append({v for _, item in dynamic for kind, v in (item if isinstance(item, list) else [item])
+                                if kind == "v"})
 
     def _finish(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -184,6 +193,15 @@ class Executable:
         return step
 
     # -- running ----------------------------------------------------------------------------------
+    def set_values(self, values: Mapping[str, Any]) -> None:
+        """Replace the current values of variables named at build time (float values are used in fp32,
+        rounded to fp16 in fp16 mode); KeyError for a name that is not a variable."""
+        unknown = sorted(set(values) - self.variables)
+        if unknown:
+            raise KeyError(f"not variables of this build: {unknown[:5]}")
+        for name, value in values.items():
+            self.values[name] = self._finish(torch.as_tensor(value).to(self.device))
+
     def _input(self, port, value: Any) -> torch.Tensor:
         tensor = torch.as_tensor(value, device=self.device)
         if port.dtype == "FLOAT16":  # the package takes fp16: round as Core ML does, in either mode
@@ -193,9 +211,37 @@ class Executable:
         return tensor.to({"INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}.get(port.dtype, torch.int32))
 
     def _run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        env: dict[str, Any] = dict(tensors)
+        env: dict[str, Any] = {**self.values, **tensors}
         with torch.no_grad():
             for step in self.steps:
+                step(env)
+        return {name: env[name] if name in env else self.consts[name] for name in self.graph.outputs}
+
+    def first_reader(self, variable: str) -> int:
+        """Index of the first step that reads ``variable`` (a build-time variable); steps before it do not
+        depend on its value."""
+        return next((i for i, reads in enumerate(self.step_reads) if variable in reads), len(self.steps))
+
+    def run_prefix(self, inputs: Mapping[str, Any], stop: int) -> dict[str, torch.Tensor] | None:
+        """The values that steps from ``stop`` on (and the outputs) read, after running ``steps[:stop]`` on a
+        batch; None when the batch does not run as one batch (then use ``__call__``)."""
+        tensors = {port.name: self._input(port, inputs[port.name]) for port in self.graph.inputs}
+        declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
+        if self._batch(tensors) > 1 and declared == (1,) and self.batching != "batched":
+            return None
+        env: dict[str, Any] = {**self.values, **tensors}
+        with torch.no_grad():
+            for step in self.steps[:stop]:
+                step(env)
+        live = set(self.graph.outputs).union(*self.step_reads[stop:]) - self.variables
+        return {name: value for name, value in env.items() if name in live}
+
+    def run_suffix(self, cached: Mapping[str, Any], start: int) -> dict[str, torch.Tensor]:
+        """Outputs from ``run_prefix(inputs, start)``'s values: only ``steps[start:]`` run, with the current
+        variable values."""
+        env: dict[str, Any] = {**cached, **self.values}
+        with torch.no_grad():
+            for step in self.steps[start:]:
                 step(env)
         return {name: env[name] if name in env else self.consts[name] for name in self.graph.outputs}
 

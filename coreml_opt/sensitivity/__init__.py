@@ -1,7 +1,8 @@
 """Sensitivity analysis: compress one layer at a time, measure the metric drop, rank the layers.
 
 ``analyse(model, input_shape, data, metric)`` runs (resumably) every (layer, candidate) trial with
-the simulation engine; ``load_sweep(dir)`` reads a finished sweep back for the planner;
+the simulation engine (``analyse_package`` for a model given only as an .mlpackage, run by the package
+runtime); ``load_sweep(dir)`` reads a finished sweep back for the planner;
 ``make_evaluator`` gives the same evaluation as a ``callable(model) -> float``.
 Command line: ``python -m coreml_opt.sensitivity --help``.
 """
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import DataError
-from .evaluate import Evaluator, make_evaluator
+from ..evaluation import Evaluator, make_evaluator
 from .layers import Layer, find_layers
 from .store import STORE_NAME, ResultStore
+from .package_sweep import analyse_package
 from .sweep import DEFAULT_LADDER, SweepResult, Trial, analyse
 
-__all__ = ["analyse", "make_evaluator", "load_sweep", "Evaluator", "SweepResult", "Trial", "Layer", "find_layers",
+__all__ = ["analyse", "analyse_package", "make_evaluator", "load_sweep", "Evaluator", "SweepResult", "Trial", "Layer", "find_layers",
            "ResultStore", "STORE_NAME", "DEFAULT_LADDER"]
 
 

@@ -16,15 +16,19 @@ EPILOG = """examples:
   python -m coreml_opt.sensitivity --model coreml_opt.zoo:digits_cnn --input-shape 1,1,8,8 \\
       --data calibration_data/digits --metric kl --candidates int8,pal4,pal2 --target iOS16 --out out/kl
   python -m coreml_opt.sensitivity sensitivity/digits.yaml
+  python -m coreml_opt.sensitivity --model digits.mlpackage --data calibration_data/digits --metric kl --out out/pkg
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
-candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans);
-relative data and out paths in it resolve beside the file, not the current directory.
+candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
+reference);
+relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
+A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
+proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
 SWEEP_KEYS = {"model", "input_shape", "data", "metric", "candidates", "target", "out", "max_trials", "time_budget",
-              "weight_threshold", "all_layers", "batch_size", "kmeans"}
+              "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Compress one layer at a time (simulated exactly as coremltools would) "
                                             "and rank layers by the metric drop.")
     p.add_argument("sweep", nargs="?", help="sweep YAML file (e.g. sensitivity/digits.yaml) instead of the options")
-    p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn")
+    p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn, "
+                                   "or an ML Program package, e.g. digits.mlpackage (run by the package runtime)")
     p.add_argument("--input-shape", type=parse_shape, help="example input shape, e.g. 1,1,8,8")
     p.add_argument("--data", help="evaluation data: calibration folder, .npz (x, y) or package.module:fn "
                                   "returning data, e.g. calibration_data/digits; omitted: seeded random inputs")
@@ -42,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "default top1 (agreement with the fp32 model)")
     p.add_argument("--candidates", help="comma-separated specs, e.g. int8,int4/block32,pal4,pal2,prune50; "
                                         "default int8,int4/block32,pal6,pal4,pal2,prune50 filtered to --target")
-    p.add_argument("--target", default="iOS18", help="deployment target, e.g. iOS16, iOS17, iOS18 (default)")
+    p.add_argument("--reference", help="package sweeps: the model proxy metrics compare against (an .mlpackage or "
+                                       "package.module:factory); default the uncompressed package itself")
+    p.add_argument("--target", default=None, help="deployment target, e.g. iOS16, iOS17, iOS18 (default iOS18; a package's own)")
     p.add_argument("--out", help="output directory, e.g. sensitivity_out/digits (holds the resumable store)")
     p.add_argument("--max-trials", type=int, help="run at most N new trials, then save partial results, e.g. 10")
     p.add_argument("--time-budget", type=float, help="stop starting trials after S seconds, e.g. 120")
@@ -85,6 +92,8 @@ def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentPar
             value = str(path_beside(value, Path(path).parent))
         if key == "data":
             value = data_beside(value, Path(path).parent)
+        if key in ("model", "reference") and isinstance(value, str) and ":" not in value:  # a package path
+            value = str(path_beside(value, Path(path).parent))
         setattr(args, key, value)
     return args
 
@@ -96,16 +105,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.sweep:
             args = _from_yaml(args.sweep, args, parser)
-        if not args.model or not args.input_shape:
+        from ..evaluation import is_package
+
+        package = bool(args.model) and is_package(args.model)
+        if not args.model or not (args.input_shape or package):
             parser.error("--model and --input-shape are required (or pass a sweep YAML file)")
-        from . import analyse
+        if args.reference and not package:
+            parser.error("--reference is for a model given as an .mlpackage (a factory sweep compares against "
+                         "the fp32 model)")
+        from . import analyse, analyse_package
         from .outputs import bytes_table, header_lines, ranked_table, timing_lines
 
-        result = analyse(args.model, args.input_shape, args.data, metric=args.metric, candidates=args.candidates,
-                         target=args.target, out_dir=args.out, max_trials=args.max_trials,
-                         time_budget=args.time_budget, progress=not args.no_progress,
-                         weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
-                         batch_size=args.batch_size, kmeans=args.kmeans)
+        options = dict(metric=args.metric, candidates=args.candidates, target=args.target, out_dir=args.out,
+                       max_trials=args.max_trials, time_budget=args.time_budget, progress=not args.no_progress,
+                       weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
+                       batch_size=args.batch_size, kmeans=args.kmeans)
+        if package:
+            result = analyse_package(args.model, args.data, reference=args.reference, **options)
+        else:
+            result = analyse(args.model, args.input_shape, args.data, **{**options, "target": args.target or "iOS18"})
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

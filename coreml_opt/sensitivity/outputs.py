@@ -103,9 +103,11 @@ def timing_lines(result) -> list[str]:
 def header_lines(result) -> list[str]:
     unit = result.unit if result.unit != "fraction" else ""
     val = (lambda v: f"{100 * v:.2f} %") if result.unit == "fraction" else (lambda v: f"{v:.4g} {unit}".strip())
+    # a package sweep's baseline is the package as stored; its reference, the package itself or --reference
+    base, ref = ("package", "reference") if str(result.model or "").endswith(".mlpackage") else ("fp16", "fp32")
     lines = [(f"metric {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better); "
-             f"fp16 baseline {val(result.baseline)}, fp32 {val(result.fp32_metric)} "
-             f"(fp32 -> fp16 drop {format_drop(result.fp16_drop, result.unit == 'fraction', signed=True)}); "
+             f"{base} baseline {val(result.baseline)}, {ref} {val(result.fp32_metric)} "
+             f"({ref} -> {base} drop {format_drop(result.fp16_drop, result.unit == 'fraction', signed=True)}); "
              f"table cells: {drop_label(result)}")]
     for item in result.skipped_candidates:
         lines.append(f"skipped candidate {item['spec']}: {item['reason']}")

@@ -19,22 +19,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..evaluation.backends import first_tensor
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHE_BYTES = 1 << 30
-
-
-def first_tensor(value: Any) -> torch.Tensor:
-    """The model output used by metrics: the tensor itself, or the first tensor in a tuple/list/dict."""
-    if isinstance(value, torch.Tensor):
-        return value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    for item in items:
-        try:
-            return first_tensor(item)
-        except TypeError:
-            continue
-    raise TypeError(f"model output of type {type(value).__name__} holds no tensor")
 
 
 def _nbytes(value: Any) -> int:

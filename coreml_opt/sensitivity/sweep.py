@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, SpecError
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
 from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
@@ -28,13 +29,6 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from .evaluate import (
-    DEFAULT_BATCH_SIZE,
-    Evaluator,
-    resolve_data,
-    resolve_model,
-    run_batches,
-)
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -89,6 +83,7 @@ class SweepResult:
     pending: int = 0
     out_dir: Optional[Path] = None
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
+    reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
 
     @property
     def complete(self) -> bool:
@@ -101,16 +96,21 @@ class SweepResult:
 
     def sweep_dict(self) -> dict[str, Any]:
         """The ``sweep.json`` document the planner reads."""
-        data = self.data
-        if data is not None and os.path.isabs(data) and self.out_dir is not None:  # portable: beside sweep.json
-            data = os.path.relpath(data, self.out_dir.absolute())
-        return {"model": self.model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
+        data, model = self._portable(self.data), self._portable(self.model)  # portable: beside sweep.json
+        extra = {"reference": self._portable(self.reference)} if self.reference is not None else {}
+        return {**extra, "model": model, "input_shape": self.input_shape, "data": data, "metric": self.metric,
                 "target": self.target, "candidates": self.candidates, "baseline": self.baseline,
                 "fp32_metric": self.fp32_metric, "fp16_drop": self.fp16_drop,
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
                 "unit": self.unit, "skipped_candidates": self.skipped_candidates,
                 "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
                 "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans}
+
+    def _portable(self, path: Optional[str]) -> Optional[str]:
+        """An absolute path made relative to the output folder (beside sweep.json), anything else as is."""
+        if path is not None and os.path.isabs(path) and self.out_dir is not None:
+            return os.path.relpath(path, self.out_dir.absolute())
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.sweep_dict(), "trials": [t.to_dict() for t in self.trials]}
@@ -205,31 +205,12 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                          "pass --all-layers or a lower --weight-threshold")
     timing["setup"] = time.perf_counter() - start
 
-    out_path = Path(out_dir) if out_dir is not None else None
-    if out_path is not None:
-        from ..model.package import make_output_folder
-
-        make_output_folder(out_path)  # one line for an unwritable folder
-    store = ResultStore(out_path / STORE_NAME if out_path else None, model_hash(base), evaluator.data_hash,
-                        evaluator.name, kmeans)
-    done = store.finished()
+    out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
     cache = SimCache()
-    plan: list[tuple[Layer, Spec]] = []
-    skipped_trials: list[dict[str, str]] = []
-    for layer in layers:
-        for spec in specs:
-            problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
-            if problem:
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
-            else:
-                plan.append((layer, spec))
-    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
-    ran = 0
-    new_keys: set[tuple[str, str]] = set()
-    unemittable: set[tuple[str, str]] = set()  # trials whose simulated weight holds NaN/inf
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
@@ -258,43 +239,15 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                         len(runner.available), len(layers))
         timing["activation_cache"] = time.perf_counter() - t0
 
-        for i, (layer, spec) in enumerate(runnable):
-            if deadline is not None and time.perf_counter() >= deadline:
-                logger.info("time budget of %.1f s reached after %d trials", time_budget, ran)
-                break
-            t0 = time.perf_counter()
-            try:
-                simulator.wait(i)
-                with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
-                    t1 = time.perf_counter()
-                    try:
-                        if evaluator.user_fn is not None:
-                            value = evaluator(base)
-                        else:
-                            outputs = runner.outputs(layer.layer) if runner is not None else None
-                            value = evaluator.score(outputs if outputs is not None
-                                                    else run_batches(base, evaluator.batches))
-                    except MetricError as exc:  # NaN/inf: name the trial that made it
-                        raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
-                                          exc.problem, exc.fix) from None
-            except NonFiniteWeightError as exc:
-                if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
-                    raise
-                # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
-                # the shape problems, so no plan can pick it
-                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
-                unemittable.add((layer.layer, str(spec)))
-                bar.update(1)
-                continue
-            t2 = time.perf_counter()
-            store.add(layer.layer, str(spec), value, t2 - t0)
-            timing["compression"] += t1 - t0
-            timing["evaluation"] += t2 - t1
-            timing["store"] += time.perf_counter() - t2
-            done[(layer.layer, str(spec))] = (value, t2 - t0)
-            new_keys.add((layer.layer, str(spec)))
-            ran += 1
-            bar.update(1)
+        def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
+            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+                t1 = time.perf_counter()
+                if evaluator.user_fn is not None:
+                    return evaluator(base), t1
+                outputs = runner.outputs(layer.layer) if runner is not None else None
+                return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
+
+        run_trials(runnable, trial, simulator, store, book, bar, deadline)
     finally:
         simulator.close()
         if simulator.pool is not None:
@@ -302,10 +255,104 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
         bar.close()
         store.close()
 
-    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in unemittable]
+    trials, pending_count = collect_trials(plan, book, weights, baseline, evaluator, ios18)
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
+                         evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
+                         factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
+                         out_path, kmeans)
+    return finish_sweep(result, start)
+
+
+def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,
+               kmeans: str) -> tuple[Optional[Path], ResultStore]:
+    """(output folder, the resumable store keyed by model, data, metric and k-means mode); in memory without a
+    folder. One line for an unwritable folder."""
+    out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        from ..model.package import make_output_folder
+
+        make_output_folder(out_path)
+    return out_path, ResultStore(out_path / STORE_NAME if out_path else None, model_key, evaluator.data_hash,
+                                 evaluator.name, kmeans)
+
+
+def plan_trials(layers: Sequence[Layer], specs: Sequence[Spec], weights: dict[str, torch.Tensor], cache: SimCache,
+                kmeans: str, store: ResultStore,
+                timing: dict[str, float]) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
+    """(every (layer, spec) compress could emit, those not yet in the store, the book holding the skips and
+    the stored values)."""
+    done = store.finished()
+    plan: list[tuple[Layer, Spec]] = []
+    skipped_trials: list[dict[str, str]] = []
+    for layer in layers:
+        for spec in specs:
+            problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
+            if problem:
+                skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
+            else:
+                plan.append((layer, spec))
+    pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
+    return plan, pending, TrialBook(done, skipped_trials, timing)
+
+
+@dataclass
+class TrialBook:
+    """What a sweep's trial loop records: finished values by (layer, spec), skips, timing and counts."""
+
+    done: dict[tuple[str, str], tuple[float, float]]
+    skipped_trials: list[dict[str, str]]
+    timing: dict[str, float]
+    ran: int = 0
+    new_keys: set[tuple[str, str]] = field(default_factory=set)
+    unemittable: set[tuple[str, str]] = field(default_factory=set)  # trials whose simulated weight holds NaN/inf
+
+
+def run_trials(runnable: list[tuple[Layer, Spec]], trial: Callable[[Layer, Spec], tuple[float, float]],
+               simulator: ChunkSimulator, store: ResultStore, book: TrialBook, bar: Any,
+               deadline: Optional[float]) -> None:
+    """Run each (layer, spec) by ``trial`` (-> metric, time the compression ended), storing each as it finishes;
+    stops at ``deadline`` (perf_counter seconds). A NaN/inf metric names its trial; a spec whose simulated
+    weight overflows is a skipped trial (compress refuses it), a layer holding NaN/inf is an error."""
+    timing = book.timing
+    for i, (layer, spec) in enumerate(runnable):
+        if deadline is not None and time.perf_counter() >= deadline:
+            logger.info("time budget reached after %d trials", book.ran)
+            break
+        t0 = time.perf_counter()
+        try:
+            simulator.wait(i)
+            try:
+                value, t1 = trial(layer, spec)
+            except MetricError as exc:  # NaN/inf: name the trial that made it
+                raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                                  exc.problem, exc.fix) from None
+        except NonFiniteWeightError as exc:
+            if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
+                raise
+            # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
+            # the shape problems, so no plan can pick it
+            book.skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
+            book.unemittable.add((layer.layer, str(spec)))
+            bar.update(1)
+            continue
+        t2 = time.perf_counter()
+        store.add(layer.layer, str(spec), value, t2 - t0)
+        timing["compression"] += t1 - t0
+        timing["evaluation"] += t2 - t1
+        timing["store"] += time.perf_counter() - t2
+        book.done[(layer.layer, str(spec))] = (value, t2 - t0)
+        book.new_keys.add((layer.layer, str(spec)))
+        book.ran += 1
+        bar.update(1)
+
+
+def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dict[str, torch.Tensor],
+                   baseline: float, evaluator: Evaluator, ios18: bool) -> tuple[list[Trial], int]:
+    """(the finished trials of ``plan`` in plan order with their predicted bytes, how many are still pending)."""
+    plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in book.unemittable]
     trials = []
     for layer, spec in plan:
-        found = done.get((layer.layer, str(spec)))
+        found = book.done.get((layer.layer, str(spec)))
         if found is None:
             continue
         value, seconds = found
@@ -313,11 +360,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
                                  weight=weights[layer.layer].to(torch.float16).cpu().numpy())
         trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
                             layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
-                            from_store=(layer.layer, str(spec)) not in new_keys))
-    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, skipped_trials, evaluator.name,
-                         evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target, factory,
-                         _data_reference(data), list(shape), timing, ran, reused,
-                         len(plan) - len(trials), out_path, kmeans)
+                            from_store=(layer.layer, str(spec)) not in book.new_keys))
+    return trials, len(plan) - len(trials)
+
+
+def finish_sweep(result: SweepResult, start: float) -> SweepResult:
+    """Write the output files (when the sweep has a folder) and the total time; sweep.json last, with it."""
+    timing, out_path = result.timing, result.out_dir
     if out_path is not None:
         from .outputs import write_outputs
 

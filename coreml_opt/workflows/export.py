@@ -90,7 +90,7 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
     ``reference`` is the uncompressed BN-folded model; ``planned`` the module names the plan compresses (each
     must come out compressed, else ModelError/PlanError naming ``compressor`` and nothing is written)."""
     from ..model.convert import convert
-    from ..sensitivity.reference import decompressed_consts
+    from ..evaluation.weights import decompressed_consts
 
     scrub(compressed)
     compressed.eval()
@@ -156,7 +156,7 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
 
 def package_weights_model(package: str | os.PathLike, reference: nn.Module) -> nn.Module:
     """A copy of ``reference`` holding the decompressed weights stored in ``package`` (data-free output)."""
-    from ..sensitivity.reference import decompressed_consts
+    from ..evaluation.weights import decompressed_consts
 
     loaded = load_package(package)
     values = decompressed_consts(loaded.mlmodel)

@@ -129,7 +129,7 @@ def load_data(source: Any) -> Dataset:
 
         x_tr, y_tr, x_te, y_te = digits_split()
         return Dataset(x_tr, y_tr, source) if source == "digits-train" else Dataset(x_te, y_te, source)
-    from ..sensitivity.evaluate import resolve_data
+    from ..evaluation import resolve_data
 
     return resolve_data(source)
 
@@ -160,7 +160,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
                  progress: bool = True) -> WorkflowResult:
     """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage."""
     from ..model.convert import convert, example_inputs, fold_batchnorm, load_factory
-    from ..sensitivity.evaluate import Evaluator
+    from ..evaluation import Evaluator
     from .export import package_weights_model
     from .torch_configs import planned_modules
 

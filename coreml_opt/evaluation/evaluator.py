@@ -1,0 +1,104 @@
+"""A metric on fixed data as a callable ``model -> float``; the model is an nn.Module or any backend.
+
+Proxy metrics (PSNR, SQNR, KL, top-1 agreement, cosine) compare against reference outputs: for a torch
+model the BN-folded fp32 model, as conversion sees it. ``accuracy`` needs labels. A user metric
+``package.module:fn`` is called as ``fn(model)`` and needs no data.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..errors import DataError
+from ..metrics import Metric, MetricError, check_finite_value, get_metric, import_metric_fn
+from ..metrics import drop as metric_drop
+from .backends import resolve_model, run_batches
+from .data import resolve_data
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 512
+
+
+class Evaluator:
+    """Scores a model (an nn.Module or a backend ``x -> outputs``) on fixed data with one metric."""
+
+    def __init__(self, metric: Union[str, Callable[[Any], float]], data: Optional[Dataset],
+                 reference_model: Any = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        self.user_fn: Optional[Callable[[Any], float]] = None
+        self.metric: Optional[Metric] = None
+        if callable(metric):
+            self.user_fn, self.name = metric, getattr(metric, "__qualname__", repr(metric))
+        elif isinstance(metric, str) and ":" in metric:
+            self.user_fn, self.name = import_metric_fn(metric), metric
+        else:
+            self.metric = get_metric(str(metric))
+            self.name = self.metric.name
+        self.data = data
+        self.batch_size = batch_size
+        self.batches: list[torch.Tensor] = []
+        self.reference: Optional[torch.Tensor] = None
+        if self.metric is not None:
+            if data is None:
+                raise DataError(f"metric {self.name}", "needs evaluation data", "pass --data FOLDER|FILE.npz")
+            if self.metric.needs_labels and data.y is None:
+                raise DataError(data.source, f"has no labels, which metric {self.name} needs",
+                                "add labels.csv (or y in the .npz), or use a proxy metric such as top1")
+            self.batches = [x for x, _ in data.batches(batch_size)]
+            if reference_model is not None:
+                if isinstance(reference_model, nn.Module):
+                    reference_model = reference_model.eval()
+                self.reference = torch.cat(run_batches(reference_model, self.batches))
+
+    @property
+    def higher_is_better(self) -> bool:
+        return True if self.metric is None else self.metric.higher_is_better
+
+    @property
+    def unit(self) -> str:
+        return "" if self.metric is None else self.metric.unit
+
+    @property
+    def data_hash(self) -> str:
+        return "none" if self.data is None else self.data.content_hash
+
+    def drop(self, baseline: float, value: float) -> float:
+        """How much worse ``value`` is than ``baseline`` (positive = worse)."""
+        return metric_drop(baseline, value, self.higher_is_better)
+
+    def score(self, outputs: list[torch.Tensor]) -> float:
+        """Metric of per-batch outputs (built-in metrics only)."""
+        assert self.metric is not None
+        labels = None if self.data is None else self.data.y
+        return float(self.metric.score(torch.cat(outputs), self.reference, labels))
+
+    def __call__(self, model: Any) -> float:
+        """The metric of ``model`` (a module, or a backend) on this evaluator's data."""
+        if self.user_fn is not None:
+            from ..imports import call_user
+
+            return check_finite_value(self.name, call_user(
+                self.user_fn, self.name, lambda text, problem, fix: MetricError(f"metric {text!r}", problem, fix), model))
+        if not isinstance(model, nn.Module):
+            return self.score(run_batches(model, self.batches))
+        was_training = model.training
+        model.eval()
+        try:
+            return self.score(run_batches(model, self.batches))
+        finally:
+            model.train(was_training)
+
+
+def make_evaluator(model: Union[nn.Module, str], data: Any, metric: Union[str, Callable[[nn.Module], float]] = "top1",
+                   batch_size: int = DEFAULT_BATCH_SIZE, input_shape: Optional[tuple[int, ...]] = None) -> Evaluator:
+    """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32."""
+    from ..model.convert import example_inputs, fold_batchnorm
+
+    module, _ = resolve_model(model)
+    dataset = resolve_data(data, input_shape) if not (callable(metric) or ":" in str(metric)) or data else None
+    example = example_inputs(module, input_shape) if input_shape else (dataset.x[:1] if dataset is not None else None)
+    return Evaluator(metric, dataset, fold_batchnorm(module, example), batch_size)

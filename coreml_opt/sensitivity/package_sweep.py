@@ -1,0 +1,163 @@
+"""``analyse_package``: a sensitivity sweep of a model given only as an ``.mlpackage``, run by the package runtime.
+
+The package is built once (fp32, as factory sweeps evaluate) with every swept weight const kept replaceable;
+a trial puts one weight's simulated compressed value (``coreml_opt.simulate``: same specs, skip reasons and
+k-means modes as factory sweeps) in place of the stored fp16 value and runs the package. The reference for
+proxy metrics is the uncompressed package's outputs (or ``reference``, a factory or another package); the
+baseline is the uncompressed package. Layers are the package's uncompressed inventory weights, named by
+torch name where the package records the mapping, else by const name. Same store, outputs and sweep.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from ..errors import DataError, ModelError
+from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data, run_batches
+from ..metrics import MetricError, get_metric
+from ..simulate import NonFiniteWeightError, SimCache
+from ..spec import Spec
+from ..storage import predicted_bytes
+from ..targets import target_name, target_rank
+from .chunks import ChunkSimulator
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
+from .sweep import (SweepResult, _data_reference, _progress, collect_trials, finish_sweep, open_store, plan_trials,
+                    resolve_candidates, run_trials)
+
+logger = logging.getLogger(__name__)
+
+
+def package_hash(package: Union[str, os.PathLike]) -> str:
+    """sha256 of every file of the package (relative path and bytes): the store's model key."""
+    root = Path(package)
+    digest = hashlib.sha256(b"mlpackage;")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.name == "Manifest.json":  # coremltools writes random identifiers there
+            continue
+        digest.update(f"{path.relative_to(root)};".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def package_layers(package: Union[str, os.PathLike], weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
+                   include_all: bool = False) -> tuple[list[Layer], dict[str, str], int]:
+    """(layers, layer name -> const output variable, package iOS version) of the uncompressed weights."""
+    from ..model.package import load_package
+
+    inventory = load_package(package, load_weights=False).inventory
+    ios18 = inventory.deployment_target >= 18
+    layers, variables = [], {}
+    for weight in inventory.weights:
+        if weight.compression != "fp16":
+            logger.info("%s: %s is stored %s, not swept", package, weight.name, weight.compression)
+            continue
+        if not include_all and weight.params <= weight_threshold:
+            continue
+        name = weight.torch_name or weight.name
+        layers.append(Layer(name, weight.name, weight.reader_type, tuple(weight.shape), weight.params,
+                            predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18)))
+        variables[name] = weight.var
+    return layers, variables, inventory.deployment_target
+
+
+def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: str = "top1",
+                    candidates: Union[str, Sequence[Union[str, Spec]], None] = None, target: Optional[str] = None,
+                    out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
+                    time_budget: Optional[float] = None, progress: bool = True, *,
+                    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
+                    batch_size: int = DEFAULT_BATCH_SIZE, kmeans: str = "exact", reference: Any = None,
+                    device: str = "cpu", use_prefix: bool = True) -> SweepResult:
+    """Rank the package's weights by the metric drop each candidate causes alone; ``target`` defaults to the
+    package's own. ``use_prefix``: a trial reruns only the ops from the first reader of its weight (the values
+    before it are computed once per layer), which changes no result. One-line errors for bad input."""
+    start = time.perf_counter()
+    timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
+              "store": 0.0, "outputs": 0.0}
+    label = str(package)
+    if callable(metric) or ":" in str(metric):
+        raise MetricError(f"metric {metric!r}", "is a function of a torch model, and this model is a package",
+                          "use a built-in metric (accuracy, kl, top1, psnr, sqnr, cosine)")
+    get_metric(str(metric))  # a bad name fails before the package is read
+    layers, variables, ios = package_layers(package, weight_threshold, include_all)
+    target = target_name(target or f"iOS{ios}")
+    if target_rank(target) > ios:
+        raise ModelError(label, f"targets iOS{ios}, the sweep asks for {target}",
+                         f"pass --target iOS{ios} or lower, or reconvert the model for {target}")
+    specs, skipped_candidates = resolve_candidates(candidates, target)
+    if not layers:
+        raise ModelError(label, f"has no uncompressed weight above {weight_threshold} elements",
+                         "pass --all-layers or a lower --weight-threshold, or sweep the uncompressed package")
+    backend = PackageBackend(package, "fp32", device, variables=list(variables.values()))
+    shape = tuple(backend.input_shape)
+    if data is None and any(d <= 0 for d in shape):
+        raise DataError(label, f"declares a flexible input shape {list(shape)}, so random inputs cannot be made",
+                        "pass --data with inputs for this model")
+    dataset = resolve_data(data, shape)
+    if dataset is not None and tuple(dataset.x.shape[1:]) != shape[1:]:
+        raise ModelError(label, f"takes inputs of shape {list(shape[1:])} per sample, the data holds "
+                         f"{list(dataset.x.shape[1:])}", "pass data shaped for this model")
+    evaluator = Evaluator(metric, dataset, None, batch_size)
+    stored = {name: backend.executable.values[var].clone() for name, var in variables.items()}
+    timing["setup"] = time.perf_counter() - start
+
+    out_path, store = open_store(out_dir, package_hash(package), evaluator, kmeans)
+    cache = SimCache()
+    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing)
+    reused = len(plan) - len(pending)
+    runnable = pending[:max_trials] if max_trials is not None else pending
+    bar = _progress(len(runnable), progress)
+    deadline = start + time_budget if time_budget is not None else None
+    simulator = ChunkSimulator(runnable, stored, cache, kmeans, deadline=deadline)
+    try:
+        simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
+        t0 = time.perf_counter()
+        baseline_outputs = run_batches(backend, evaluator.batches)
+        evaluator.reference = torch.cat(baseline_outputs if reference is None
+                                        else run_batches(backend_for(reference), evaluator.batches))
+        fp32_metric = evaluator.score([evaluator.reference])
+        baseline = evaluator.score(baseline_outputs)
+        timing["baseline"] = time.perf_counter() - t0
+
+        def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
+            try:
+                simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans).weight
+            except NonFiniteWeightError as exc:
+                raise exc.named(repr(layer.layer)) from None
+            var = variables[layer.layer]
+            backend.set_values({var: simulated})
+            t1 = time.perf_counter()
+            try:
+                outputs = (backend.outputs_after(var, evaluator.batches) if use_prefix
+                           else run_batches(backend, evaluator.batches))
+                return evaluator.score(outputs), t1
+            finally:
+                backend.set_values({var: stored[layer.layer]})
+
+        run_trials(runnable, trial, simulator, store, book, bar, deadline)
+    finally:
+        simulator.close()
+        if simulator.pool is not None:
+            timing["compression_cpu"] = simulator.cpu_seconds
+        bar.close()
+        store.close()
+
+    trials, pending_count = collect_trials(plan, book, stored, baseline, evaluator, target_rank(target) >= 18)
+    result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
+                         evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
+                         os.path.abspath(package), _data_reference(data), list(shape), timing, book.ran, reused,
+                         pending_count, out_path, kmeans, _model_reference(reference))
+    return finish_sweep(result, start)
+
+
+def _model_reference(reference: Any) -> Optional[str]:
+    """What sweep.json records of ``reference``: a factory as written, a package path made absolute, else None."""
+    if not isinstance(reference, (str, os.PathLike)):
+        return None
+    reference = str(reference)
+    return reference if ":" in reference and not os.path.exists(reference) else os.path.abspath(reference)
