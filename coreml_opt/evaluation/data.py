@@ -12,7 +12,6 @@ import torch
 from ..data import Dataset, load_dataset
 from ..errors import DataError
 
-
 DATA_FREE_SAMPLES = 64
 
 
