@@ -113,3 +113,15 @@ def test_check_feeds_every_input_int_ids_too(tmp_path):
     cv.convert(model, inputs=specs, output_path=out)
     result = check.compare_package(out, model, cv.example_inputs(model, specs))
     assert result.skipped is None and 0 < result.max_error < check.FP32_TOLERANCE
+
+
+def test_workflow_export_checks_its_package_too(models):
+    import importlib
+
+    from coreml_opt.workflows.export import export_package
+
+    model = importlib.import_module("check_models_j").Overflow().eval()
+    out = models / "stage.mlpackage"
+    with pytest.raises(ModelError, match=r"inf/NaN when run in fp16.*nothing was written"):
+        export_package(model, copy.deepcopy(model), (1, 16), "iOS18", out, planned={})
+    assert not out.exists()
