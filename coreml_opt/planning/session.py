@@ -133,6 +133,20 @@ class PlanningSession:
             return compress(package, result.plan, output)
 
 
+    def measure_package(self, package: str | os.PathLike, result: PlanResult):
+        """The emitted ``package`` run by the package runtime with this sweep's evaluator (same data, metric and
+        reference outputs), next to the plan's simulated figure; a ``measure.PackageMeasure``."""
+        from ..measure import PackageMeasure, measure_with
+
+        if not self.can_measure:
+            raise PlanError("--measure", "the sweep names no model or data to measure with",
+                            "rerun the sweep with --model package.module:fn and --data")
+        measured = measure_with(self.evaluator, package)
+        baseline = self.problem.baseline
+        return PackageMeasure(self.problem.metric, measured, result.measured_metric, baseline,
+                              self.evaluator.drop(baseline, measured) if hasattr(self.evaluator, "drop") else None)
+
+
 def plan_from_sweep(sweep_dir: str | os.PathLike, *, size: str | int | None = None, bpw: float | None = None,
                     ratio: float | None = None, max_drop: float | None = None, validate: bool = True,
                     output: str | os.PathLike | None = None, emit: str | os.PathLike | None = None,
