@@ -196,7 +196,7 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .workflows import run_workflow
 
-    result = run_workflow(args.workflow, out=args.out, progress=args.verbose)
+    result = run_workflow(args.workflow, out=args.out, progress=args.verbose, measure=args.measure)
     print(result.summary(), end="")
     print(f"report: {result.out / 'report.md'}")
     failed = result.failed
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="example: coreml-opt run workflows/digits-pal2.yaml")
     p.add_argument("workflow", help="workflow YAML (see workflows/)")
     p.add_argument("--out", help="output folder (default: the workflow's out:)")
+    add_measure_arguments(p, data=False)  # the workflow's eval: data and metric
     p.set_defaults(func=cmd_run)
     return parser
 

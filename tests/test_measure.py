@@ -43,3 +43,62 @@ def test_compress_measure_refusals_are_one_line_and_write_nothing(example_mlpack
         code, _, stderr = run_cli("compress", str(example_mlpackage), "--spec", "int8", "-o", str(out), *extra)
         assert code == 2 and words in stderr and len(stderr.strip().splitlines()) == 1, stderr
         assert not out.exists()
+
+
+def _workflow(tmp_path, measure_key: bool):
+    import yaml
+
+    doc = {"name": "measured", "model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
+           "plan": {"global": "pal2"}, "eval": {"data": "digits-test", "metric": "accuracy"},
+           "stages": [{"data_free": {}}], "out": str(tmp_path / "run")}
+    if measure_key:
+        doc["eval"]["measure"] = True
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_workflow_measure_reports_each_stage_on_its_package_and_report_shows_both(tmp_path):
+    code, stdout, stderr = run_cli("run", str(_workflow(tmp_path, measure_key=False)), "--measure")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["measured_on_package"] is True
+    (stage,) = report["stages"]
+    # pal2 moves accuracy; the package itself (fp16 activations) agrees with its weights in PyTorch to a sample
+    assert stage["package_metric"] is not None and abs(stage["package_metric"] - stage["metric"]) <= 2 / 360
+    assert abs(report["baseline"]["fp16_package"] - report["baseline"]["fp16"]) <= 2 / 360
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| metric | on package |" in md and f"| {stage['package_metric']:.4f} |" in md
+    code, stdout, stderr = run_cli("report", str(tmp_path / "run"), "-o", str(tmp_path / "r.html"), "--no-measure")
+    assert code == 0, stderr
+    page = (tmp_path / "r.md").read_text()
+    assert "accuracy on package" in page and f"{100 * stage['package_metric']:.2f} %" in page
+
+
+def test_workflow_measure_key_and_its_absence(tmp_path):
+    from coreml_opt.workflows import load_workflow
+
+    assert load_workflow(_workflow(tmp_path, measure_key=True)).measure is True
+    assert load_workflow(_workflow(tmp_path, measure_key=False)).measure is False
+
+
+def test_a_package_the_runtime_cannot_run_is_noted_not_failed(tmp_path):
+    import torch
+    from torch import nn
+
+    from coreml_opt.model.convert import convert
+    from coreml_opt.workflows.runner import measure_on_package
+
+    class Cumulative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(self.fc(x), dim=1)
+
+    package = tmp_path / "c.mlpackage"
+    convert(Cumulative(), (1, 16), output_path=package)
+    notes: list[str] = []
+    assert measure_on_package(lambda model: float(model(torch.zeros(1, 16)).sum()), package, notes) is None
+    assert len(notes) == 1 and notes[0].startswith("not measured on the package: op type 'cumsum'")
