@@ -46,6 +46,14 @@ class PackageCheck:
         return max(self.errors.values(), default=0.0)
 
 
+def runtime_reason(exc: BaseException) -> str:
+    """Why the package runtime could not run a package, in a few words (the op, not the supported list)."""
+    if isinstance(exc, ModelError):
+        return exc.problem.split(" (supported: ")[0]
+    text = str(exc).strip()
+    return f"the package runtime failed ({type(exc).__name__}" + (f": {text.splitlines()[0][:160]})" if text else ")")
+
+
 def flat_outputs(value: Any) -> list[torch.Tensor]:
     """A torch model's output(s) as a flat list of tensors in traced order (tuple/list/dict values)."""
     if isinstance(value, torch.Tensor):
@@ -90,11 +98,8 @@ def compare_package(path: str | os.PathLike, model: torch.nn.Module, example: Se
         feeds = {port.name: value for port, value in zip(graph.inputs, example)}
         fp32 = _run(path, "fp32", feeds)
         fp16 = _run(path, "fp16", feeds)
-    except ModelError as exc:  # an op the runtime lacks, or one it runs only partly
-        result.skipped = exc.problem
-        return result
-    except Exception as exc:  # the runtime's own limits must never block a conversion
-        result.skipped = f"the package runtime failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    except Exception as exc:  # an op the runtime lacks, or its own limits: never block a conversion
+        result.skipped = runtime_reason(exc)
         return result
     for name, want in zip(graph.outputs, expected):
         if not want.is_floating_point():

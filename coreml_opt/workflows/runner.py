@@ -46,7 +46,7 @@ class StageResult:
         if o is not None:
             inv = o.inventory
             out.update(package=str(o.package), metric=o.metric, torch_metric=o.torch_metric,
-                       package_metric=o.package_metric,
+                       runtime_metric=o.runtime_metric,
                        weight_bytes=inv.total_bytes, bits_per_weight=round(inv.bits_per_weight, 4),
                        max_relative_diff={k: float(f"{v:.3g}") for k, v in o.max_relative_diff.items()},
                        notes=o.notes, extra=o.extra,
@@ -104,7 +104,7 @@ class WorkflowResult:
                 lines.append(f"| {s.name} | {s.method} | {s.status} | - |{' - |' if on else ''} - | - | - |")
                 continue
             tm = f"{o.torch_metric:.4f}" if o.torch_metric is not None else "-"
-            pm = (f" {o.package_metric:.4f} |" if o.package_metric is not None else " - |") if on else ""
+            pm = (f" {o.runtime_metric:.4f} |" if o.runtime_metric is not None else " - |") if on else ""
             lines.append(f"| {s.name} | {s.method} | {s.status} | {o.metric:.4f} |{pm} {tm} | "
                          f"{o.inventory.total_bytes} | {o.inventory.bits_per_weight:.2f} |")
         for s in self.stages:
@@ -161,15 +161,16 @@ def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, A
 def measure_on_package(evaluator: Any, package: Path, notes: list[str]) -> Optional[float]:
     """``evaluator`` on the package itself (package runtime); None, with a note saying why, when the runtime
     cannot run it (e.g. a W8A8 package's activation quantization ops)."""
-    from ..errors import ModelError
     from ..measure import measure_with
+    from ..model.check import runtime_reason
 
     try:
         return measure_with(evaluator, package)
-    except ModelError as exc:
-        notes.append(f"not measured on the package: {exc.problem}")
-        logger.warning("%s: not measured on the package: %s", package, exc.problem)
-        return None
+    except Exception as exc:  # an op the runtime lacks, or its own limits: never fail a stage that succeeded
+        why = runtime_reason(exc)
+    notes.append(f"not measured on the package: {why}")
+    logger.warning("%s: not measured on the package: %s", package, why)
+    return None
 
 
 def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike | None = None,
@@ -224,7 +225,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
         try:
             record.outcome = run_stage(stage, ctx)
             if result.measured:
-                record.outcome.package_metric = measure_on_package(evaluator, record.outcome.package,
+                record.outcome.runtime_metric = measure_on_package(evaluator, record.outcome.package,
                                                                    record.outcome.notes)
             record.status = "ok"
         except KeyboardInterrupt:

@@ -56,10 +56,10 @@ class StageOutcome:
     inventory: Inventory
     metric: float  # measured on the package's own weights (W8A8: plus simulated activation quantization)
     torch_metric: Optional[float] = None  # the compressed torch model itself
-    package_metric: Optional[float] = None  # the package itself, run by the package runtime (``--measure``)
     max_relative_diff: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime_metric: Optional[float] = None  # the package itself, run by the package runtime (``--measure``)
 
 
 # optimize.torch class behind each method, as named in errors.
