@@ -94,7 +94,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.measure:  # data, metric and reference are checked before anything is written
         from .measure import CompressMeasure
 
-        measure = CompressMeasure(args.model, args.data, args.metric, reference=args.reference)
+        measure = CompressMeasure(args.model, args.data, args.metric or "accuracy", reference=args.reference)
     report = compress(args.model, plan, args.output)
     measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans) if measure else None
     if args.json:
@@ -117,7 +117,7 @@ def check_measure_args(args: argparse.Namespace) -> None:
     """--measure needs --data (compress); --data/--metric/--reference without --measure are refused, not ignored."""
     if args.measure and getattr(args, "data", "") is None:
         raise CoreMLOptError("--measure", "needs evaluation data", "pass --data FOLDER|FILE.npz|package.module:fn")
-    given = [f"--{k}" for k in ("data", "reference") if getattr(args, k, None) is not None]
+    given = [f"--{k}" for k in ("data", "metric", "reference") if getattr(args, k, None) is not None]
     if given and not args.measure:
         raise CoreMLOptError(given[0], "is used only with --measure", "add --measure, or drop " + given[0])
 
@@ -128,7 +128,7 @@ def add_measure_arguments(p: argparse.ArgumentParser, data: bool = True) -> None
                    "and print its metric next to the simulated figure")
     if data:
         p.add_argument("--data", help="with --measure: calibration folder, .npz or package.module:fn")
-        p.add_argument("--metric", default="accuracy", help="with --measure: accuracy (labels), top1, kl, psnr, ...")
+        p.add_argument("--metric", help="with --measure: accuracy (labels; the default), top1, kl, psnr, ...")
         p.add_argument("--reference", help="with --measure: reference .mlpackage or factory (default: the input "
                                            "package)")
 

@@ -39,6 +39,7 @@ def test_compress_measure_refusals_are_one_line_and_write_nothing(example_mlpack
     out = tmp_path / "c.mlpackage"
     for extra, words in ((["--measure"], "--measure: needs evaluation data"),
                          (["--data", DATA], "--data: is used only with --measure"),
+                         (["--metric", "kl"], "--metric: is used only with --measure"),
                          (["--measure", "--data", str(tmp_path / "d.npz")], "holds inputs of shape [3, 8, 8]")):
         code, _, stderr = run_cli("compress", str(example_mlpackage), "--spec", "int8", "-o", str(out), *extra)
         assert code == 2 and words in stderr and len(stderr.strip().splitlines()) == 1, stderr
