@@ -74,6 +74,7 @@ def test_workflow_measure_reports_each_stage_on_its_package_and_report_shows_bot
     assert code == 0, stderr
     page = (tmp_path / "r.md").read_text()
     assert "accuracy on package (runtime)" in page and f"{100 * stage['runtime_metric']:.2f} %" in page
+    assert f"{100 * stage['runtime_metric']:.2f} % measured on the package (runtime)" in page  # results table
 
 
 def test_workflow_measure_key_and_its_absence(tmp_path):
