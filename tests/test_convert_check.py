@@ -125,3 +125,23 @@ def test_workflow_export_checks_its_package_too(models):
     with pytest.raises(ModelError, match=r"inf/NaN when run in fp16.*nothing was written"):
         export_package(model, copy.deepcopy(model), (1, 16), "iOS18", out, planned={})
     assert not out.exists()
+
+
+def test_outputs_torch_itself_makes_non_finite_are_compared_where_finite(example_mlpackage, digits_folded):
+    model, example = digits_folded
+
+    class HalfInf(nn.Module):
+        """The digits CNN whose first logit is inf in torch: the other logits are still compared."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x).clone()
+            out[:, 0] = float("inf")
+            return out
+
+    result = check.compare_package(example_mlpackage, HalfInf(), example)
+    assert 0 < result.max_error < check.FP32_TOLERANCE and not result.overflow
+    assert check.relative_error(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 2.0])) == float("inf")
