@@ -11,13 +11,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import DataError, PlanError
 from ..yaml_files import data_beside
 from .costs import Problem, build_problem, drop_unit, fixed_weights
 from .pareto import Point, front, plot_front
 from .planner import PlanResult, plan_budget
+
+if TYPE_CHECKING:
+    from ..measure import PackageMeasure
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +135,7 @@ class PlanningSession:
             convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
             return compress(package, result.plan, output)
 
-
-    def measure_package(self, package: str | os.PathLike, result: PlanResult):
+    def measure_package(self, package: str | os.PathLike, result: PlanResult) -> "PackageMeasure":
         """The emitted ``package`` run by the package runtime with this sweep's evaluator (same data, metric and
         reference outputs), next to the plan's simulated figure; a ``measure.PackageMeasure``."""
         from ..measure import PackageMeasure, measure_with
