@@ -102,18 +102,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
     plan = load_plan(args.config, spec=args.spec, target=args.target)
     if args.kmeans:
         plan.kmeans = args.kmeans
+    check_measure_args(args)
+    measure = None
+    if args.measure:  # data, metric and reference are checked before anything is written
+        from .measure import CompressMeasure
+
+        measure = CompressMeasure(args.model, args.data, args.metric or "accuracy", reference=args.reference)
     report = compress(args.model, plan, args.output)
+    measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans) if measure else None
     if args.json:
         print(json.dumps({"output": str(report.output), "passes": report.passes,
                           "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                           "bytes_predicted": report.bytes_predicted, "skipped": report.skipped,
-                          "weights": [w.__dict__ for w in report.weights]}, indent=2))
+                          "weights": [w.__dict__ for w in report.weights],
+                          "measured": measured.to_dict() if measured else None}, indent=2))
         return 0
     print(compression_table(report))
     for name, reason in report.skipped.items():
         print(f"left {name} in fp16, as coremltools would: {reason}")
     print(f"wrote {report.output} ({', '.join(report.passes) or 'no compression'})")
+    if measured is not None:
+        print(measured.line())
     return 0
+
+
+def check_measure_args(args: argparse.Namespace) -> None:
+    """--measure needs --data (compress); --data/--metric/--reference without --measure are refused, not ignored."""
+    if args.measure and getattr(args, "data", "") is None:
+        raise CoreMLOptError("--measure", "needs evaluation data", "pass --data FOLDER|FILE.npz|package.module:fn")
+    given = [f"--{k}" for k in ("data", "metric", "reference") if getattr(args, k, None) is not None]
+    if given and not args.measure:
+        raise CoreMLOptError(given[0], "is used only with --measure", "add --measure, or drop " + given[0])
+
+
+def add_measure_arguments(p: argparse.ArgumentParser, data: bool = True) -> None:
+    """--measure (and its data, metric and reference for commands that have none of their own)."""
+    p.add_argument("--measure", action="store_true", help="also run the written package with the package runtime "
+                   "and print its metric next to the simulated figure")
+    if data:
+        p.add_argument("--data", help="with --measure: calibration folder, .npz or package.module:fn")
+        p.add_argument("--metric", help="with --measure: accuracy (labels; the default), top1, kl, psnr, ...")
+        p.add_argument("--reference", help="with --measure: reference .mlpackage or factory (default: the input "
+                                           "package)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -181,7 +211,8 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .workflows import run_workflow
 
-    result = run_workflow(args.workflow, out=args.out, progress=True)  # bars show on a terminal only
+    result = run_workflow(args.workflow, out=args.out, progress=True,  # bars show on a terminal only
+                          measure=args.measure)
     print(result.summary(), end="")
     written = [result.out / "fp16.mlpackage", result.out / "plan.yaml"]
     written += [result.out / "sensitivity"] if "auto_plan" in (result.plan or {}) else []
@@ -252,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="deployment target; overrides the plan's")
     p.add_argument("--kmeans", choices=["exact", "fast"], help="k-means for palettes: coremltools' (exact) or ours")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_measure_arguments(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="run an .mlpackage on Linux (package runtime) and score it with a metric",
@@ -314,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="example: coreml-opt run workflows/digits-pal2.yaml")
     p.add_argument("workflow", help="workflow YAML (see workflows/)")
     p.add_argument("--out", help="output folder (default: the workflow's out:)")
+    add_measure_arguments(p, data=False)  # the workflow's eval: data and metric
     p.set_defaults(func=cmd_run)
     return parser
 

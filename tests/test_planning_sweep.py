@@ -132,3 +132,25 @@ def test_plan_from_sweep_saves_the_yaml(sweep_dir, tmp_path):
     assert result.measured_metric is None
     assert (tmp_path / "p.yaml").is_file()
     assert result.bytes <= result.problem.fp16_bytes / 3
+
+
+def test_cli_emit_measure_runs_the_package_next_to_the_simulated_figure(sweep_dir, tmp_path):
+    from coreml_opt.sensitivity.examples import digits_heldout
+
+    code, out, err = plan_cli(str(sweep_dir), "--bpw", "3", "--emit", str(tmp_path / "m.mlpackage"), "--measure",
+                              "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    measured = summary["measured_on_package"]
+    assert measured["simulated"] == summary["measured_metric"] and measured["metric_name"] == "accuracy"
+    samples = len(digits_heldout())
+    # fp16 activations in the package vs fp32 in the simulation may flip a sample or two, no more
+    assert abs(measured["measured"] - measured["simulated"]) <= 2 / samples
+    assert measured["drop"] == pytest.approx(summary["baseline"] - measured["measured"])
+    code, out, err = plan_cli(str(sweep_dir), "--bpw", "3", "--emit", str(tmp_path / "t.mlpackage"), "--measure")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("accuracy measured on the package"), err
+
+
+def test_cli_measure_without_emit_is_one_line(sweep_dir, tmp_path):
+    code, out, err = plan_cli(str(sweep_dir), "--bpw", "3", "--measure")
+    assert code == 2 and err.startswith("error: --measure: needs --emit") and len(err.strip().splitlines()) == 1

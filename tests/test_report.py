@@ -321,3 +321,20 @@ def test_the_check_catches_console_errors_and_broken_images(chromium, tmp_path):
     dom, console = load_page(chromium, page, tmp_path)
     assert len(console) == 1 and "boom" in console[0]
     assert body_attr(dom, "data-images") == "0/1"
+
+
+def test_plan_json_measured_on_the_package_is_shown_beside_the_simulated_figure(run_folder, tmp_path):
+    import json
+
+    from coreml_opt.report.collect import collect
+
+    root = tmp_path / "run"
+    shutil.copytree(run_folder.root / "sens", root / "sens")
+    shutil.copytree(run_folder.emitted, root / "model-plan.mlpackage")
+    doc = {"budget": "3 bits per weight", "bits_per_weight": 3.0, "layers": run_folder.result.specs,
+           "measured_metric": 0.5, "emitted": "model-plan.mlpackage",
+           "measured_on_package": {"metric_name": "accuracy", "measured": 0.25, "simulated": 0.5}}
+    (root / "plan.json").write_text(json.dumps(doc))
+    report = collect(root, measure=False)
+    (row,) = [r for r in report.results if r.label.startswith("plan -> ")]
+    assert row.metric == 0.5 and row.source.endswith("; 25.00 % measured on the package (runtime)")

@@ -212,7 +212,8 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
     ``input_shape`` (named ``input_name``), or several by ``inputs`` in forward() order, each an InputSpec
     or ``NAME:SHAPE[:DTYPE]`` (``ids:1,16:int32``). The fold is compared with the original on the traced
     example before anything is converted. The mapping is also stored in
-    ``mlmodel.user_defined_metadata[TORCH_NAMES_KEY]``.
+    ``mlmodel.user_defined_metadata[TORCH_NAMES_KEY]``. A saved package is run by the package runtime on
+    the example first and refused (nothing written) when it disagrees with the model (``model/check.py``).
     """
     label = model if isinstance(model, str) else type(model).__name__
     specs = resolve_inputs(input_shape, inputs, input_name)
@@ -256,6 +257,20 @@ def convert(model: Union[nn.Module, str], input_shape: Optional[Sequence[int]] =
     mapping = torch_name_mapping(folded, mlmodel)
     mlmodel.user_defined_metadata[TORCH_NAMES_KEY] = json.dumps(mapping, sort_keys=True)
     if output_path is not None:
-        save_package(mlmodel, output_path)
+        save_checked(mlmodel, output_path, folded, example, label)
         logger.info("saved %s", output_path)
     return mlmodel, mapping
+
+
+def save_checked(mlmodel: ct.models.MLModel, output_path: Union[str, Path], model: nn.Module,
+                 example: Sequence[torch.Tensor], label: str) -> None:
+    """Save ``mlmodel`` atomically, moving it into place only if the package runtime's outputs on ``example``
+    agree with ``model``'s (see ``model/check.py``; ModelError and nothing written otherwise)."""
+    from coreml_opt.model.check import check_package
+    from coreml_opt.model.package import atomic_output, check_package_output
+
+    check_package_output(output_path)
+    with atomic_output(output_path) as tmp:
+        mlmodel.save(str(tmp))
+        with mha_fastpath_off():
+            check_package(tmp, model, example, label)

@@ -45,6 +45,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--emit", metavar="MLPACKAGE", help="write the swept model compressed by the plan")
     p.add_argument("--model-package", help="uncompressed .mlpackage to compress for --emit (default: convert the "
                                            "sweep's model)")
+    p.add_argument("--measure", action="store_true", help="with --emit: run the emitted package with the package "
+                                                         "runtime on the sweep's data and print its metric next to "
+                                                         "the simulated one")
     p.add_argument("--no-validate", action="store_true", help="do not measure the plan (prediction only)")
     p.add_argument("--rounds", type=int, default=10, help="most repair rounds for --max-drop (default 10)")
     p.add_argument("--front", metavar="PNG", help="also plot solved/greedy/uniform plans over --bits")
@@ -66,8 +69,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.max_drop is not None and not args.max_drop >= 0:
         raise PlanError(f"--max-drop {args.max_drop:g}", "is not a drop of 0 or more",
                         "give e.g. --max-drop 0.5 (percentage points for accuracy-like metrics)")
+    if args.measure and (not args.emit or args.no_validate):
+        raise PlanError("--measure", "needs --emit and the plan's own measurement" if not args.emit else
+                        "compares the package with the simulated figure, which --no-validate turns off",
+                        "pass --emit OUT.mlpackage without --no-validate" if not args.emit else "drop --no-validate")
     session = PlanningSession.open(args.sweep, measure=not args.no_validate)
     problem = session.problem
+    if args.measure and not session.can_measure:
+        raise PlanError(f"--measure ({args.sweep})", "the sweep names no model or data to measure with",
+                        "rerun the sweep with --model package.module:fn and --data")
     out: dict = {}
     if has_size or args.max_drop is not None:
         max_drop = user_drop(args.max_drop, problem) if args.max_drop is not None else None
@@ -76,12 +86,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.output:
             result.plan.save(args.output)
         report = session.emit(result, args.emit, model_package=args.model_package) if args.emit else None
+        measured = session.measure_package(args.emit, result) if args.measure else None
         out = {"budget": result.budget, "bytes": result.bytes, "bits_per_weight": round(result.bits_per_weight, 4),
                "predicted_drop": result.predicted_drop, "measured_metric": result.measured_metric,
                "measured_drop": result.measured_drop, "baseline": problem.baseline, "layers": result.specs,
                "repair_rounds": len(result.attempts) - 1, "plan": args.output,
                "emitted": str(args.emit) if args.emit else None,
-               "emitted_bytes": report.bytes_after if report else None}
+               "emitted_bytes": report.bytes_after if report else None,
+               "measured_on_package": measured.to_dict() if measured else None}
         if not args.json:
             drops = {c.layer: {o.spec: o for o in c.options} for c in problem.choices}
             rows = [[info.layer, info.shape, result.specs[info.layer], drops[info.layer][result.specs[info.layer]].bytes,
@@ -95,6 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print(f"wrote {args.output}")
             if report is not None:
                 print(f"wrote {args.emit}: {report.bytes_after:,} weight bytes (plan predicted {result.bytes:,})")
+            if measured is not None:
+                print(measured.line())
     if args.front:
         points = session.front(args.bits, plot=args.front, validate=not args.no_validate)
         out["front"] = [{"kind": p.kind, "label": p.label, "bytes": p.bytes, "bits_per_weight": p.bits_per_weight,

@@ -11,13 +11,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import DataError, PlanError
 from ..yaml_files import data_beside
 from .costs import Problem, build_problem, drop_unit, fixed_weights
 from .pareto import Point, front, plot_front
 from .planner import PlanResult, plan_budget
+
+if TYPE_CHECKING:
+    from ..measure import PackageMeasure
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,19 @@ class PlanningSession:
             package = Path(tmp) / "swept.mlpackage"
             convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
             return compress(package, result.plan, output)
+
+    def measure_package(self, package: str | os.PathLike, result: PlanResult) -> "PackageMeasure":
+        """The emitted ``package`` run by the package runtime with this sweep's evaluator (same data, metric and
+        reference outputs), next to the plan's simulated figure; a ``measure.PackageMeasure``."""
+        from ..measure import PackageMeasure, measure_with
+
+        if not self.can_measure:
+            raise PlanError("--measure", "the sweep names no model or data to measure with",
+                            "rerun the sweep with --model package.module:fn and --data")
+        measured = measure_with(self.evaluator, package)
+        baseline = self.problem.baseline
+        return PackageMeasure(self.problem.metric, measured, result.measured_metric, baseline,
+                              self.evaluator.drop(baseline, measured) if hasattr(self.evaluator, "drop") else None)
 
 
 def _swept_package(sweep: Mapping[str, Any], sweep_dir: str | os.PathLike) -> Path | None:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from ..planning.pareto import front_png
 from ..spec import readers
+from .summary import fmt_metric
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,10 @@ def fill_results(report, *, measure: bool = True, bits=(2, 3, 4, 5, 6, 8)) -> No
             pass  # the stage's own row below says it
         elif primary is not None:
             listed.add(primary.label)
+            on_package = ((report.plan_result or {}).get("measured_on_package") or {}).get("measured")
             rows.append(ResultRow(f"plan -> {primary.label}", metric, primary.inventory.total_bytes,
-                                  primary.inventory.bits_per_weight, source, primary.label))
+                                  primary.inventory.bits_per_weight, source + _on_package(report, on_package),
+                                  primary.label))
         else:
             rows.append(ResultRow(f"plan {report.folder.relative(report.plan_path)}", metric, size,
                                   problem.bits_per_weight(size), source + "; size predicted"))
@@ -119,14 +122,19 @@ def fill_results(report, *, measure: bool = True, bits=(2, 3, 4, 5, 6, 8)) -> No
                 "label": f"chosen plan ({report.plan_path.name}, {source})"}
     for stage in report.stages:
         listed.add(stage.package_label or "")
-        rows.append(ResultRow(f"stage {stage.name}", stage.metric, stage.bytes, stage.bits_per_weight, stage.source,
-                              stage.package_label))
+        rows.append(ResultRow(f"stage {stage.name}", stage.metric, stage.bytes, stage.bits_per_weight,
+                              stage.source + _on_package(report, stage.runtime_metric), stage.package_label))
     for package in report.compressed:
         if package.label not in listed:
             rows.append(ResultRow(package.label, None, package.inventory.total_bytes,
                                   package.inventory.bits_per_weight, "package only: not measured", package.label))
     report.results, report.plan_point = rows, mark
     _fill_front(report, session, problem, mark, measure, bits)
+
+
+def _on_package(report, value: float | None) -> str:
+    """The source-column note for a figure also measured on the package itself by the package runtime."""
+    return "" if value is None else f"; {fmt_metric(report, value)} measured on the package (runtime)"
 
 
 def _fill_front(report, session, problem, mark, measure: bool, bits) -> None:

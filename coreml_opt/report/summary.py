@@ -98,10 +98,14 @@ def inventory_rows(report) -> tuple[list[str], list[list[Any]], list[Any]]:
 
 
 def stage_rows(report) -> tuple[list[str], list[list[Any]]]:
-    """Workflow stages: metric, size, package and the first few other fields the report records."""
+    """Workflow stages: metric (and, where measured, the metric of the package itself run by the package
+    runtime), size, package and the first few other fields the report records."""
     extra = list(dict.fromkeys(k for s in report.stages for k in s.extra))[:4]
-    headers = ["stage", report.metric, "weight bytes", "bits/w", "package", *extra]
-    rows = [[s.name, fmt_metric(report, s.metric), f"{s.bytes:,}" if s.bytes else "-",
+    on_package = any(s.runtime_metric is not None for s in report.stages)
+    headers = ["stage", report.metric, *([f"{report.metric} on package (runtime)"] if on_package else []), "weight bytes",
+               "bits/w", "package", *extra]
+    rows = [[s.name, fmt_metric(report, s.metric), *([fmt_metric(report, s.runtime_metric)] if on_package else []),
+             f"{s.bytes:,}" if s.bytes else "-",
              f"{s.bits_per_weight:.2f}" if s.bits_per_weight else "-", s.package_label or "-",
              *[s.extra.get(k, "") for k in extra]] for s in report.stages]
     return headers, rows

@@ -36,6 +36,7 @@ class Stage:
     package_label: str | None  # its path relative to the run folder
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime_metric: float | None = None  # measured on the package itself by the package runtime (``--measure``)
 
 
 @dataclass
@@ -100,11 +101,12 @@ def read_stages(path: Path, folder: RunFolder) -> list[Stage]:
         if bpw is None and isinstance(raw_bytes, (int, float)) and params:
             bpw = 8.0 * raw_bytes / params
         plain = {k: v for k, v in item.items() if isinstance(v, (str, int, float, bool)) and k not in
-                 ("name", "stage", "kind", *_METRIC_KEYS, *_BYTES_KEYS, *_PACKAGE_KEYS, "bits_per_weight")}
+                 ("name", "stage", "kind", *_METRIC_KEYS, *_BYTES_KEYS, *_PACKAGE_KEYS, "bits_per_weight",
+                  "runtime_metric")}
         extra = {k: plain[k] for k in sorted(plain, key=lambda k: (_EXTRA_FIRST + (k,)).index(k))}
         out.append(Stage(name, _number(_first(item, _METRIC_KEYS)), str(item.get("metric_name") or metric_name or "")
                          or None, int(raw_bytes) if isinstance(raw_bytes, (int, float)) else None, bpw,
                          package_path.name if package_path else None,
                          folder.relative(package_path) if package_path else None,
-                         f"workflow {folder.relative(path)}", extra))
+                         f"workflow {folder.relative(path)}", extra, _number(item.get("runtime_metric"))))
     return out

@@ -6,7 +6,7 @@ model: coreml_opt.zoo:digits_cnn        # package.module:factory (Python API: an
 input_shape: [1, 1, 8, 8]
 target: iOS18
 plan: {global: pal2}                    # a plan mapping, a plan YAML path, or one spec string
-eval: {data: digits-test, metric: accuracy}
+eval: {data: digits-test, metric: accuracy}   # measure: true also scores each package with the package runtime
 stages:
   - data_free: {}
   - calibration: {method: skm, data: ../calibration_data/digits}
@@ -35,7 +35,7 @@ _TOP_KEYS = {"name", "model", "input_shape", "target", "plan", "auto_plan", "eva
 _AUTO_PLAN_KEYS = {"sensitivity", "budget"}
 _SWEEP_OPTIONS = {"data", "metric", "candidates", "weight_threshold", "batch_size", "kmeans"}
 _BUDGET_KEYS = {"bpw", "size", "ratio", "max_drop"}
-_EVAL_KEYS = {"data", "metric", "batch_size"}
+_EVAL_KEYS = {"data", "metric", "batch_size", "measure"}
 _STAGE_KEYS = {
     "data_free": {"kmeans"},
     "calibration": {"method", "data", "samples", "batch_size", "layers"},
@@ -75,6 +75,7 @@ class Workflow:
     eval_data: Any = "digits-test"
     metric: Any = "accuracy"
     eval_batch_size: int = 512
+    measure: bool = False  # eval.measure: also score each stage's package with the package runtime
     seed: int = 0
     source: str = "workflow"
     auto_plan: dict[str, Any] | None = None  # {"sensitivity": {...}, "budget": {...}}: plan from a sweep
@@ -99,6 +100,12 @@ def _check_keys(data: Any, allowed: set[str], source: str, where: str) -> dict[s
 def _positive_int(value: Any, source: str, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(source, key, f"must be a positive integer, got {value!r}", "e.g. 4")
+    return value
+
+
+def _flag(value: Any, source: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(source, key, f"must be true or false, got {value!r}", "e.g. true")
     return value
 
 
@@ -224,6 +231,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
                     eval_data=data_beside(evaluation.get("data", "digits-test"), base, BUILTIN_DATA),
                     metric=evaluation.get("metric", "accuracy"),
                     eval_batch_size=_positive_int(evaluation.get("batch_size", 512), source, "eval.batch_size"),
+                    measure=_flag(evaluation.get("measure", False), source, "eval.measure"),
                     seed=seed, source=source)
 
 

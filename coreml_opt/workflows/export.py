@@ -85,12 +85,14 @@ def check_planned_compressed(inventory: Inventory, planned: dict[str, object], c
 
 def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tuple[int, ...], target: str,
                    output: str | os.PathLike, planned: dict[str, object], compressor: str = "the compressor") -> Exported:
-    """Convert ``compressed`` (compression kept) to ``output`` atomically and check it against torch.
+    """Convert ``compressed`` (compression kept) to ``output`` atomically and check it against torch: weights,
+    and the package's outputs (package runtime) against torch holding the package's weights (``model/check.py``).
 
     ``reference`` is the uncompressed BN-folded model; ``planned`` the module names the plan compresses (each
     must come out compressed, else ModelError/PlanError naming ``compressor`` and nothing is written)."""
-    from ..model.convert import convert
     from ..evaluation.weights import decompressed_consts
+    from ..model.check import check_package
+    from ..model.convert import convert, example_inputs, mha_fastpath_off
 
     scrub(compressed)
     compressed.eval()
@@ -150,6 +152,8 @@ def export_package(compressed: nn.Module, reference: nn.Module, input_shape: tup
         mlmodel.save(str(tmp))
         saved = load_package(tmp, load_weights=False).inventory
         check_planned_compressed(saved, planned, compressor)  # nothing is written if a layer was skipped
+        with mha_fastpath_off():  # the package's outputs against torch holding the package's weights
+            check_package(tmp, package_model, example_inputs(package_model, input_shape), str(output))
     logger.info("wrote %s (%d weights, %d bytes)", output, len(saved.weights), saved.total_bytes)
     return Exported(Path(output), saved, package_model, diffs, notes)
 

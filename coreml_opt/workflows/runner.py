@@ -46,6 +46,7 @@ class StageResult:
         if o is not None:
             inv = o.inventory
             out.update(package=str(o.package), metric=o.metric, torch_metric=o.torch_metric,
+                       runtime_metric=o.runtime_metric,
                        weight_bytes=inv.total_bytes, bits_per_weight=round(inv.bits_per_weight, 4),
                        max_relative_diff={k: float(f"{v:.3g}") for k, v in o.max_relative_diff.items()},
                        notes=o.notes, extra=o.extra,
@@ -65,6 +66,7 @@ class WorkflowResult:
     fp16_bytes: int
     stages: list[StageResult] = field(default_factory=list)
     plan: dict[str, Any] = field(default_factory=dict)
+    measured: bool = False  # stages were also measured on their packages by the package runtime
 
     @property
     def ok(self) -> bool:
@@ -81,30 +83,35 @@ class WorkflowResult:
     def to_dict(self) -> dict[str, Any]:
         failed = self.failed
         return {"name": self.name, "metric": self.metric, "plan": self.plan, "baseline": self.baseline,
-                "fp16_weight_bytes": self.fp16_bytes, "ok": self.ok,
+                "fp16_weight_bytes": self.fp16_bytes, "ok": self.ok, "measured_on_package": self.measured,
                 "failed_stage": failed.name if failed else None, "stages": [s.to_dict() for s in self.stages]}
 
     def summary(self) -> str:
         """A Markdown table: metric (in % for accuracy-like metrics, see :mod:`coreml_opt.units`) and size before and
-        per stage."""
+        per stage; with ``measured``, also each package's metric run by the package runtime."""
         from ..units import format_metric, is_fraction
 
         def show(value: float | None) -> str:
             return format_metric(value, is_fraction(self.metric))
 
+        on = " on package |" if self.measured else ""
         lines = [f"# workflow {self.name}", "", f"metric: {self.metric} (measured in PyTorch on the weights each "
-                 "package holds)", "", "| stage | method | status | metric | torch model | weight bytes | bits/w |",
-                 "|---|---|---|---|---|---|---|",
-                 f"| fp32 (PyTorch) | - | ok | {show(self.baseline['fp32'])} | - | - | 32 |",
-                 f"| fp16 package | - | ok | {show(self.baseline['fp16'])} | - | {self.fp16_bytes} | 16 |"]
+                 "package holds" + ("; 'on package': the package itself, run by the package runtime" if self.measured
+                                    else "") + ")", "",
+                 f"| stage | method | status | metric |{on} torch model | weight bytes | bits/w |",
+                 "|---|---|---|---|" + ("---|" if on else "") + "---|---|---|",
+                 f"| fp32 (PyTorch) | - | ok | {show(self.baseline['fp32'])} |{' - |' if on else ''} - | - | 32 |",
+                 f"| fp16 package | - | ok | {show(self.baseline['fp16'])} |"
+                 + (f" {show(self.baseline['fp16_package'])} |" if 'fp16_package' in self.baseline else
+                    (" - |" if on else "")) + f" - | {self.fp16_bytes} | 16 |"]
         for s in self.stages:
             o = s.outcome
             if o is None:
-                lines.append(f"| {s.name} | {s.method} | {s.status} | - | - | - | - |")
+                lines.append(f"| {s.name} | {s.method} | {s.status} | - |{' - |' if on else ''} - | - | - |")
                 continue
-            lines.append(f"| {s.name} | {s.method} | {s.status} | {show(o.metric)} | {show(o.torch_metric)} | "
-                         f"{o.inventory.total_bytes} "
-                         f"| {o.inventory.bits_per_weight:.2f} |")
+            pm = f" {show(o.runtime_metric)} |" if on else ""
+            lines.append(f"| {s.name} | {s.method} | {s.status} | {show(o.metric)} |{pm} {show(o.torch_metric)} | "
+                         f"{o.inventory.total_bytes} | {o.inventory.bits_per_weight:.2f} |")
         for s in self.stages:
             for note in (s.outcome.notes if s.outcome else []):
                 lines.append(f"\n- {s.name}: {note}")
@@ -156,9 +163,27 @@ def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, A
             "predicted_drop": chosen.predicted_drop, "measured_drop": chosen.measured_drop}
 
 
+def measure_on_package(evaluator: Any, package: Path, notes: list[str]) -> Optional[float]:
+    """``evaluator`` on the package itself (package runtime); None, with a note saying why, when the runtime
+    cannot run it (e.g. a W8A8 package's activation quantization ops)."""
+    from ..measure import measure_with
+    from ..model.check import runtime_reason
+
+    try:
+        return measure_with(evaluator, package)
+    except Exception as exc:  # an op the runtime lacks, or its own limits: never fail a stage that succeeded
+        why = runtime_reason(exc)
+    notes.append(f"not measured on the package: {why}")
+    logger.warning("%s: not measured on the package: %s", package, why)
+    return None
+
+
 def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike | None = None,
-                 progress: bool = True) -> WorkflowResult:
-    """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage."""
+                 progress: bool = True, measure: bool = False) -> WorkflowResult:
+    """Run every stage of ``workflow`` (a Workflow or a YAML path); never raises for a failing stage.
+
+    ``measure`` (or the workflow's ``eval: {measure: true}``) also scores each stage's package itself with the
+    package runtime, beside the metric measured in PyTorch on its weights."""
     from ..model.convert import convert, example_inputs, fold_batchnorm, load_factory
     from ..evaluation import Evaluator
     from .export import package_weights_model
@@ -191,6 +216,12 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
                             inventory.total_bytes, plan=workflow.plan.to_dict())
     if auto is not None:
         result.plan["auto_plan"] = auto
+    result.measured = measure or workflow.measure
+    if result.measured:
+        notes: list[str] = []
+        fp16_package = measure_on_package(evaluator, base, notes)
+        if fp16_package is not None:
+            result.baseline["fp16_package"] = fp16_package
     result.stages = [StageResult(s.name, s.kind, method_of(s, specs), "skipped") for s in workflow.stages]
     result.write()
     for stage, record in zip(workflow.stages, result.stages):
@@ -198,6 +229,9 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
         logger.info("stage %s (%s)", stage.name, record.method)
         try:
             record.outcome = run_stage(stage, ctx)
+            if result.measured:
+                record.outcome.runtime_metric = measure_on_package(evaluator, record.outcome.package,
+                                                                   record.outcome.notes)
             record.status = "ok"
         except KeyboardInterrupt:
             record.status, record.error = "failed", "interrupted"

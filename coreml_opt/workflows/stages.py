@@ -60,6 +60,7 @@ class StageOutcome:
     max_relative_diff: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime_metric: Optional[float] = None  # the package itself, run by the package runtime (``--measure``)
 
 
 # optimize.torch class behind each method, as named in errors.

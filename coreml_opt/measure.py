@@ -1,0 +1,110 @@
+"""``--measure``: accuracy measured on an emitted ``.mlpackage`` (run by the package runtime), next to the figure
+the product predicted for it (the same metric with simulated weights), on the same data, metric and reference.
+
+``compress``, ``plan --emit`` and workflows call these; the metric stays in the units it already prints (the raw
+metric value, e.g. accuracy as a fraction; a drop in the same units, positive = worse).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import DataError
+
+
+@dataclass
+class PackageMeasure:
+    """``measured``: the metric of the emitted package (runtime, fp32 mode); ``simulated``: the same metric of the
+    model with simulated compressed weights; ``reference``/``drop`` against the uncompressed reference."""
+
+    metric_name: str
+    measured: float
+    simulated: Optional[float] = None
+    reference: Optional[float] = None
+    drop: Optional[float] = None
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        """One printed line: measured on the package, next to the simulated figure and the reference."""
+        text = f"{self.metric_name} measured on the package ({self.precision} runtime) {self.measured:.4f}"
+        if self.simulated is not None:
+            text += f", simulated {self.simulated:.4f}"
+        if self.reference is not None:
+            text += f"; reference {self.reference:.4f}, drop {self.drop:.4f}"
+        return text
+
+
+def package_model(path: str | os.PathLike, overrides: Optional[dict] = None) -> torch.nn.Module:
+    """The package at ``path`` as an nn.Module run by the runtime (fp32 mode), for any evaluator."""
+    from .runtime.module import PackageModule
+
+    return PackageModule(path, overrides=overrides)
+
+
+def measure_with(evaluator: Callable[[torch.nn.Module], float], package: str | os.PathLike) -> float:
+    """``evaluator`` (a ``sensitivity.evaluate.Evaluator`` or any model -> metric callable) on the package."""
+    return float(evaluator(package_model(package)))
+
+
+def _check_shape(dataset: Any, module: Any, data: Any) -> None:
+    port = module.runtime.graph.inputs[0]
+    if tuple(dataset.x.shape[1:]) != tuple(port.shape[1:]):
+        raise DataError(str(data), f"holds inputs of shape {list(dataset.x.shape[1:])} per sample, the package "
+                        f"{Path(str(module.runtime.graph.path)).name} takes {list(port.shape[1:])}",
+                        "pass data shaped for this model")
+
+
+def simulated_overrides(source: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> dict:
+    """{weight variable: simulated compressed fp16 value} for the uncompressed package ``source``, one entry per
+    weight name in ``specs`` (const name -> spec; ``none`` entries are left out)."""
+    from .model.package import load_package
+    from .simulate import simulate
+
+    loaded = load_package(source, load_weights=False)
+    out = {}
+    for weight in loaded.inventory.weights:
+        spec = specs.get(weight.name, "none")
+        if spec == "none":
+            continue
+        values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
+        out[weight.var] = simulate(spec, values, weight.reader_type, kmeans=kmeans).weight.half()
+    return out
+
+
+class CompressMeasure:
+    """``compress --measure``: built before compressing (bad data, metric or reference fail before anything is
+    written), then :meth:`run` measures the compressed package by the runtime next to the uncompressed ``source``
+    run with each compressed weight replaced by its simulation; the reference is ``source`` unless given."""
+
+    def __init__(self, source: str | os.PathLike, data: Any, metric: str = "accuracy",
+                 reference: Optional[str] = None) -> None:
+        from .sensitivity.evaluate import Evaluator, resolve_data, resolve_model
+
+        dataset = resolve_data(data)
+        if dataset is None:
+            raise DataError("--measure", "needs data", "pass --data FOLDER|FILE.npz|package.module:fn and --metric")
+        self.source = source
+        plain = package_model(source)
+        _check_shape(dataset, plain, data)
+        if reference is None:
+            ref_model = plain
+        elif str(reference).endswith(".mlpackage") or os.path.isdir(reference):
+            ref_model = package_model(reference)
+        else:
+            ref_model = resolve_model(reference)[0].eval()
+        self.evaluator = Evaluator(metric, dataset, ref_model)
+        self.reference = float(self.evaluator(ref_model))
+
+    def run(self, output: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> PackageMeasure:
+        """Measure ``output`` (compressed from ``source`` by ``specs``: const name -> spec)."""
+        simulated = float(self.evaluator(package_model(self.source, simulated_overrides(self.source, specs, kmeans))))
+        measured = measure_with(self.evaluator, output)
+        return PackageMeasure(self.evaluator.name, measured, simulated, self.reference,
+                              self.evaluator.drop(self.reference, measured))
