@@ -49,7 +49,7 @@ def package_model(path: str | os.PathLike, overrides: Optional[dict] = None) -> 
 
 
 def measure_with(evaluator: Callable[[torch.nn.Module], float], package: str | os.PathLike) -> float:
-    """``evaluator`` (a ``sensitivity.evaluate.Evaluator`` or any model -> metric callable) on the package."""
+    """``evaluator`` (an ``evaluation.Evaluator`` or any model -> metric callable) on the package."""
     return float(evaluator(package_model(package)))
 
 
@@ -85,7 +85,7 @@ class CompressMeasure:
 
     def __init__(self, source: str | os.PathLike, data: Any, metric: str = "accuracy",
                  reference: Optional[str] = None) -> None:
-        from .sensitivity.evaluate import Evaluator, resolve_data, resolve_model
+        from .evaluation import Evaluator, resolve_data, resolve_model
 
         dataset = resolve_data(data)
         if dataset is None:

@@ -1,5 +1,5 @@
 """The package runtime as a ``torch.nn.Module``: one input, the first output, so any evaluator that scores a torch
-model (``sensitivity.evaluate.Evaluator``, a user's metric function) scores the ``.mlpackage`` itself."""
+model (``evaluation.Evaluator``, a user's metric function) scores the ``.mlpackage`` itself."""
 from __future__ import annotations
 
 import os
