@@ -62,7 +62,7 @@ def _check_shape(dataset: Any, module: Any, data: Any) -> None:
 
 
 def simulated_overrides(source: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> dict:
-    """{weight variable: simulated compressed fp16 value} for the uncompressed package ``source``, one entry per
+    """{weight variable: simulated compressed value in its stored precision} for the uncompressed package ``source``, one entry per
     weight name in ``specs`` (const name -> spec; ``none`` entries are left out)."""
     from .model.package import load_package
     from .simulate import simulate
@@ -74,7 +74,8 @@ def simulated_overrides(source: str | os.PathLike, specs: dict[str, str], kmeans
         if spec == "none":
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        out[weight.var] = simulate(spec, values, weight.reader_type, kmeans=kmeans).weight.half()
+        value = simulate(spec, values, weight.reader_type, kmeans=kmeans, precision=weight.dtype).weight
+        out[weight.var] = value.half() if weight.dtype == "fp16" else value
     return out
 
 

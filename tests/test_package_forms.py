@@ -300,3 +300,24 @@ def test_mixed_precision_package_is_predicted_and_simulated_per_weight(mixed_pre
     for w, param in zip(before.weights, (model.fc1.weight, model.fc2.weight)):
         ours = simulate(spec_text, param.detach(), "linear", precision=w.dtype).weight
         np.testing.assert_array_equal(ours.numpy(), emitted[w.name])
+
+
+def test_package_sweep_of_an_fp32_package_simulates_and_counts_fp32(fp32_package, tmp_path):
+    """A package-only sweep, the planner's bytes and --measure's simulated weights use the stored fp32 precision
+    (they assumed fp16: the sweep found no weight to sweep, and --measure simulated fp16 palettes)."""
+    from coreml_opt.measure import simulated_overrides
+    from coreml_opt.sensitivity import analyse_package
+
+    path, _ = fp32_package
+    result = analyse_package(path, None, metric="kl", candidates="int8,pal4,prune50", progress=False,
+                             out_dir=tmp_path / "sweep")
+    assert {layer.precision for layer in result.layers} == {"fp32"}
+    assert [layer.fp16_bytes for layer in result.layers] == [64 + 128 * 64 * 4, 64 + 32 * 128 * 4]
+    assert len(result.trials) == 6
+    for trial in result.trials:
+        plan = Plan.from_dict({"layers": {trial.coreml_name: trial.spec}})
+        report = compress(path, plan, tmp_path / f"{trial.coreml_name}-{trial.spec}.mlpackage")
+        assert {w.name: w.bytes_after for w in report.weights}[trial.coreml_name] == trial.bytes, trial
+    emitted = _decompressed(tmp_path / "fc1_weight-pal4.mlpackage")
+    (value,) = simulated_overrides(path, {"fc1_weight": "pal4"}).values()
+    np.testing.assert_array_equal(value.numpy(), emitted["fc1_weight"])

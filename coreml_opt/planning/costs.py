@@ -63,6 +63,7 @@ class LayerInfo:
     shape: tuple[int, ...]
     params: int
     fp16_bytes: int
+    precision: str = "fp16"  # the stored float type of the weight (fp32 in FLOAT32-precision packages)
 
 
 @dataclass
@@ -132,7 +133,8 @@ def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
                   candidates: Sequence[str] | None = None) -> Problem:
     """Options per swept layer from the trials (mean drop when a spec was tried more than once)."""
     layers = [LayerInfo(str(row["layer"]), row.get("coreml_name"), str(row.get("op_type", "linear")),
-                        tuple(int(d) for d in row.get("shape", ())), int(row["params"]), int(row["fp16_bytes"]))
+                        tuple(int(d) for d in row.get("shape", ())), int(row["params"]), int(row["fp16_bytes"]),
+                        str(row.get("precision", "fp16")))
               for row in sweep.get("layers", [])]
     if not layers:
         raise PlanError("sweep", "lists no layers", "run the sensitivity analyser on a model with compressible weights")

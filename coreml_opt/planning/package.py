@@ -25,6 +25,7 @@ class PackageModel:
         _, variables, _ = package_layers(path, include_all=True)
         self.variables = {row["layer"]: variables[row["layer"]] for row in layers if row["layer"] in variables}
         self.op_types = {row["layer"]: str(row.get("op_type", "linear")) for row in layers}
+        self.precisions = {row["layer"]: str(row.get("precision", "fp16")) for row in layers}
         self.backend = PackageBackend(path, "fp32", variables=list(self.variables.values()))
         values = self.backend.executable.values
         self.stored = {layer: values[var].clone() for layer, var in self.variables.items()}
@@ -43,8 +44,8 @@ class PackageModel:
             name = weight.torch_name or weight.name
             if name in swept:
                 continue
-            out[name] = (predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18)
-                         if weight.compression == "fp16" else weight.bytes)
+            out[name] = (predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18,
+                                         precision=weight.dtype) if not weight.is_compressed else weight.bytes)
             params += weight.params
         return out, params
 
@@ -56,7 +57,7 @@ class PackageModel:
         for layer, spec in specs.items():
             if layer in self.variables and not parse_spec(spec).is_none:
                 values[self.variables[layer]] = default_cache().get(spec, self.stored[layer], self.op_types[layer],
-                                                                    self.kmeans).weight
+                                                                    self.kmeans, self.precisions[layer]).weight
         self.backend.set_values(values)
         try:
             return float(evaluator(self.backend))

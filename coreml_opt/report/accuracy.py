@@ -53,7 +53,7 @@ def plan_cost(problem, specs: Mapping[str, str]) -> tuple[int, float]:
         if option is not None:
             total, drop = total + option.bytes, drop + option.drop
         else:
-            total += predicted_bytes(spec, info[layer].shape, info[layer].op_type,
+            total += predicted_bytes(spec, info[layer].shape, info[layer].op_type, precision=info[layer].precision,
                                      ios18_ops=target_rank(problem.target or DEFAULT_TARGET) >= 18)
             drop = math.nan if spec != "none" else drop
     return total, drop

@@ -114,7 +114,8 @@ class RunReport:
 def fp16_view(inventory: Inventory) -> Inventory:
     """The inventory the model had before compression: same weights, fp16 bytes from the byte model."""
     ios18 = inventory.deployment_target >= 18
-    weights = [replace(w, compression="fp16", bytes=predicted_bytes("none", w.shape, w.reader_type, ios18_ops=ios18))
+    weights = [replace(w, compression="fp16", bytes=predicted_bytes("none", w.shape, w.reader_type, ios18_ops=ios18,
+                                                                     precision=w.dtype))
                for w in inventory.weights]
     return Inventory(weights, inventory.deployment_target, inventory.other_bytes)
 

@@ -71,7 +71,7 @@ class ChunkSimulator:
         """Simulate trial ``j`` into the cache; its error, raised when the sweep reaches it, or None."""
         layer, spec = self.trials[j]
         try:
-            self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans)
+            self.cache.get(spec, self.weights[layer.layer], layer.op_type, self.kmeans, layer.precision)
         except NonFiniteWeightError as exc:
             return exc.named(repr(layer.layer))
         except BaseException as exc:

@@ -32,12 +32,15 @@ class Layer:
     params: int
     fp16_bytes: int
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    precision: str = "fp16"  # the stored float type: "fp32" for a package converted with FLOAT32 compute precision
 
     def to_dict(self) -> dict:
         out = {"layer": self.layer, "coreml_name": self.coreml_name, "op_type": self.op_type,
                "shape": list(self.shape), "params": self.params, "fp16_bytes": self.fp16_bytes}
         if self.aliases:
             out["aliases"] = list(self.aliases)
+        if self.precision != "fp16":
+            out["precision"] = self.precision
         return out
 
 

@@ -54,14 +54,15 @@ def package_layers(package: Union[str, os.PathLike], weight_threshold: int = DEF
     ios18 = inventory.deployment_target >= 18
     layers, variables = [], {}
     for weight in inventory.weights:
-        if weight.compression != "fp16":
+        if weight.is_compressed:
             logger.info("%s: %s is stored %s, not swept", package, weight.name, weight.compression)
             continue
         if not include_all and weight.params <= weight_threshold:
             continue
         name = weight.torch_name or weight.name
         layers.append(Layer(name, weight.name, weight.reader_type, tuple(weight.shape), weight.params,
-                            predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18)))
+                            predicted_bytes("none", tuple(weight.shape), weight.reader_type, ios18_ops=ios18,
+                                            precision=weight.dtype), precision=weight.dtype))
         variables[name] = weight.var
     return layers, variables, inventory.deployment_target
 
@@ -126,7 +127,7 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
 
         def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
             try:
-                simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans).weight
+                simulated = cache.get(spec, stored[layer.layer], layer.op_type, kmeans, layer.precision).weight
             except NonFiniteWeightError as exc:
                 raise exc.named(repr(layer.layer)) from None
             var = variables[layer.layer]

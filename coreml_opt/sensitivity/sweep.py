@@ -125,7 +125,7 @@ def _skip_reason(layer: Layer, spec: Spec, weight: torch.Tensor, cache: SimCache
 
     problem = spec.shape_problem(layer.shape, layer.op_type)
     if problem is None and is_data_dependent(spec):
-        problem = cache.get(spec.parts[0], weight, layer.op_type, kmeans).skipped
+        problem = cache.get(spec.parts[0], weight, layer.op_type, kmeans, layer.precision).skipped
     return problem
 
 
@@ -356,8 +356,9 @@ def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dic
         if found is None:
             continue
         value, seconds = found
-        nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18,
-                                 weight=weights[layer.layer].to(torch.float16).cpu().numpy())
+        stored = weights[layer.layer].to(torch.float16 if layer.precision == "fp16" else torch.float32)
+        nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18, weight=stored.cpu().numpy(),
+                                 precision=layer.precision)
         trials.append(Trial(layer.layer, layer.coreml_name, layer.op_type, str(spec), layer.params, nbytes,
                             layer.fp16_bytes, value, baseline, evaluator.drop(baseline, value), seconds,
                             from_store=(layer.layer, str(spec)) not in book.new_keys))
