@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -30,6 +31,18 @@ def quiet_coremltools(verbose: bool) -> None:
     for name in ("coremltools", "coremltools.optimize", "coremltools.converters"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.WARNING)
     logging.getLogger("coremltools.optimize.torch").setLevel(logging.INFO if verbose else logging.WARNING)
+    if "tqdm" in sys.modules:  # already imported (in-process use): TQDM_DISABLE is read only at import
+        _default_tqdm_disable(not verbose)
+
+
+def _default_tqdm_disable(disable: bool) -> None:
+    """Make ``disable`` the default of every tqdm bar (coremltools' conversion and pass bars); bars that pass
+    ``disable=`` themselves, like ours (shown on a terminal), keep their own choice."""
+    from tqdm import tqdm
+
+    init = tqdm.__dict__.get("_coreml_opt_init") or tqdm.__dict__["__init__"]
+    tqdm._coreml_opt_init = init
+    tqdm.__init__ = functools.partialmethod(init, disable=disable)
 
 
 INTERRUPTED = "error: interrupted (Ctrl-C); outputs are written atomically, so none is half-written"
