@@ -93,3 +93,43 @@ def test_a_factory_raising_a_project_error_keeps_its_input_and_fix(tmp_path, mon
     assert str(tmp_path / "absent") in err and err.rstrip().endswith("apt-get install -y dataset-fashion-mnist")
     assert "Traceback" not in err and "call it in Python" not in err
     assert not (tmp_path / "sens").exists() and not (tmp_path / "cache" / f"{vit.FASHION_VIT_VERSION}.pt").exists()
+
+
+def fashion_test_300():
+    """Data factory for the end-to-end test: the first 300 Fashion-MNIST test images (the sweep re-reads it)."""
+    from coreml_opt.data import Dataset
+
+    x, y = vit.fashion_mnist("test")
+    return Dataset(x[:300], y[:300], source="Fashion-MNIST test[:300]")
+
+
+@pytest.mark.slow
+@needs_data
+def test_transformer_path_converts_sweeps_plans_at_4_bpw_and_emits_the_predicted_bytes(tmp_path, vit_model):
+    from coreml_opt.model.convert import convert
+    from coreml_opt.model.package import load_package
+    from coreml_opt.sensitivity import analyse
+    from coreml_opt.sensitivity.sweep import DEFAULT_LADDER
+
+    package = tmp_path / "vit.mlpackage"
+    convert(vit_model, vit.FASHION_INPUT_SHAPE, target="iOS18", output_path=package)
+    candidates = [*DEFAULT_LADDER, *TRANSFORMER_SPECS.split(",")]
+    sweep = analyse("coreml_opt.zoo:fashion_vit", vit.FASHION_INPUT_SHAPE, f"{__file__}:fashion_test_300",
+                    metric="accuracy", candidates=candidates, out_dir=tmp_path / "sens", progress=False)
+    assert sweep.baseline >= 0.80
+    ran = {(t.layer, t.spec) for t in sweep.trials}
+    linears = [layer.layer for layer in sweep.layers if layer.op_type == "linear"]
+    assert len(linears) == 24  # q/k/v/proj/fc1/fc2 of 4 blocks (the 10x64 head is under the threshold)
+    assert all((name, spec) in ran for name in linears for spec in candidates)
+    assert {s["layer"] for s in sweep.skipped_trials} == {"patch.weight"}  # (64,1,7,7): input dim 1, no block32
+
+    emitted = tmp_path / "vit-4bpw.mlpackage"
+    code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "4", "--json", "--emit", str(emitted),
+                             "--model-package", str(package))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["bits_per_weight"] <= 4.0
+    stored = load_package(emitted).inventory.total_bytes  # measured from the saved package
+    assert result["emitted_bytes"] == result["bytes"] == stored
+    assert result["measured_metric"] is not None and 0.0 < result["measured_metric"] <= 1.0
+    assert result["measured_drop"] == pytest.approx(result["baseline"] - result["measured_metric"])
