@@ -1,0 +1,64 @@
+"""Transformer weights that are not an nn.Linear's `.weight`: nn.MultiheadAttention's projections are
+bare parameters that Core ML reads with `linear`; sweeps, plans and packages must all see them."""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from coreml_opt.sensitivity.layers import find_layers
+from tests.conftest import run_cli
+
+
+class _Encoder(nn.Module):
+    """Linear embedding, one stock TransformerEncoderLayer (fused in_proj_weight (192,64)) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(64, 64)
+        self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(dim=1))
+
+
+def encoder() -> nn.Module:
+    """Seeded factory (``tests/test_transformer_layers.py:encoder``) so the plan re-measures the same model."""
+    torch.manual_seed(0)
+    return _Encoder().eval()
+
+
+def test_multihead_attention_projections_are_linear_layers():
+    layers = {layer.layer: layer for layer in find_layers(encoder())}
+    fused = layers["layer.self_attn.in_proj_weight"]
+    assert (fused.op_type, fused.shape, fused.coreml_name) == (
+        "linear", (192, 64), "layer_self_attn_in_proj_weight_to_fp16")
+    # different key/value sizes: separate q/k/v projections, each a layer of its own
+    cross = nn.MultiheadAttention(64, 4, kdim=96, vdim=96, batch_first=True)
+    assert [(layer.layer, layer.shape) for layer in find_layers(cross)] == [
+        ("q_proj_weight", (64, 64)), ("k_proj_weight", (64, 96)), ("v_proj_weight", (64, 96)),
+        ("out_proj.weight", (64, 64))]
+
+
+def test_encoder_layer_sweeps_plans_and_emits_its_attention_weights(tmp_path):
+    from coreml_opt.model.convert import convert
+
+    package = tmp_path / "enc.mlpackage"
+    convert(encoder(), (1, 16, 64), target="iOS18", output_path=package)
+    sens = tmp_path / "sens"
+    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:encoder", "--input-shape", "1,16,64",
+                             "--metric", "kl", "--candidates", "int4/block32,pal4/g16,pal2", "--out", str(sens),
+                             "--no-progress")
+    assert code == 0, err
+    trials = json.loads((sens / "trials.json").read_text())
+    trials = trials["trials"] if isinstance(trials, dict) else trials
+    assert {t["spec"] for t in trials if t["layer"] == "layer.self_attn.in_proj_weight"} == {
+        "int4/block32", "pal4/g16", "pal2"}
+    code, out, err = run_cli("plan", str(sens), "--bpw", "4", "--json", "--emit", str(tmp_path / "enc-4bpw.mlpackage"),
+                             "--model-package", str(package))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["emitted_bytes"] == result["bytes"] and result["bits_per_weight"] <= 4.0
+    assert result["layers"]["layer.self_attn.in_proj_weight"] in {"int4/block32", "pal4/g16", "pal2"}
