@@ -134,29 +134,18 @@ class FashionViT(nn.Module):
 def train_fashion_vit() -> FashionViT:
     """Train the ViT from a fixed seed on ``fashion_split``'s subset (AdamW, one-cycle LR), single-threaded
     and deterministic, so every machine gets the same weights; about a minute on one core."""
-    from .zoo import deterministic, evaluate_accuracy
+    from .zoo import deterministic, evaluate_accuracy, fit_classifier
 
     x_tr, y_tr, x_te, y_te = fashion_split()
     start = time.perf_counter()
     with deterministic():
         torch.manual_seed(_TRAIN_SEED)
         model = FashionViT()
-        xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-        steps = _EPOCHS * ((len(xt) + _BATCH - 1) // _BATCH)
+        steps = _EPOCHS * ((len(x_tr) + _BATCH - 1) // _BATCH)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
-        gen = torch.Generator().manual_seed(_TRAIN_SEED)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
-        model.train()
-        for _ in range(_EPOCHS):
-            order = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), _BATCH):
-                idx = order[i:i + _BATCH]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(xt[idx]), yt[idx]).backward()
-                opt.step()
-                sched.step()
-        model.eval()
+        fit_classifier(model, x_tr, y_tr, opt, sched, _EPOCHS, _BATCH, _TRAIN_SEED,
+                       nn.CrossEntropyLoss(label_smoothing=0.05))
     logger.info("trained %s in %.1f s: test accuracy %.4f", FASHION_VIT_VERSION,
                 time.perf_counter() - start, evaluate_accuracy(model, x_te, y_te))
     return model

@@ -106,6 +106,25 @@ def deterministic() -> Iterator[None]:
         torch.random.set_rng_state(rng)
 
 
+def fit_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, epochs: int, batch: int, seed: int,
+                   loss_fn: nn.Module) -> None:
+    """Minibatch training in place (then eval mode): each epoch a shuffle from ``torch.Generator(seed)``,
+    one optimizer and scheduler step per batch of ``batch`` samples. Run it inside ``deterministic()``."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
 def _train_digits_cnn() -> DigitsCNN:
     """Train the digits CNN from a fixed seed; same weights on every machine/thread count."""
     x_tr, y_tr, x_te, y_te = digits_split()
@@ -113,24 +132,11 @@ def _train_digits_cnn() -> DigitsCNN:
     with deterministic():
         torch.manual_seed(_TRAIN_SEED)
         model = DigitsCNN()
-        xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        steps_per_epoch = (len(xt) + _BATCH - 1) // _BATCH
+        steps_per_epoch = (len(x_tr) + _BATCH - 1) // _BATCH
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=4e-3, total_steps=_EPOCHS * steps_per_epoch)
-        gen = torch.Generator().manual_seed(_TRAIN_SEED)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        for _ in range(_EPOCHS):
-            order = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), _BATCH):
-                idx = order[i:i + _BATCH]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-                sched.step()
-        model.eval()
+        fit_classifier(model, x_tr, y_tr, opt, sched, _EPOCHS, _BATCH, _TRAIN_SEED, nn.CrossEntropyLoss())
     acc = evaluate_accuracy(model, x_te, y_te)
     logger.info("trained %s in %.1f s: held-out accuracy %.4f",
                 DIGITS_CNN_VERSION, time.perf_counter() - start, acc)

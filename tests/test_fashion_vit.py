@@ -133,3 +133,11 @@ def test_transformer_path_converts_sweeps_plans_at_4_bpw_and_emits_the_predicted
     assert result["emitted_bytes"] == result["bytes"] == stored
     assert result["measured_metric"] is not None and 0.0 < result["measured_metric"] <= 1.0
     assert result["measured_drop"] == pytest.approx(result["baseline"] - result["measured_metric"])
+
+
+@pytest.mark.slow
+@needs_data
+def test_vit_training_is_seeded_same_weights_as_the_cache(tmp_path, vit_model):
+    retrained = zoo.fashion_vit(cache=tmp_path)  # trains (about a minute) into an empty cache
+    for key, value in vit_model.state_dict().items():
+        assert torch.equal(value, retrained.state_dict()[key]), key
