@@ -62,3 +62,57 @@ def test_encoder_layer_sweeps_plans_and_emits_its_attention_weights(tmp_path):
     result = json.loads(out)
     assert result["emitted_bytes"] == result["bytes"] and result["bits_per_weight"] <= 4.0
     assert result["layers"]["layer.self_attn.in_proj_weight"] in {"int4/block32", "pal4/g16", "pal2"}
+
+
+class _TokenEncoder(nn.Module):
+    """Token ids (N,16) -> logits: an embedding table (gather, 500x64), one encoder layer and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(500, 64)
+        self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(ids)).mean(dim=1))
+
+
+def token_encoder() -> nn.Module:
+    """Seeded factory (``tests/test_transformer_layers.py:token_encoder``)."""
+    torch.manual_seed(0)
+    return _TokenEncoder().eval()
+
+
+def test_datasets_keep_integer_inputs_integer():
+    import numpy as np
+
+    from coreml_opt.data import Dataset
+
+    ids = Dataset(np.array([[1, 2], [499, 0]], dtype=np.int32))
+    assert ids.x.dtype == torch.int64 and ids.x.tolist() == [[1, 2], [499, 0]]
+    assert Dataset(np.zeros((2, 3), dtype=np.uint8)).x.dtype == torch.int64
+    assert Dataset(np.zeros((2, 3), dtype=np.float64)).x.dtype == torch.float32
+
+
+def test_token_id_model_sweeps_plans_and_emits_with_its_integer_input(tmp_path):
+    sens = tmp_path / "sens"
+    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:token_encoder", "--input", "ids:1,16:int32",
+                             "--metric", "kl", "--candidates", "pal4,int4/block32,pal2", "--out", str(sens),
+                             "--no-progress")
+    assert code == 0, err
+    sweep = json.loads((sens / "sweep.json").read_text())
+    assert sweep["inputs"] == ["ids:1,16:int32"]
+    assert {row["layer"]: row["op_type"] for row in sweep["layers"]}["embed.weight"] == "gather"
+    trials = json.loads((sens / "trials.json").read_text())
+    trials = trials["trials"] if isinstance(trials, dict) else trials
+    assert {t["spec"] for t in trials if t["layer"] == "embed.weight"} == {"pal4", "int4/block32", "pal2"}
+    # no --model-package: the plan converts the swept model itself, declaring the int32 input
+    code, out, err = run_cli("plan", str(sens), "--bpw", "4", "--json", "--emit", str(tmp_path / "tok.mlpackage"))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["emitted_bytes"] == result["bytes"] and result["bits_per_weight"] <= 4.0
+    assert result["measured_metric"] is not None
+    from coreml_opt.model.package import load_package
+
+    spec = load_package(tmp_path / "tok.mlpackage").mlmodel.get_spec()
+    assert [(i.name, i.type.multiArrayType.dataType) for i in spec.description.input] == [("ids", 131104)]  # INT32

@@ -23,7 +23,7 @@ relative data and out paths in it resolve beside the file, not the current direc
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
-SWEEP_KEYS = {"model", "input_shape", "data", "metric", "candidates", "target", "out", "max_trials", "time_budget",
+SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials", "time_budget",
               "weight_threshold", "all_layers", "batch_size", "kmeans"}
 
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", nargs="?", help="sweep YAML file (e.g. sensitivity/digits.yaml) instead of the options")
     p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn")
     p.add_argument("--input-shape", type=parse_shape, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--input", metavar="NAME:SHAPE[:DTYPE]",
+                   help="the model's input with its dtype instead of --input-shape, e.g. ids:1,16:int32 for token "
+                        "ids (data-free inputs are then ids below the embedding's vocabulary)")
     p.add_argument("--data", help="evaluation data: calibration folder, .npz (x, y) or package.module:fn "
                                   "returning data, e.g. calibration_data/digits; omitted: seeded random inputs")
     p.add_argument("--metric", default="top1", help="accuracy (needs labels), psnr, sqnr, kl, top1, cosine "
@@ -96,12 +99,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.sweep:
             args = _from_yaml(args.sweep, args, parser)
-        if not args.model or not args.input_shape:
-            parser.error("--model and --input-shape are required (or pass a sweep YAML file)")
+        if not args.model or not (args.input_shape or args.input):
+            parser.error("--model and --input-shape (or --input) are required (or pass a sweep YAML file)")
+        if args.input_shape and args.input:
+            parser.error("give --input-shape or --input, not both")
         from . import analyse
         from .outputs import bytes_table, header_lines, ranked_table, timing_lines
 
-        result = analyse(args.model, args.input_shape, args.data, metric=args.metric, candidates=args.candidates,
+        result = analyse(args.model, args.input_shape or [args.input], args.data, metric=args.metric, candidates=args.candidates,
                          target=args.target, out_dir=args.out, max_trials=args.max_trials,
                          time_budget=args.time_budget, progress=not args.no_progress,
                          weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),

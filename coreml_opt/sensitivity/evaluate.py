@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from ..errors import DataError, ModelError
 from ..metrics import Metric, MetricError, check_finite_value, get_metric, import_metric_fn
 from ..metrics import drop as metric_drop
 from ..model.convert import example_inputs, fold_batchnorm, load_factory
+from ..model.inputs import InputSpec, single_input
 from .suffix import first_tensor
 
 logger = logging.getLogger(__name__)
@@ -26,15 +27,19 @@ DEFAULT_BATCH_SIZE = 512
 DATA_FREE_SAMPLES = 64
 
 
-def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Optional[Dataset]:
+def resolve_data(data: Any, input_shape: Union[tuple[int, ...], InputSpec, None] = None,
+                 model: Optional[nn.Module] = None) -> Optional[Dataset]:
     """A Dataset from a folder, an .npz, a ``package.module:fn`` returning data, a tensor or a DataLoader.
 
-    ``None`` with an ``input_shape`` gives seeded uniform random inputs (data-free proxies)."""
+    ``None`` with an ``input_shape`` (or one InputSpec) gives seeded data-free inputs: uniform floats, or
+    token ids below ``model``'s smallest embedding vocabulary for an ``int32`` input."""
     if data is None:
         if input_shape is None:
             return None
+        spec = single_input(input_shape)
         gen = torch.Generator().manual_seed(0)
-        return Dataset(torch.rand((DATA_FREE_SAMPLES, *input_shape[1:]), generator=gen), None, "random inputs")
+        return Dataset(spec.samples(model if model is not None else nn.Module(), DATA_FREE_SAMPLES, gen), None,
+                       "random token ids" if spec.is_integer else "random inputs")
     if isinstance(data, str) and ":" in data and not os.path.exists(data):
         from ..imports import call_without_arguments
 
@@ -135,9 +140,13 @@ class Evaluator:
 
 
 def make_evaluator(model: Union[nn.Module, str], data: Any, metric: Union[str, Callable[[nn.Module], float]] = "top1",
-                   batch_size: int = DEFAULT_BATCH_SIZE, input_shape: Optional[tuple[int, ...]] = None) -> Evaluator:
-    """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32."""
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   input_shape: Union[tuple[int, ...], Sequence[str], None] = None) -> Evaluator:
+    """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32.
+
+    ``input_shape`` is a shape or one ``NAME:SHAPE[:DTYPE]`` input (``single_input``)."""
     module, _ = resolve_model(model)
-    dataset = resolve_data(data, input_shape) if not (callable(metric) or ":" in str(metric)) or data else None
-    example = example_inputs(module, input_shape) if input_shape else (dataset.x[:1] if dataset is not None else None)
+    spec = single_input(input_shape) if input_shape else None
+    dataset = resolve_data(data, spec, module) if not (callable(metric) or ":" in str(metric)) or data else None
+    example = example_inputs(module, [spec]) if spec else (dataset.x[:1] if dataset is not None else None)
     return Evaluator(metric, dataset, fold_batchnorm(module, example), batch_size)
