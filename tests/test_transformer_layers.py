@@ -116,3 +116,37 @@ def test_token_id_model_sweeps_plans_and_emits_with_its_integer_input(tmp_path):
 
     spec = load_package(tmp_path / "tok.mlpackage").mlmodel.get_spec()
     assert [(i.name, i.type.multiArrayType.dataType) for i in spec.description.input] == [("ids", 131104)]  # INT32
+
+
+def encoder_inputs() -> torch.Tensor:
+    """Seeded evaluation inputs (64, 16, 64) for the encoder's workflow."""
+    return torch.rand(64, 16, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _workflow(tmp_path, stages: str) -> str:
+    path = tmp_path / "enc.yaml"
+    path.write_text(f"name: enc\nmodel: {__file__}:encoder\ninput_shape: [1, 16, 64]\ntarget: iOS18\n"
+                    f"plan: {{global: pal4}}\neval: {{data: {__file__}:encoder_inputs, metric: kl}}\n"
+                    f"stages:\n{stages}out: {tmp_path / 'out'}\n")
+    return str(path)
+
+
+def test_workflow_data_free_compresses_attention_projections(tmp_path):
+    code, out, err = run_cli("run", _workflow(tmp_path, "  - data_free: {}\n"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    stage = next(s for s in report["stages"] if s["name"] == "data_free")
+    assert stage["status"] == "ok"
+    from coreml_opt.model.package import load_package
+
+    weights = {w.torch_name: w for w in load_package(tmp_path / "out" / "data_free.mlpackage").inventory.weights}
+    assert weights["layer.self_attn.in_proj_weight"].is_compressed
+
+
+def test_workflow_torch_stage_refuses_attention_projections_in_one_line(tmp_path):
+    stages = "  - data_free: {}\n  - calibration: {method: skm, data: " + f"{__file__}:encoder_inputs" + "}\n"
+    code, out, err = run_cli("run", _workflow(tmp_path, stages))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # (conversion progress aside)
+    assert code == 2 and len(errors) == 1, err
+    assert "layer.self_attn.in_proj_weight" in errors[0] and "data_free" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / "data_free.mlpackage").exists()  # refused before any stage ran
