@@ -150,3 +150,19 @@ def test_workflow_torch_stage_refuses_attention_projections_in_one_line(tmp_path
     assert code == 2 and len(errors) == 1, err
     assert "layer.self_attn.in_proj_weight" in errors[0] and "data_free" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "out" / "data_free.mlpackage").exists()  # refused before any stage ran
+
+
+def cloned_stack() -> nn.Module:
+    """An untrained nn.TransformerEncoder: its two layers are deep copies, equal in every weight."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def test_sweep_refuses_layers_core_ml_would_store_as_one(tmp_path):
+    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:cloned_stack", "--input-shape", "1,16,64",
+                             "--metric", "kl", "--candidates", "pal4", "--out", str(tmp_path / "sens"),
+                             "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'layers.0.self_attn.in_proj_weight' and 'layers.1.self_attn.in_proj_weight'" in err
+    assert "initialise each layer separately" in err and not (tmp_path / "sens" / "sweep.json").exists()

@@ -87,6 +87,22 @@ def _weight_attrs(module: nn.Module) -> tuple[str, ...]:
     return ()
 
 
+def identical_weights(model: nn.Module, layers: list[Layer]) -> tuple[str, str] | None:
+    """The first two layers whose fp16 weights are equal in shape and every value, or None.
+
+    coremltools' ``const_deduplication`` pass stores such weights as one const (100 elements or more), so the
+    package has one weight where the sweep would see two (cloned, untrained stacks: nn.TransformerEncoder
+    deep-copies its layer)."""
+    seen: dict[tuple, str] = {}
+    for layer in layers:
+        weight = model.get_parameter(layer.layer).detach().to(torch.float16).contiguous().cpu()
+        key = (tuple(weight.shape), hashlib.sha256(weight.reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+        if key in seen:
+            return seen[key], layer.layer
+        seen[key] = layer.layer
+    return None
+
+
 def fp16_copy(model: nn.Module) -> nn.Module:
     """Deep copy whose floating parameters and buffers hold fp16 values (what Core ML stores)."""
     out = copy.deepcopy(model).eval()

@@ -36,7 +36,7 @@ from .evaluate import (
     resolve_model,
     run_batches,
 )
-from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
 
@@ -211,6 +211,12 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
                          "pass --all-layers or a lower --weight-threshold")
+    twins = identical_weights(base, layers)
+    if twins:
+        raise ModelError(label, f"layers {twins[0]!r} and {twins[1]!r} hold identical weights, which Core ML stores "
+                         "as one (coremltools deduplicates equal consts), so they cannot take separate specs",
+                         "initialise each layer separately (nn.TransformerEncoder deep-copies one layer) or train "
+                         "the model before sweeping it")
     timing["setup"] = time.perf_counter() - start
 
     out_path = Path(out_dir) if out_dir is not None else None
