@@ -12,11 +12,12 @@ from tests.conftest import run_cli
 
 
 class _Encoder(nn.Module):
-    """Linear embedding, one stock TransformerEncoderLayer (fused in_proj_weight (192,64)) and a head."""
+    """An embedding (Linear 64->64 for float features, or a 500x64 table for token ids), one stock
+    TransformerEncoderLayer (fused in_proj_weight (192,64)) and a head."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: bool = False) -> None:
         super().__init__()
-        self.embed = nn.Linear(64, 64)
+        self.embed = nn.Embedding(500, 64) if tokens else nn.Linear(64, 64)
         self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
         self.head = nn.Linear(64, 10)
 
@@ -42,18 +43,22 @@ def test_multihead_attention_projections_are_linear_layers():
         ("out_proj.weight", (64, 64))]
 
 
+def _sweep(tmp_path, factory: str, input_args: tuple[str, ...], candidates: str) -> tuple:
+    """Run a kl sweep of this file's ``factory`` through the CLI; (output folder, trial rows)."""
+    sens = tmp_path / "sens"
+    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:{factory}", *input_args, "--metric", "kl",
+                             "--candidates", candidates, "--out", str(sens), "--no-progress")
+    assert code == 0, err
+    trials = json.loads((sens / "trials.json").read_text())
+    return sens, trials["trials"] if isinstance(trials, dict) else trials
+
+
 def test_encoder_layer_sweeps_plans_and_emits_its_attention_weights(tmp_path):
     from coreml_opt.model.convert import convert
 
     package = tmp_path / "enc.mlpackage"
     convert(encoder(), (1, 16, 64), target="iOS18", output_path=package)
-    sens = tmp_path / "sens"
-    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:encoder", "--input-shape", "1,16,64",
-                             "--metric", "kl", "--candidates", "int4/block32,pal4/g16,pal2", "--out", str(sens),
-                             "--no-progress")
-    assert code == 0, err
-    trials = json.loads((sens / "trials.json").read_text())
-    trials = trials["trials"] if isinstance(trials, dict) else trials
+    sens, trials = _sweep(tmp_path, "encoder", ("--input-shape", "1,16,64"), "int4/block32,pal4/g16,pal2")
     assert {t["spec"] for t in trials if t["layer"] == "layer.self_attn.in_proj_weight"} == {
         "int4/block32", "pal4/g16", "pal2"}
     code, out, err = run_cli("plan", str(sens), "--bpw", "4", "--json", "--emit", str(tmp_path / "enc-4bpw.mlpackage"),
@@ -64,23 +69,10 @@ def test_encoder_layer_sweeps_plans_and_emits_its_attention_weights(tmp_path):
     assert result["layers"]["layer.self_attn.in_proj_weight"] in {"int4/block32", "pal4/g16", "pal2"}
 
 
-class _TokenEncoder(nn.Module):
-    """Token ids (N,16) -> logits: an embedding table (gather, 500x64), one encoder layer and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(500, 64)
-        self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layer(self.embed(ids)).mean(dim=1))
-
-
 def token_encoder() -> nn.Module:
-    """Seeded factory (``tests/test_transformer_layers.py:token_encoder``)."""
+    """Seeded factory (``tests/test_transformer_layers.py:token_encoder``): token ids (N,16) -> logits."""
     torch.manual_seed(0)
-    return _TokenEncoder().eval()
+    return _Encoder(tokens=True).eval()
 
 
 def test_datasets_keep_integer_inputs_integer():
@@ -95,16 +87,10 @@ def test_datasets_keep_integer_inputs_integer():
 
 
 def test_token_id_model_sweeps_plans_and_emits_with_its_integer_input(tmp_path):
-    sens = tmp_path / "sens"
-    code, out, err = run_cli("sensitivity", "--model", f"{__file__}:token_encoder", "--input", "ids:1,16:int32",
-                             "--metric", "kl", "--candidates", "pal4,int4/block32,pal2", "--out", str(sens),
-                             "--no-progress")
-    assert code == 0, err
+    sens, trials = _sweep(tmp_path, "token_encoder", ("--input", "ids:1,16:int32"), "pal4,int4/block32,pal2")
     sweep = json.loads((sens / "sweep.json").read_text())
     assert sweep["inputs"] == ["ids:1,16:int32"]
     assert {row["layer"]: row["op_type"] for row in sweep["layers"]}["embed.weight"] == "gather"
-    trials = json.loads((sens / "trials.json").read_text())
-    trials = trials["trials"] if isinstance(trials, dict) else trials
     assert {t["spec"] for t in trials if t["layer"] == "embed.weight"} == {"pal4", "int4/block32", "pal2"}
     # no --model-package: the plan converts the swept model itself, declaring the int32 input
     code, out, err = run_cli("plan", str(sens), "--bpw", "4", "--json", "--emit", str(tmp_path / "tok.mlpackage"))
