@@ -42,10 +42,13 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
 class Dataset:
-    """Inputs ``x`` (float32) and optional labels ``y`` (int64) with a stable content hash."""
+    """Inputs ``x`` (float32, or int64 for integer inputs such as token ids) and optional labels ``y``
+    (int64) with a stable content hash."""
 
     def __init__(self, x: ArrayLike, y: Optional[ArrayLike] = None, source: str = "data") -> None:
-        self.x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+        x = torch.as_tensor(x)
+        integer = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+        self.x = x.to(torch.int64 if integer else torch.float32).contiguous()
         self.y = None if y is None else torch.as_tensor(y).to(torch.int64).contiguous()
         self.source = source
         if self.x.ndim == 0 or len(self.x) == 0:

@@ -101,9 +101,14 @@ def call_without_arguments(fn: Callable[..., Any], text: str, error: ErrorType) 
 
 
 def call_user(fn: Callable[..., Any], text: str, error: ErrorType, *args: Any) -> Any:
-    """``fn(*args)`` for a user's function; an exception it raises becomes one line naming it and its message."""
+    """``fn(*args)`` for a user's function; an exception it raises becomes one line naming it and its message.
+
+    A project error raised inside (a zoo factory's missing data set) already names its input and fix: both are
+    kept, whole, after ``text``, instead of a truncated message and "fix the error in fn"."""
     try:
         return fn(*args)
+    except CoreMLOptError as exc:
+        raise error(text, f"{exc.input_name}: {exc.problem}", exc.fix) from None
     except Exception as exc:
         name = ".".join(x for x in (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) if x) or str(fn)
         raise error(text, f"{name}() raised {type(exc).__name__}: {_first_line(exc)}",

@@ -1,7 +1,8 @@
-"""Example models that need no download: a small CNN for scikit-learn's digits.
+"""Example models that need no download: a small CNN for scikit-learn's digits, and a small ViT
+for Fashion-MNIST (``fashion_vit``, defined in ``fashion_vit.py``).
 
-The digits CNN trains deterministically in seconds on CPU and is cached, so
-tests, benchmarks and the CLI (``coreml_opt.zoo:digits_cnn``) share one model.
+Each trains deterministically on CPU and is cached, so tests, benchmarks and the CLI
+(``coreml_opt.zoo:digits_cnn``, ``coreml_opt.zoo:fashion_vit``) share one model.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class DigitsCNN(nn.Module):
 
 
 @contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
+def deterministic() -> Iterator[None]:
     """Single-threaded, deterministic torch for the duration (restores settings after)."""
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
@@ -105,31 +106,37 @@ def _deterministic() -> Iterator[None]:
         torch.random.set_rng_state(rng)
 
 
+def fit_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, epochs: int, batch: int, seed: int,
+                   loss_fn: nn.Module) -> None:
+    """Minibatch training in place (then eval mode): each epoch a shuffle from ``torch.Generator(seed)``,
+    one optimizer and scheduler step per batch of ``batch`` samples. Run it inside ``deterministic()``."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
 def _train_digits_cnn() -> DigitsCNN:
     """Train the digits CNN from a fixed seed; same weights on every machine/thread count."""
     x_tr, y_tr, x_te, y_te = digits_split()
     start = time.perf_counter()
-    with _deterministic():
+    with deterministic():
         torch.manual_seed(_TRAIN_SEED)
         model = DigitsCNN()
-        xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        steps_per_epoch = (len(xt) + _BATCH - 1) // _BATCH
+        steps_per_epoch = (len(x_tr) + _BATCH - 1) // _BATCH
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=4e-3, total_steps=_EPOCHS * steps_per_epoch)
-        gen = torch.Generator().manual_seed(_TRAIN_SEED)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        for _ in range(_EPOCHS):
-            order = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), _BATCH):
-                idx = order[i:i + _BATCH]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-                sched.step()
-        model.eval()
+        fit_classifier(model, x_tr, y_tr, opt, sched, _EPOCHS, _BATCH, _TRAIN_SEED, nn.CrossEntropyLoss())
     acc = evaluate_accuracy(model, x_te, y_te)
     logger.info("trained %s in %.1f s: held-out accuracy %.4f",
                 DIGITS_CNN_VERSION, time.perf_counter() - start, acc)
@@ -144,32 +151,45 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def cached_model(model: nn.Module, version: str, train: Callable[[], nn.Module],
+                 cache: Optional[Union[str, Path]] = None) -> nn.Module:
+    """``model`` with the weights cached as ``<cache>/<version>.pt``, or those ``train()`` returns
+    (then cached, atomically); an unreadable cache file is retrained. In eval mode."""
+    path = (Path(cache).expanduser() if cache else cache_dir()) / f"{version}.pt"
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        except Exception as exc:  # corrupt or foreign cache file: rebuild it
+            logger.warning("ignoring unreadable cache %s (%s); retraining", path, exc)
+    model = train()
+    try:
+        _atomic_torch_save(model.state_dict(), path)
+    except OSError as exc:  # read-only home etc.: still return the model
+        logger.warning("could not cache weights at %s: %s", path, exc)
+    return model.eval()
+
+
 def digits_cnn(pretrained: bool = True,
                cache: Optional[Union[str, Path]] = None) -> nn.Module:
     """The digits CNN in eval mode; trains (~5 s) and caches the weights on first use.
 
     ``cache`` overrides the cache directory (default: see ``cache_dir``).
     """
-    model = DigitsCNN()
     if not pretrained:
-        return model.eval()
-    path = Path(cache).expanduser() if cache else cache_dir()
-    path = path / f"{DIGITS_CNN_VERSION}.pt"
-    state = None
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as exc:  # corrupt or foreign cache file: rebuild it
-            logger.warning("ignoring unreadable cache %s (%s); retraining", path, exc)
-            state = None
-    if state is None:
-        model = _train_digits_cnn()
-        try:
-            _atomic_torch_save(model.state_dict(), path)
-        except OSError as exc:  # read-only home etc.: still return the model
-            logger.warning("could not cache weights at %s: %s", path, exc)
-    return model.eval()
+        return DigitsCNN().eval()
+    return cached_model(DigitsCNN(), DIGITS_CNN_VERSION, lambda: _train_digits_cnn(), cache)
+
+
+def fashion_vit(pretrained: bool = True,
+                cache: Optional[Union[str, Path]] = None) -> nn.Module:
+    """The Fashion-MNIST ViT (``fashion_vit.FashionViT``) in eval mode; trains about a minute and caches
+    on first use. Raises DataError when the data set is absent and nothing is cached."""
+    from . import fashion_vit as vit
+
+    if not pretrained:
+        return vit.FashionViT().eval()
+    return cached_model(vit.FashionViT(), vit.FASHION_VIT_VERSION, lambda: vit.train_fashion_vit(), cache)
 
 
 def evaluate_accuracy(model: nn.Module, x: Union[np.ndarray, torch.Tensor],

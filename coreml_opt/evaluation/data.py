@@ -5,25 +5,31 @@ Written once for every user of evaluation (sweeps, plans, workflows, ``coreml-op
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
+from torch import nn
 
 from ..data import Dataset, load_dataset
 from ..errors import DataError
+from ..model.inputs import InputSpec, single_input
 
 DATA_FREE_SAMPLES = 64
 
 
-def resolve_data(data: Any, input_shape: Optional[tuple[int, ...]] = None) -> Optional[Dataset]:
+def resolve_data(data: Any, input_shape: Union[tuple[int, ...], InputSpec, None] = None,
+                 model: Optional[nn.Module] = None) -> Optional[Dataset]:
     """A Dataset from a folder, an .npz, a ``package.module:fn`` returning data, a tensor or a DataLoader.
 
-    ``None`` with an ``input_shape`` gives seeded uniform random inputs (data-free proxies)."""
+    ``None`` with an ``input_shape`` (or one InputSpec) gives seeded data-free inputs: uniform floats, or
+    token ids below ``model``'s smallest embedding vocabulary for an ``int32`` input."""
     if data is None:
         if input_shape is None:
             return None
+        spec = single_input(input_shape)
         gen = torch.Generator().manual_seed(0)
-        return Dataset(torch.rand((DATA_FREE_SAMPLES, *input_shape[1:]), generator=gen), None, "random inputs")
+        return Dataset(spec.samples(model if model is not None else nn.Module(), DATA_FREE_SAMPLES, gen), None,
+                       "random token ids" if spec.is_integer else "random inputs")
     if isinstance(data, str) and ":" in data and not os.path.exists(data):
         from ..imports import call_without_arguments
 

@@ -7,7 +7,7 @@ model the BN-folded fp32 model, as conversion sees it. ``accuracy`` needs labels
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -94,11 +94,16 @@ class Evaluator:
 
 
 def make_evaluator(model: Union[nn.Module, str], data: Any, metric: Union[str, Callable[[nn.Module], float]] = "top1",
-                   batch_size: int = DEFAULT_BATCH_SIZE, input_shape: Optional[tuple[int, ...]] = None) -> Evaluator:
-    """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32."""
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   input_shape: Union[tuple[int, ...], Sequence[str], None] = None) -> Evaluator:
+    """A reusable ``callable(model) -> float``; proxies compare against ``fold_batchnorm(model)`` in fp32.
+
+    ``input_shape`` is a shape or one ``NAME:SHAPE[:DTYPE]`` input (``single_input``)."""
     from ..model.convert import example_inputs, fold_batchnorm
+    from ..model.inputs import single_input
 
     module, _ = resolve_model(model)
-    dataset = resolve_data(data, input_shape) if not (callable(metric) or ":" in str(metric)) or data else None
-    example = example_inputs(module, input_shape) if input_shape else (dataset.x[:1] if dataset is not None else None)
+    spec = single_input(input_shape) if input_shape else None
+    dataset = resolve_data(data, spec, module) if not (callable(metric) or ":" in str(metric)) or data else None
+    example = example_inputs(module, [spec]) if spec else (dataset.x[:1] if dataset is not None else None)
     return Evaluator(metric, dataset, fold_batchnorm(module, example), batch_size)

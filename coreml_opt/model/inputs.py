@@ -52,10 +52,17 @@ class InputSpec:
 
     def example(self, model: nn.Module, generator: torch.Generator) -> torch.Tensor:
         """A traced example: uniform [0, 1) floats, or ints below the smallest embedding vocabulary (else 0/1)."""
+        return self._draw(model, self.shape, generator)
+
+    def samples(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` seeded data-free samples, shape (n, *shape[1:]), drawn like ``example``."""
+        return self._draw(model, (n, *self.shape[1:]), generator)
+
+    def _draw(self, model: nn.Module, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         if not self.is_integer:
-            return torch.rand(self.shape, generator=generator)
+            return torch.rand(shape, generator=generator)
         vocab = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-        return torch.randint(0, min(vocab, default=2), self.shape, generator=generator, dtype=DTYPES["int32"][1])
+        return torch.randint(0, min(vocab, default=2), shape, generator=generator, dtype=DTYPES["int32"][1])
 
     def __str__(self) -> str:
         return f"{self.name}:{','.join(map(str, self.shape))}" + (f":{self.dtype}" if self.dtype else "")
@@ -91,3 +98,20 @@ def resolve_inputs(input_shape: Optional[Sequence[int]], inputs: Optional[Sequen
     if dupes:
         raise ModelError(f"input {dupes[0]!r}", "is given twice", "give each input a distinct name")
     return specs
+
+
+def single_input(value: Union[Sequence[int], Sequence[Union[str, InputSpec]], InputSpec]) -> InputSpec:
+    """The one input a sweep feeds the model: a shape (one float input ``x``) or one ``NAME:SHAPE[:DTYPE]``
+    (e.g. ``ids:1,16:int32`` for token ids); ModelError for a bad shape or several inputs."""
+    if isinstance(value, (str, InputSpec)):
+        value = [value]
+    if value and all(isinstance(d, (int, np.integer)) for d in value):
+        shape = tuple(int(d) for d in value)
+        if any(d <= 0 for d in shape):
+            raise ModelError(f"input shape {list(shape)}", "must be positive integers", "use e.g. 1,1,8,8")
+        return InputSpec("x", shape)
+    specs = [parse_input(v) for v in value]
+    if len(specs) != 1:
+        raise ModelError("inputs " + ", ".join(map(str, specs)), f"are {len(specs)} inputs; a sweep feeds one",
+                         "sweep a model whose forward() takes one input (wrap the others as constants)")
+    return specs[0]

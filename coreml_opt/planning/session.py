@@ -49,7 +49,7 @@ class PlanningSession:
         source = model if model is not None else sweep.get("model")
         original = load_factory(source) if isinstance(source, str) else source
         # Folded and fp16 everywhere (biases too), exactly as the analyser measured its baseline.
-        shape = sweep.get("input_shape")
+        shape = sweep.get("inputs") or sweep.get("input_shape")  # inputs: a typed input (token ids)
         example = example_inputs(original, shape) if shape and original is not None else None  # as convert folds
         folded = fp16_copy(fold_batchnorm(original, example)) if original is not None else None
         swept = [p for row in sweep.get("layers", []) for p in [row["layer"], *row.get("aliases", [])]]
@@ -64,7 +64,7 @@ class PlanningSession:
                                "analyser uses without data; pass data= if the sweep used other data")
             from ..evaluation import make_evaluator
 
-            shape = tuple(sweep["input_shape"]) if sweep.get("input_shape") else None
+            shape = sweep.get("inputs") or (tuple(sweep["input_shape"]) if sweep.get("input_shape") else None)
             recorded = data_beside(sweep.get("data"), sweep_dir)  # relative: beside sweep.json, never the cwd
             try:
                 evaluator = make_evaluator(original, data if data is not None else recorded, problem.metric,
@@ -157,7 +157,10 @@ class PlanningSession:
                             "convert the model yourself and pass model_package=")
         with tempfile.TemporaryDirectory(prefix="coreml-opt-plan-") as tmp:
             package = Path(tmp) / "swept.mlpackage"
-            convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
+            if sweep.get("inputs"):  # a typed input (token ids): convert declares it as the sweep fed it
+                convert(self.model, inputs=sweep["inputs"], target=self.problem.target, output_path=package)
+            else:
+                convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
             return compress(package, result.plan, output)
 
     def measure_package(self, package: str | os.PathLike, result: PlanResult) -> "PackageMeasure":

@@ -27,8 +27,8 @@ proxy metrics then compare against the uncompressed package, or against --refere
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
-SWEEP_KEYS = {"model", "input_shape", "data", "metric", "candidates", "target", "out", "max_trials", "time_budget",
-              "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
+SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
+              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="PyTorch model factory package.module:factory, e.g. coreml_opt.zoo:digits_cnn, "
                                    "or an ML Program package, e.g. digits.mlpackage (run by the package runtime)")
     p.add_argument("--input-shape", type=parse_shape, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--input", metavar="NAME:SHAPE[:DTYPE]",
+                   help="the model's input with its dtype instead of --input-shape, e.g. ids:1,16:int32 for token "
+                        "ids (data-free inputs are then ids below the embedding's vocabulary)")
     p.add_argument("--data", help="evaluation data: calibration folder, .npz (x, y) or package.module:fn "
                                   "returning data, e.g. calibration_data/digits; omitted: seeded random inputs")
     p.add_argument("--metric", default="top1", help="accuracy (needs labels), psnr, sqnr, kl, top1, cosine "
@@ -108,8 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..evaluation import is_package
 
         package = bool(args.model) and is_package(args.model)
-        if not args.model or not (args.input_shape or package):
-            parser.error("--model and --input-shape are required (or pass a sweep YAML file)")
+        if not args.model or not (args.input_shape or args.input or package):
+            parser.error("--model and --input-shape (or --input) are required (or pass a sweep YAML file)")
+        if args.input_shape and args.input:
+            parser.error("give --input-shape or --input, not both")
         if args.reference and not package:
             parser.error("--reference is for a model given as an .mlpackage (a factory sweep compares against "
                          "the fp32 model)")
@@ -123,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if package:
             result = analyse_package(args.model, args.data, reference=args.reference, **options)
         else:
-            result = analyse(args.model, args.input_shape, args.data, **{**options, "target": args.target or "iOS18"})
+            result = analyse(args.model, args.input_shape or [args.input], args.data,
+                             **{**options, "target": args.target or "iOS18"})
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

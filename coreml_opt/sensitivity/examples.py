@@ -10,3 +10,11 @@ def digits_heldout() -> Dataset:
 
     _, _, x_te, y_te = digits_split()
     return Dataset(x_te, y_te, source="digits held-out split")
+
+
+def fashion_heldout() -> Dataset:
+    """The first 1,000 Fashion-MNIST test images (never trained on) for the zoo's ViT; DataError when absent."""
+    from ..fashion_vit import fashion_mnist
+
+    x, y = fashion_mnist("test")
+    return Dataset(x[:1000], y[:1000], source="Fashion-MNIST test[:1000]")

@@ -46,26 +46,26 @@ class Layer:
 
 def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
                 include_all: bool = False, ios18_ops: bool = True) -> list[Layer]:
-    """Compressible conv/linear/embedding weights (ndim >= 2, > ``weight_threshold`` elements), in model order."""
+    """Compressible conv/linear/embedding weights (ndim >= 2, > ``weight_threshold`` elements), in model order;
+    the projections of ``nn.MultiheadAttention`` count as linear weights (Core ML reads them with `linear`)."""
     by_tensor: dict[int, list[tuple[str, nn.Module]]] = {}
     order: list[int] = []
     for module_path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, WEIGHT_MODULES):
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
-            continue
-        key = id(weight)
-        if key not in by_tensor:
-            by_tensor[key] = []
-            order.append(key)
-        path = f"{module_path}.weight" if module_path else "weight"
-        if path not in [p for p, _ in by_tensor[key]]:
-            by_tensor[key].append((path, module))
+        for attr in _weight_attrs(module):
+            weight = getattr(module, attr, None)
+            if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+                continue
+            key = id(weight)
+            if key not in by_tensor:
+                by_tensor[key] = []
+                order.append(key)
+            path = f"{module_path}.{attr}" if module_path else attr
+            if path not in [p for p, _ in by_tensor[key]]:
+                by_tensor[key].append((path, module))
     layers = []
     for key in order:
         (path, module), *rest = by_tensor[key]
-        weight = module.weight
+        weight = getattr(module, path.rpartition(".")[2])
         if not include_all and weight.numel() <= weight_threshold:
             continue
         op_type = weight_readers(model, weight)
@@ -74,6 +74,36 @@ def find_layers(model: nn.Module, weight_threshold: int = DEFAULT_WEIGHT_THRESHO
                             predicted_bytes("none", shape, op_type, ios18_ops=ios18_ops),
                             tuple(p for p, _ in rest)))
     return layers
+
+
+# nn.MultiheadAttention keeps its projections as bare parameters that F.linear reads: Core ML stores each as a
+# `linear` weight const (in_proj_weight (3E, E) when q/k/v share the input size, else q/k/v_proj_weight).
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _weight_attrs(module: nn.Module) -> tuple[str, ...]:
+    """Names of ``module``'s own attributes that Core ML stores as conv/linear/gather weight consts."""
+    if isinstance(module, WEIGHT_MODULES):
+        return ("weight",)
+    if isinstance(module, nn.MultiheadAttention):  # out_proj is an nn.Linear, found as a module of its own
+        return _MHA_WEIGHTS
+    return ()
+
+
+def identical_weights(model: nn.Module, layers: list[Layer]) -> tuple[str, str] | None:
+    """The first two layers whose fp16 weights are equal in shape and every value, or None.
+
+    coremltools' ``const_deduplication`` pass stores such weights as one const (100 elements or more), so the
+    package has one weight where the sweep would see two (cloned, untrained stacks: nn.TransformerEncoder
+    deep-copies its layer)."""
+    seen: dict[tuple, str] = {}
+    for layer in layers:
+        weight = model.get_parameter(layer.layer).detach().to(torch.float16).contiguous().cpu()
+        key = (tuple(weight.shape), hashlib.sha256(weight.reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+        if key in seen:
+            return seen[key], layer.layer
+        seen[key] = layer.layer
+    return None
 
 
 def fp16_copy(model: nn.Module) -> nn.Module:

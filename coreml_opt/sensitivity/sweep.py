@@ -24,12 +24,13 @@ from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_mo
 from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
+from ..model.inputs import InputSpec, single_input
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, model_hash
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
 
@@ -84,6 +85,7 @@ class SweepResult:
     out_dir: Optional[Path] = None
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
     reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
+    inputs: list[str] = field(default_factory=list)  # ["ids:1,16:int32"] for a typed input; [] for a float shape
 
     @property
     def complete(self) -> bool:
@@ -104,7 +106,8 @@ class SweepResult:
                 "layers": [layer.to_dict() for layer in self.layers], "higher_is_better": self.higher_is_better,
                 "unit": self.unit, "skipped_candidates": self.skipped_candidates,
                 "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
-                "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans}
+                "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans,
+                **({"inputs": self.inputs} if self.inputs else {})}
 
     def _portable(self, path: Optional[str]) -> Optional[str]:
         """An absolute path made relative to the output folder (beside sweep.json), anything else as is."""
@@ -159,8 +162,10 @@ def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
     return out, []
 
 
-def _check_runs(model: nn.Module, shape: tuple[int, ...], label: str, evaluator: Evaluator) -> None:
-    for what, x in (("an example input of shape " + str(list(shape)), torch.rand(shape)),
+def _check_runs(model: nn.Module, spec: InputSpec, label: str, evaluator: Evaluator) -> None:
+    example = spec.example(model, torch.Generator().manual_seed(0))
+    what = f"an example input {spec}" if spec.dtype else f"an example input of shape {list(spec.shape)}"
+    for what, x in ((what, example),
                     ("the evaluation data", evaluator.batches[0][:1] if evaluator.batches else None)):
         if x is None:
             continue
@@ -173,20 +178,23 @@ def _check_runs(model: nn.Module, shape: tuple[int, ...], label: str, evaluator:
                              "pass the input shape and data the model expects") from None
 
 
-def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], data: Any = None,
+def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[int], Sequence[str]], data: Any = None,
             metric: Union[str, Callable[[nn.Module], float]] = "top1",
             candidates: Union[str, Sequence[Union[str, Spec]], None] = None, target: str = "iOS18",
             out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
             batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
-    """Rank layers by the metric drop each candidate spec causes when only that layer is compressed."""
+    """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
+
+    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
-    shape = tuple(int(d) for d in example_input_shape)
-    if not shape or any(d <= 0 for d in shape):
-        raise ModelError(f"input shape {list(shape)}", "must be positive integers", "use e.g. 1,1,8,8")
+    if not example_input_shape:
+        raise ModelError("input shape []", "must be positive integers", "use e.g. 1,1,8,8")
+    input_spec = single_input(example_input_shape)
+    shape = input_spec.shape
     target = target_name(target)
     specs, skipped_candidates = resolve_candidates(candidates, target)
     module, factory = resolve_model(model)
@@ -195,14 +203,20 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
         evaluator = Evaluator(metric, None)
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
-        evaluator = Evaluator(metric, resolve_data(data, shape), None, batch_size)
-    folded = fold_batchnorm(module, example_inputs(module, shape))  # folds exactly as `convert` does
-    _check_runs(folded, shape, label, evaluator)
+        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
+    folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
+    _check_runs(folded, input_spec, label, evaluator)
     base = fp16_copy(folded)
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
                          "pass --all-layers or a lower --weight-threshold")
+    twins = identical_weights(base, layers)
+    if twins:
+        raise ModelError(label, f"layers {twins[0]!r} and {twins[1]!r} hold identical weights, which Core ML stores "
+                         "as one (coremltools deduplicates equal consts), so they cannot take separate specs",
+                         "initialise each layer separately (nn.TransformerEncoder deep-copies one layer) or train "
+                         "the model before sweeping it")
     timing["setup"] = time.perf_counter() - start
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
@@ -259,7 +273,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Sequence[int], da
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
                          evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
                          factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
-                         out_path, kmeans)
+                         out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [])
     return finish_sweep(result, start)
 
 

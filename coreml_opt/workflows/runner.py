@@ -187,7 +187,7 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
     from ..model.convert import convert, example_inputs, fold_batchnorm, load_factory
     from ..evaluation import Evaluator
     from .export import package_weights_model
-    from .torch_configs import planned_modules
+    from .torch_configs import bare_parameters, planned_modules
 
     if not isinstance(workflow, Workflow):
         workflow = load_workflow(workflow)
@@ -204,8 +204,9 @@ def run_workflow(workflow: Workflow | str | os.PathLike, out: str | os.PathLike 
     inventory = load_package(base, load_weights=False).inventory
     auto = _auto_plan(workflow, out_dir, progress) if workflow.auto_plan else None
     specs = planned_modules(workflow.plan, inventory)
+    bare = bare_parameters(workflow.plan, inventory)
     for stage in workflow.stages:  # plan/method mismatches fail now, before any stage runs
-        check_stage(stage, specs, workflow.target)
+        check_stage(stage, specs, workflow.target, bare)
     workflow.plan.save(out_dir / "plan.yaml")
     eval_data = load_data(workflow.eval_data) if not (callable(workflow.metric) or ":" in str(workflow.metric)) else None
     evaluator = Evaluator(workflow.metric, eval_data, reference, workflow.eval_batch_size)

@@ -76,10 +76,17 @@ def method_of(stage: StageConfig, specs: dict[str, Spec]) -> str:
     return stage.options.get("method") or default_method(stage.kind, specs)
 
 
-def check_stage(stage: StageConfig, ctx_specs: dict[str, Spec], target: str) -> None:
-    """Refuse, before any work, a stage whose method cannot express the plan."""
+def check_stage(stage: StageConfig, ctx_specs: dict[str, Spec], target: str,
+                bare: Optional[dict[str, Spec]] = None) -> None:
+    """Refuse, before any work, a stage whose method cannot express the plan (``bare``: planned weights that
+    are no module's ``.weight``, see ``bare_parameters``)."""
     if stage.kind == "data_free":
         return
+    if bare:
+        path, spec = next(iter(bare.items()))
+        raise PlanError(f"layer {path!r} (spec {spec})", f"is a bare parameter, not a module's weight, so the "
+                        f"{stage.name} stage (per-module optimize.torch configs) cannot compress it",
+                        "skip it in the plan (skip: [...]) for this stage, or use the data_free stage")
     method = method_of(stage, ctx_specs)
     check_method(method, ctx_specs)
     if method == "w8a8" and target_rank(target) < 17:

@@ -24,18 +24,30 @@ DEFAULT_METHOD = {"calibration": {"palettize": "skm", "quantize": "gptq", "prune
 
 
 def planned_modules(plan: Plan, inventory: Inventory) -> dict[str, Spec]:
-    """Torch module name -> spec for every weight the plan compresses (BN-folded model names)."""
+    """Torch module name -> spec for every module ``.weight`` the plan compresses (BN-folded model names);
+    bare parameters (``bare_parameters``) are left out."""
+    return {path.rpartition(".")[0]: spec for path, spec in _planned_paths(plan, inventory).items()
+            if path.rpartition(".")[2] == "weight"}
+
+
+def bare_parameters(plan: Plan, inventory: Inventory) -> dict[str, Spec]:
+    """Parameter path -> spec for planned weights that are no module's ``.weight`` (nn.MultiheadAttention's
+    ``in_proj_weight``): the data_free stage compresses them, optimize.torch's per-module configs cannot."""
+    return {path: spec for path, spec in _planned_paths(plan, inventory).items()
+            if path.rpartition(".")[2] != "weight"}
+
+
+def _planned_paths(plan: Plan, inventory: Inventory) -> dict[str, Spec]:
     out: dict[str, Spec] = {}
     torch_names = {w.name: w.torch_name for w in inventory.weights}
     for const, spec in plan.resolve(inventory).items():
         if spec.is_none:
             continue
         path = torch_names.get(const)
-        module, _, leaf = (path or "").rpartition(".")
-        if not path or leaf != "weight":
+        if not path:
             raise PlanError(f"weight {const!r}", "has no PyTorch module name in the converted model",
                             "convert with coreml_opt.model.convert so torch names are kept, or skip it")
-        out[module] = spec
+        out[path] = spec
     return out
 
 
