@@ -17,9 +17,9 @@ class _CountingCache(SimCache):
         super().__init__()
         self.calls: list[str] = []
 
-    def get(self, spec, weight, op_type, kmeans="exact"):
+    def get(self, spec, weight, op_type, kmeans="exact", precision="fp16"):
         self.calls.append(str(spec))
-        return super().get(spec, weight, op_type, kmeans)
+        return super().get(spec, weight, op_type, kmeans, precision)
 
 
 def _trials(specs: str, n_layers: int = 2):
@@ -56,10 +56,10 @@ def test_past_the_deadline_workers_stop_and_the_waited_trial_still_comes():
 
 
 class _FailingCache(SimCache):
-    def get(self, spec, weight, op_type, kmeans="exact"):
+    def get(self, spec, weight, op_type, kmeans="exact", precision="fp16"):
         if str(spec) == "pal2":
             raise ValueError("no palette today")
-        return super().get(spec, weight, op_type, kmeans)
+        return super().get(spec, weight, op_type, kmeans, precision)
 
 
 def test_a_trial_error_is_raised_when_the_sweep_reaches_it():
