@@ -120,6 +120,39 @@ def _pairs_fx(model: nn.Module) -> Optional[list[tuple[str, str]]]:
     return pairs
 
 
+def _pairs_called(model: nn.Module, example: Example) -> Optional[list[tuple[str, str]]]:
+    """(layer path, bn path) pairs where a BN's input is the very tensor a conv/linear returned, seen by running
+    ``example`` with forward hooks: for models torch.fx cannot trace (control flow, custom autograd functions).
+    Whether the layer's output is used elsewhere too is not seen here; ``fold_batchnorm`` keeps a fold only when
+    the output stays exact."""
+    produced: dict[int, str] = {}  # id of a tensor a foldable layer returned -> the layer's path
+    pairs: list[tuple[str, str]] = []
+    keep: list[torch.Tensor] = []  # holds every recorded output so that no id is reused during the run
+    hooks = []
+    for path, module in model.named_modules():
+        if any(isinstance(module, t) for t in _FOLD_RULES):
+            def after_layer(_mod, _inp, out, path=path):
+                if isinstance(out, torch.Tensor):
+                    produced[id(out)] = path
+                    keep.append(out)
+            hooks.append(module.register_forward_hook(after_layer))
+        elif isinstance(module, _BATCHNORM):
+            def before_bn(_mod, inp, path=path):
+                if len(inp) == 1 and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
+                    pairs.append((produced[id(inp[0])], path))
+            hooks.append(module.register_forward_pre_hook(before_bn))
+    try:
+        with torch.no_grad():
+            model(*_args(example))
+    except Exception as exc:  # the caller's own run of the model reports a bad example in its words
+        logger.debug("example input fails (%s); folding Sequential pairs only", exc)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(pairs))
+
+
 def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     """(layer path, bn path) pairs of adjacent children inside nn.Sequential containers."""
     pairs = []
@@ -245,6 +278,9 @@ def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
     """
     folded = copy.deepcopy(model).eval()
     pairs = _pairs_fx(folded)
+    called = _pairs_called(folded, example) if example is not None else None
+    if called is not None:  # fx traces through conv subclasses (e.g. static same padding) and misses them
+        pairs = list(dict.fromkeys((pairs or []) + called))
     if pairs is None:
         pairs = _pairs_sequential(folded)
     ranked = [(a, b, _fold_rank(folded.get_submodule(a), folded.get_submodule(b))) for a, b in pairs]

@@ -7,7 +7,6 @@ stores them once, so they must take one spec.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..model.convert import const_name
 from ..simulate.apply import WEIGHT_MODULES, weight_readers
+from ..model.precision import fp16_copy  # noqa: F401  (re-exported: sweeps and plans use it from here)
 from ..storage import predicted_bytes
 
 DEFAULT_WEIGHT_THRESHOLD = 2048
@@ -104,16 +104,6 @@ def identical_weights(model: nn.Module, layers: list[Layer]) -> tuple[str, str] 
             return seen[key], layer.layer
         seen[key] = layer.layer
     return None
-
-
-def fp16_copy(model: nn.Module) -> nn.Module:
-    """Deep copy whose floating parameters and buffers hold fp16 values (what Core ML stores)."""
-    out = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for tensor in [*out.parameters(), *out.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(torch.float16).to(tensor.dtype))
-    return out
 
 
 def model_hash(model: nn.Module) -> str:
