@@ -139,6 +139,8 @@ def test_repair_says_when_it_cannot_meet_the_budget():
     def measure(specs):  # any compression at all costs 0.5
         return problem.baseline - (0.5 if set(specs.values()) != {"none"} else 0.0)
 
-    with pytest.raises(PlanError, match="no plan met it in 1 measured round"):
+    with pytest.raises(PlanError, match="no plan met it in 1 measured round") as excinfo:
         plan_budget(problem, max_drop=0.005, measure=measure, max_rounds=1)
+    assert str(excinfo.value).startswith(f"max drop {problem.drop_text(0.005)}: ")  # the unit --max-drop takes
+    assert f"best measured drop {problem.drop_text(0.5)} at" in str(excinfo.value)
     assert set(plan_budget(problem, max_drop=0.005, measure=measure, max_rounds=20).specs.values()) == {"none"}
