@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)
 
-    p = sub.add_parser("report", help="one self-contained HTML page (and report.md) from a run folder",
+    p = sub.add_parser("report", help="one self-contained HTML page (and its .md beside it) from a run folder",
                        description="example: coreml-opt report out/run -o report.html  (DIR may hold a sensitivity "
                                    "sweep, plan YAML or --json output, .mlpackage files and workflow report.json; "
                                    "what is missing is named in the page)")
