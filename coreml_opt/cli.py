@@ -161,15 +161,18 @@ def add_measure_arguments(p: argparse.ArgumentParser, data: bool = True) -> None
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runtime.evaluate import evaluate_package
+    from .units import format_drop, format_metric, is_fraction
 
     result = evaluate_package(args.model, args.data, args.metric, reference=args.reference,
                               precision=args.precision, device=args.device)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
-    line = f"{result.metric_name} {result.metric:.6g} on {result.samples} samples ({result.precision} runtime)"
+    fraction = is_fraction(result.metric_name)  # accuracy-like in %, drops in pp; --json keeps metric units
+    line = (f"{result.metric_name} {format_metric(result.metric, fraction)} on {result.samples} samples "
+            f"({result.precision} runtime)")
     if result.drop is not None:
-        line += f"; reference {result.reference:.6g}, drop {result.drop:.6g}"
+        line += f"; reference {format_metric(result.reference, fraction)}, drop {format_drop(result.drop, fraction)}"
     print(line)
     return 0
 
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)
 
-    p = sub.add_parser("report", help="one self-contained HTML page (and report.md) from a run folder",
+    p = sub.add_parser("report", help="one self-contained HTML page (and its .md beside it) from a run folder",
                        description="example: coreml-opt report out/run -o report.html  (DIR may hold a sensitivity "
                                    "sweep, plan YAML or --json output, .mlpackage files and workflow report.json; "
                                    "what is missing is named in the page)")

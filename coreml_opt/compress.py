@@ -38,6 +38,7 @@ class CompressionReport:
     inventory_after: Inventory
     passes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # weight -> why a global/op-type spec left it fp16
+    # (shape it cannot fit, threshold short of its minimum sparsity, too many unique values)
 
     @property
     def bytes_before(self) -> int:
@@ -71,9 +72,9 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     if fp32 and plan.kmeans == "fast":
         raise PlanError(f"kmeans: fast (model {model})", f"clusters fp16 values, and {fp32[0]} is stored in fp32",
                         "use kmeans: exact for a package converted with compute_precision=FLOAT32")
-    resolved = plan.resolve(before)
+    resolved, skipped = plan.resolve_with_skips(before)  # shape misfits of a global/op-type spec stay fp16
     _check_finite_weights(loaded, resolved)
-    skipped = _data_dependent_skips(loaded, resolved, plan.named_weights(before))
+    skipped.update(_data_dependent_skips(loaded, resolved, plan.named_weights(before)))
     resolved.update({name: NoneSpec() for name in skipped})
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,

@@ -1,8 +1,8 @@
 """``--measure``: accuracy measured on an emitted ``.mlpackage`` (run by the package runtime), next to the figure
 the product predicted for it (the same metric with simulated weights), on the same data, metric and reference.
 
-``compress``, ``plan --emit`` and workflows call these; the metric stays in the units it already prints (the raw
-metric value, e.g. accuracy as a fraction; a drop in the same units, positive = worse).
+``compress``, ``plan --emit`` and workflows call these; values stay in metric units (accuracy as a fraction, a drop
+in the same units, positive = worse) and ``line()`` shows them as units.py does (%, pp).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import DataError
+from .units import format_drop, format_metric, is_fraction
 
 
 @dataclass
@@ -33,11 +34,13 @@ class PackageMeasure:
 
     def line(self) -> str:
         """One printed line: measured on the package, next to the simulated figure and the reference."""
-        text = f"{self.metric_name} measured on the package ({self.precision} runtime) {self.measured:.4f}"
+        fraction = is_fraction(self.metric_name)  # accuracy-like in %, drops in pp (units.py)
+        text = (f"{self.metric_name} measured on the package ({self.precision} runtime) "
+                f"{format_metric(self.measured, fraction)}")
         if self.simulated is not None:
-            text += f", simulated {self.simulated:.4f}"
+            text += f", simulated {format_metric(self.simulated, fraction)}"
         if self.reference is not None:
-            text += f"; reference {self.reference:.4f}, drop {self.drop:.4f}"
+            text += f"; reference {format_metric(self.reference, fraction)}, drop {format_drop(self.drop, fraction)}"
         return text
 
 

@@ -154,7 +154,14 @@ class Plan:
         return target_rank(self.target) if self.target is not None else inventory.deployment_target
 
     def resolve(self, inventory: Inventory) -> dict[str, Spec]:
-        """One spec per weight (by Core ML const name); raises PlanError for any invalid choice."""
+        """One spec per weight (by Core ML const name); raises PlanError for any invalid choice. A weight a
+        global or op-type spec cannot fit by shape maps to fp16 (see ``shape_skips``)."""
+        return self.resolve_with_skips(inventory)[0]
+
+    def resolve_with_skips(self, inventory: Inventory) -> tuple[dict[str, Spec], dict[str, str]]:
+        """``resolve`` plus {weight: reason} for the weights a global or op-type spec cannot fit by shape
+        (group/block size not dividing a dim, ...): left in fp16, as coremltools skips them with a warning.
+        A spec named under ``layers:`` that does not fit, or a spec that fits no weight at all, is refused."""
         index = _name_index(inventory)
         named: dict[str, tuple[str, Spec]] = {}
         for key, spec in self.layers.items():
@@ -168,14 +175,25 @@ class Plan:
             named[weight] = (key, spec)
         target = self.effective_target(inventory)
         resolved: dict[str, Spec] = {}
+        skipped: dict[str, str] = {}
+        first: PlanError | None = None
         for w in inventory.weights:
             if w.name in named:
                 key, spec = named[w.name]
             else:
                 key, spec = self._default_for(w)
-            self._check(w, key, spec, target, inventory)
+            try:
+                self._check(w, key, spec, target, inventory)
+            except _ShapeProblem as exc:
+                if w.name in named:
+                    raise exc.error from None
+                first = first or exc.error
+                skipped[w.name] = f"{spec}: {exc.problem}"
+                spec = NoneSpec()
             resolved[w.name] = spec
-        return resolved
+        if first is not None and all(s.is_none for s in resolved.values()):
+            raise first  # the spec fits none of the weights: a mistake, not a few odd layers
+        return resolved, skipped
 
     def named_weights(self, inventory: Inventory) -> set[str]:
         """Const names of the weights this plan names under ``layers:``/``skip:`` (a per-layer choice)."""
@@ -215,10 +233,10 @@ class Plan:
         problem = spec.shape_problem(w.shape, w.reader_type)
         if problem:
             from_option = key == "global" and self.global_origin.startswith("-")
-            raise PlanError(where, f"spec {spec} cannot compress it: {problem}",
-                            "pick a spec that fits every weight, or write a plan (-c) to override this layer "
-                            "under `layers:`" if from_option else
-                            "override this layer under `layers:` with a spec that fits it, or skip it")
+            raise _ShapeProblem(problem, PlanError(
+                where, f"spec {spec} cannot compress it: {problem}",
+                "pick a spec that fits the weights, or write a plan (-c) to override this layer under `layers:`"
+                if from_option else "override this layer under `layers:` with a spec that fits it, or skip it"))
 
     def predicted_bytes(self, inventory: Inventory, weight_values: Callable[[str], Any] | None = None,
                         resolved: dict[str, Spec] | None = None) -> dict[str, int]:
@@ -300,6 +318,14 @@ class Plan:
                             "export each pass with to_coreml(), or use a single-technique plan")
         resolved = self.resolve(inventory)  # refuse an invalid plan before exporting it
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory, resolved)), sort_keys=False)
+
+
+class _ShapeProblem(Exception):
+    """A spec that cannot compress a weight of this shape: ``problem`` (why) and the ``error`` to raise."""
+
+    def __init__(self, problem: str, error: PlanError) -> None:
+        super().__init__(problem)
+        self.problem, self.error = problem, error
 
 
 def is_data_dependent(spec: Spec) -> bool:

@@ -32,9 +32,10 @@ def read_yaml_mapping(path: str | os.PathLike, error: type[CoreMLOptError], kind
 
 def path_beside(value: str | os.PathLike, base: str | os.PathLike) -> Path:
     """A path named in a YAML file: absolute as written, relative resolved against ``base`` (the folder of
-    the file that names it), never against the current directory."""
+    the file that names it), never against the current directory; normalised (``a/b/../c`` -> ``a/c``), so
+    printed paths read as the user would write them."""
     path = Path(os.path.expanduser(str(value)))
-    return path if path.is_absolute() else Path(base) / path
+    return Path(os.path.normpath(path if path.is_absolute() else Path(base) / path))
 
 
 def data_beside(value: Any, base: str | os.PathLike, names: tuple[str, ...] = ()) -> Any:

@@ -92,7 +92,7 @@ def _plan(tmp_path, text):
     ("neuralnetwork", ["neuralNetwork model, not an ML Program", "mlprogram"]),
     ("unknown_layer", ["layer 'features.8'", "matches no weight", "did you mean"]),
     ("int4_ios16", ["int4 needs iOS18", "the target is iOS16"]),
-    ("block_not_dividing", ["block size 48 does not divide input-channel dim 32", "override this layer"]),
+    ("block_not_dividing", ["block size 40 does not divide input-channel dim 32", "override this layer"]),
     ("bad_spec", ["'int3' is not a known compression", "use e.g."]),
 ])
 def test_bad_input_is_one_line_error_and_nothing_written(case, fragments, example_mlpackage, tmp_path):
@@ -112,12 +112,12 @@ def test_bad_input_is_one_line_error_and_nothing_written(case, fragments, exampl
     elif case == "int4_ios16":
         args = ["--spec", "int4", "--target", "iOS16"]
     elif case == "block_not_dividing":
-        args = ["--spec", "int4/block48"]
+        args = ["--spec", "int4/block40"]  # fits no weight (a few misfits are left in fp16)
     elif case == "bad_spec":
         args = ["--spec", "int3"]
     out = tmp_path / "out" / "o.mlpackage"
     code, stdout, stderr = run_cli("compress", model, *args, "-o", str(out))
-    assert code != 0
+    assert code != 0, stdout
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for fragment in fragments:

@@ -32,6 +32,19 @@ def test_compress_measure_prints_both_figures(example_mlpackage, tmp_path):
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("accuracy measured on the package (fp32 runtime) ") and ", simulated " in line
     assert "; reference " in line and ", drop " in line
+    assert line.count(" %") == 3 and line.endswith(" pp"), line  # accuracy in %, its drop in pp (units.py)
+
+
+def test_eval_prints_accuracy_in_percent_and_keeps_fractions_in_json(example_mlpackage, tmp_path):
+    pal2 = tmp_path / "pal2.mlpackage"
+    assert run_cli("compress", str(example_mlpackage), "--spec", "pal2", "-o", str(pal2))[0] == 0
+    args = ("eval", str(pal2), "--data", DATA, "--metric", "top1", "--reference", str(example_mlpackage))
+    code, stdout, stderr = run_cli(*args)
+    assert code == 0, stderr
+    raw = json.loads(run_cli(*args, "--json")[1])
+    assert 0 <= raw["metric"] <= 1 and raw["reference"] == 1.0  # --json keeps metric units
+    assert stdout.strip() == (f"top1 {100 * raw['metric']:.2f} % on {raw['samples']} samples "
+                              f"({raw['precision']} runtime); reference 100.00 %, drop {100 * raw['drop']:.2f} pp")
 
 
 def test_compress_measure_refusals_are_one_line_and_write_nothing(example_mlpackage, tmp_path):

@@ -96,6 +96,24 @@ def test_sweep_file_data_and_out_resolve_beside_the_file(tmp_path, decoy_cwd):
     assert args.data == "coreml_opt.sensitivity.examples:digits_heldout"  # factories stay factories
 
 
+def test_paths_beside_a_yaml_file_are_normalised(tmp_path, decoy_cwd):
+    """``out: ../sweeps_out/digits`` prints as ``…/sweeps_out/digits``, not ``…/sweeps/../sweeps_out/digits``."""
+    from coreml_opt.sensitivity.__main__ import _from_yaml, build_parser
+
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    sweep = folder / "s.yaml"
+    sweep.write_text("model: coreml_opt.zoo:digits_cnn\ninput_shape: [1, 1, 8, 8]\n"
+                     "data: ./data/../calib.npz\nout: ../sweeps_out/digits\n")
+    parser = build_parser()
+    args = _from_yaml(str(sweep), parser.parse_args([str(sweep)]), parser)
+    assert args.out == str(tmp_path / "sweeps_out" / "digits") and args.data == str(folder / "calib.npz")
+    (folder / "wf.yaml").write_text("model: coreml_opt.zoo:digits_cnn\ninput_shape: [1, 1, 8, 8]\n"
+                                    "plan: {global: pal4}\nstages: [{data_free: {}}]\nout: ../out/./wf\n")
+    assert load_workflow(folder / "wf.yaml").out == tmp_path / "out" / "wf"
+    assert ".." not in str(load_workflow(folder / "wf.yaml").out)
+
+
 def test_bundled_yaml_files_name_paths_that_exist_beside_them():
     for path in [*(ROOT / "workflows").glob("*.yaml"), *(ROOT / "sensitivity").glob("*.yaml")]:
         text = path.read_text()

@@ -93,8 +93,8 @@ def test_mixed_plan_is_a_sequence_of_passes(inventory):
 @pytest.mark.parametrize("plan_dict, fragments", [
     ({"layers": {"features.8": "int8"}}, ["layer 'features.8'", "matches no weight", "features.7"]),
     ({"target": "iOS16", "global": "int4"}, ["int4 needs iOS18", "iOS16", "target: iOS18"]),
-    ({"global": "int4/block48"}, ["block size 48 does not divide", "features_3_weight_to_fp16"]),
-    ({"global": "pal4/g40"}, ["group size 40 does not divide"]),
+    ({"layers": {"features.3": "int4/block48"}}, ["block size 48 does not divide", "features_3_weight_to_fp16"]),
+    ({"global": "pal4/g40"}, ["group size 40 does not divide"]),  # fits no weight at all
     ({"layers": {"classifier.4": "pal4/vec3"}}, ["cluster_dim 3"]),
     ({"target": "iOS99"}, ["iOS99"]),
 ])

@@ -139,6 +139,17 @@ def test_repair_says_when_it_cannot_meet_the_budget():
     def measure(specs):  # any compression at all costs 0.5
         return problem.baseline - (0.5 if set(specs.values()) != {"none"} else 0.0)
 
-    with pytest.raises(PlanError, match="no plan met it in 1 measured round"):
+    with pytest.raises(PlanError, match="no plan met it in 1 measured round") as excinfo:
         plan_budget(problem, max_drop=0.005, measure=measure, max_rounds=1)
+    assert str(excinfo.value).startswith(f"max drop {problem.drop_text(0.005)}: ")  # the unit --max-drop takes
+    assert f"best measured drop {problem.drop_text(0.5)} at" in str(excinfo.value)
     assert set(plan_budget(problem, max_drop=0.005, measure=measure, max_rounds=20).specs.values()) == {"none"}
+
+
+def test_front_says_why_a_budget_has_no_point():
+    from coreml_opt.planning.pareto import front
+
+    unreachable: dict[float, str] = {}
+    points = front(_problem(), [1, 4], unreachable=unreachable)
+    assert {p.label for p in points if p.kind == "solved"} == {"4"}
+    assert list(unreachable) == [1] and "smallest size reachable" in unreachable[1]

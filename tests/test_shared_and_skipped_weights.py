@@ -6,6 +6,8 @@ Every expectation comes from what coremltools 9 itself emits for these small mod
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -205,13 +207,21 @@ def test_coremltools_skips_vector_palettization_of_the_depthwise_conv(small_pack
     assert any(name.startswith("pw_weight") for name in lut_outputs)
 
 
-def test_compress_refuses_vector_palettization_of_a_depthwise_conv_before_work(small_packages, tmp_path):
+def test_compress_leaves_depthwise_conv_fp16_under_global_vector_palettization(small_packages, tmp_path):
+    """A global spec leaves the depthwise conv in fp16 as coremltools does, and names it; by name it is refused."""
     out = tmp_path / "o.mlpackage"
-    code, _, err = run_cli("compress", str(small_packages["dw"]), "--spec", "pal2/vec2", "-o", str(out))
+    code, stdout, err = run_cli("compress", str(small_packages["dw"]), "--spec", "pal2/vec2", "-o", str(out), "--json")
+    assert code == 0, err
+    skipped = json.loads(stdout)["skipped"]
+    assert [name for name in skipped if name.startswith("dw_weight")] and "groups=960" in str(skipped)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers:\n  dw: pal2/vec2\n")
+    out2 = tmp_path / "o2.mlpackage"
+    code, _, err = run_cli("compress", str(small_packages["dw"]), "-c", str(plan), "-o", str(out2))
     assert code == 2
     line = _one_error_line(err)
     assert "dw_weight_to_fp16" in line and "groups=960" in line
-    assert not out.exists()
+    assert not out2.exists()
 
 
 def test_sweep_records_depthwise_vector_palettization_as_skipped():

@@ -110,13 +110,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if measured is not None:
                 print(measured.line())
     if args.front:
-        points = session.front(args.bits, plot=args.front, validate=not args.no_validate)
+        unreachable: dict[float, str] = {}
+        points = session.front(args.bits, plot=args.front, validate=not args.no_validate, unreachable=unreachable)
         out["front"] = [{"kind": p.kind, "label": p.label, "bytes": p.bytes, "bits_per_weight": p.bits_per_weight,
                          "predicted_drop": p.predicted_drop, "measured_metric": p.measured_metric} for p in points]
+        out["front_unreachable"] = {f"{bpw:g}": why for bpw, why in unreachable.items()}
         if not args.json:
             print(format_table(["kind", "budget/spec", "bytes", "bits/w", "pred drop", f"measured {problem.metric}"],
                                [[p.kind, p.label, p.bytes, f"{p.bits_per_weight:.3f}", problem.drop_text(p.predicted_drop),
                                  problem.metric_text(p.measured_metric)] for p in points]))
+            for bpw, why in unreachable.items():
+                print(f"no solved/greedy point at {bpw:g} bits per weight: the budget {why}")
             print(f"wrote {args.front}")
     if args.json:
         print(json.dumps(out, indent=2))

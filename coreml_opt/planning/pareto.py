@@ -75,8 +75,10 @@ def point(problem: Problem, kind: str, label: str, specs: Mapping[str, str], mea
                  measure(specs) if measure is not None else None, dict(specs))
 
 
-def front(problem: Problem, bits: Sequence[float], measure: Measure | None = None) -> list[Point]:
-    """Solved and greedy plans at each bits-per-weight budget, plus every uniform plan (measured with ``measure``)."""
+def front(problem: Problem, bits: Sequence[float], measure: Measure | None = None,
+          unreachable: dict[float, str] | None = None) -> list[Point]:
+    """Solved and greedy plans at each bits-per-weight budget, plus every uniform plan (measured with ``measure``).
+    A budget no plan meets (below the smallest candidates) has no point; ``unreachable`` gets {bpw: why}."""
     points: list[Point] = []
     for bpw in bits:
         max_bytes = problem.budget_bytes(bpw=bpw)
@@ -84,6 +86,8 @@ def front(problem: Problem, bits: Sequence[float], measure: Measure | None = Non
             solved = plan_budget(problem, max_bytes=max_bytes, measure=measure, label=f"{bpw:g} bpw")
         except PlanError as exc:
             logger.info("skipping %g bits per weight: %s", bpw, exc)
+            if unreachable is not None:
+                unreachable[bpw] = f"{exc.problem} ({exc.fix})"
             continue
         points.append(point(problem, "solved", f"{bpw:g}", solved.specs, measure))
         points.append(point(problem, "greedy", f"{bpw:g}", greedy(problem, max_bytes), measure))

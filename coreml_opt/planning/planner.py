@@ -148,8 +148,8 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
     best = min(attempts, key=lambda a: a.measured_drop)  # the first (least repaired) among equals
     if max_drop is None:
         return _result(problem, best, label, attempts)
-    raise PlanError(f"max drop {max_drop:g}", f"no plan met it in {len(attempts)} measured round(s) "
-                    f"(best measured drop {best.measured_drop:.4f} at {best.bytes:,} bytes)",
+    raise PlanError(f"max drop {problem.drop_text(max_drop)}", f"no plan met it in {len(attempts)} measured round(s) "
+                    f"(best measured drop {problem.drop_text(best.measured_drop)} at {best.bytes:,} bytes)",
                     "raise the drop budget (or the size budget), or allow more repair rounds")
 
 

@@ -135,9 +135,10 @@ class PlanningSession:
                            max_rounds=max_rounds, label=label)
 
     def front(self, bits: Sequence[float] = (2, 3, 4, 5, 6, 8), plot: str | os.PathLike | None = None,
-              validate: bool = True) -> list[Point]:
-        """Solved, greedy and uniform plans over a bits-per-weight sweep; optionally a PNG plot."""
-        points = front(self.problem, bits, self.measure if validate and self.can_measure else None)
+              validate: bool = True, unreachable: dict[float, str] | None = None) -> list[Point]:
+        """Solved, greedy and uniform plans over a bits-per-weight sweep; optionally a PNG plot.
+        ``unreachable`` gets {bpw: why} for the budgets no plan meets (they have no point)."""
+        points = front(self.problem, bits, self.measure if validate and self.can_measure else None, unreachable)
         if plot is not None:
             plot_front(self.problem, points, plot)
         return points
