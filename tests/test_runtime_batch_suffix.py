@@ -1,0 +1,57 @@
+"""Prefix/suffix runs of a token-id transformer package with a batch, and runtime faults as one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from coreml_opt.errors import RuntimeOpError
+from coreml_opt.evaluation import PackageBackend
+from coreml_opt.sensitivity import analyse_package
+from runtime_models import convert_model, encoder
+
+
+@pytest.fixture(scope="module")
+def encoder_package(tmp_path_factory):
+    """A 2-layer nn.TransformerEncoder on int32 token ids (1,12), converted by ct.convert, with token data."""
+    model, example = encoder()
+    folder = tmp_path_factory.mktemp("enc")
+    path = convert_model(model, example, folder / "enc.mlpackage")
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    np.savez(folder / "ids.npz", x=ids.numpy())
+    return path, ids, folder / "ids.npz"
+
+
+def test_suffix_from_every_step_equals_the_full_run_of_a_batch(encoder_package):
+    """Attention reshapes keep the batch as an inner factor; the prefix cache must carry that to the suffix."""
+    path, ids, _ = encoder_package
+    backend = PackageBackend(path)
+    exe = backend.executable
+    for start in (0, len(exe.steps) // 3, len(exe.steps) // 2, 2 * len(exe.steps) // 3):
+        cached = exe.run_prefix({backend.port.name: ids}, start)  # decides the batching itself
+        if cached is None:
+            assert exe.batching in ("vmap", "looped")
+            continue
+        first = exe.run_suffix(cached, start)[backend.output]
+        again = exe.run_suffix(cached, start)[backend.output]  # the cache is reused by every trial
+        full = backend(ids)
+        assert torch.equal(first, full) and torch.equal(again, full), start
+
+
+def test_package_sweep_of_a_transformer_with_a_batch_equals_full_runs(encoder_package):
+    path, _, data = encoder_package
+    kwargs = dict(metric="kl", candidates="int4/block32,pal2", progress=False, batch_size=4, max_trials=8,
+                  weight_threshold=256)
+    cached = analyse_package(path, str(data), **kwargs)
+    full = analyse_package(path, str(data), use_prefix=False, **kwargs)
+    assert len({t.layer for t in cached.trials}) >= 3  # layers whose first reader is deep in the graph
+    assert [(t.layer, t.spec, t.metric) for t in cached.trials] == [(t.layer, t.spec, t.metric) for t in full.trials]
+
+
+def test_an_op_that_fails_in_the_runtime_is_one_error_naming_op_and_package(encoder_package):
+    path, ids, _ = encoder_package
+    backend = PackageBackend(path)
+    with pytest.raises(RuntimeOpError) as info:
+        backend(ids[:1, :7])  # 7 tokens where the package's reshapes expect 12
+    message = str(info.value)
+    assert str(path) in message and "op '" in message and "\n" not in message
