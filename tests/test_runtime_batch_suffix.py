@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from coreml_opt.errors import RuntimeOpError
-from coreml_opt.evaluation import PackageBackend
+from coreml_opt.evaluation import PackageBackend, resolve_data
+from coreml_opt.evaluation.data import package_input
+from coreml_opt.planning.package import PackageModel, package_evaluator
+from coreml_opt.runtime import load_graph
 from coreml_opt.sensitivity import analyse_package
 from runtime_models import convert_model, encoder
 
@@ -55,3 +58,23 @@ def test_an_op_that_fails_in_the_runtime_is_one_error_naming_op_and_package(enco
         backend(ids[:1, :7])  # 7 tokens where the package's reshapes expect 12
     message = str(info.value)
     assert str(path) in message and "op '" in message and "\n" not in message
+
+
+def test_data_free_package_sweep_feeds_token_ids_below_the_embedding_vocabulary(encoder_package, tmp_path):
+    """An int32 port gets seeded token ids < the gather table's rows (50), not floats truncated to id 0."""
+    path, _, _ = encoder_package
+    spec, vocab = package_input(load_graph(path))
+    assert (spec.dtype, vocab) == ("int32", 50)
+    tokens = resolve_data(None, spec, vocab=vocab).x
+    assert tokens.max() > 1
+    np.savez(tmp_path / "tokens.npz", x=tokens.numpy().astype(np.int32))
+    kwargs = dict(metric="kl", candidates="pal2", progress=False, max_trials=2, weight_threshold=256)
+    free = analyse_package(path, None, **kwargs)
+    given = analyse_package(path, str(tmp_path / "tokens.npz"), **kwargs)
+    assert [t.metric for t in free.trials] == [t.metric for t in given.trials]
+
+
+def test_data_free_plan_measurement_of_a_package_feeds_token_ids(encoder_package):
+    path, _, _ = encoder_package
+    evaluator = package_evaluator(PackageModel(path, []), None, "kl")
+    assert evaluator.data.x.dtype == torch.int64 and 1 < int(evaluator.data.x.max()) < 50
