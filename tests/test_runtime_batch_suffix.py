@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from coreml_opt.errors import RuntimeOpError
 from coreml_opt.evaluation import PackageBackend, resolve_data
 from coreml_opt.evaluation.data import package_input
@@ -78,3 +79,23 @@ def test_data_free_plan_measurement_of_a_package_feeds_token_ids(encoder_package
     path, _, _ = encoder_package
     evaluator = package_evaluator(PackageModel(path, []), None, "kl")
     assert evaluator.data.x.dtype == torch.int64 and 1 < int(evaluator.data.x.max()) < 50
+
+
+@pytest.mark.parametrize("command", ["sensitivity", "eval", "compress"])
+def test_runtime_fault_in_a_command_is_one_line_and_writes_nothing(encoder_package, tmp_path, command):
+    """Token ids past the 50-row embedding make the runtime's gather fail: exit 2, one line naming the
+    package and the op, no traceback, no output."""
+    path, _, _ = encoder_package
+    data = tmp_path / "big.npz"
+    np.savez(data, x=np.full((4, 12), 60, dtype=np.int32))
+    out = tmp_path / "out.mlpackage"
+    argv = {"sensitivity": ("sensitivity", "--model", str(path), "--data", str(data), "--metric", "kl",
+                            "--candidates", "pal2", "--max-trials", "1", "--out", str(tmp_path / "s")),
+            "eval": ("eval", str(path), "--data", str(data), "--metric", "kl", "--reference", str(path)),
+            "compress": ("compress", str(path), "--spec", "int8", "--out", str(out), "--measure", "--data",
+                         str(data), "--metric", "kl")}[command]
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 2 and "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(path) in lines[0] and "'gather'" in lines[0] and "token ids" in lines[0]
+    assert not out.exists()

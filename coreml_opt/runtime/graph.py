@@ -187,10 +187,11 @@ class Executable:
                 raise
             except Exception as exc:  # a handler fault: name the op and package, not a traceback
                 detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                fix = ("check that the input values are valid indices here (e.g. token ids below the embedding "
+                       "vocabulary)" if isinstance(exc, IndexError)
+                       else "report it with the package; run this model on macOS with Core ML meanwhile")
                 raise RuntimeOpError(str(path), f"op {node.type!r} (output {out0!r}) failed in the package runtime "
-                                     f"({type(exc).__name__}: {detail})",
-                                     "report it with the package; run this model on macOS with Core ML meanwhile"
-                                     ) from exc
+                                     f"({type(exc).__name__}: {detail})", fix) from exc
             if single:
                 env[out0] = finish(result[0] if isinstance(result, tuple) else result)
             else:
