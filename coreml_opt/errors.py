@@ -24,6 +24,10 @@ class ModelError(CoreMLOptError):
     """A model input that is missing, corrupt or of an unsupported kind."""
 
 
+class RuntimeOpError(ModelError):
+    """An op of a package that failed in the package runtime (a handler fault), named with its package."""
+
+
 class DataError(CoreMLOptError):
     """Evaluation or calibration data that is missing, empty or unreadable."""
 

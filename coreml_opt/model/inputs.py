@@ -54,15 +54,20 @@ class InputSpec:
         """A traced example: uniform [0, 1) floats, or ints below the smallest embedding vocabulary (else 0/1)."""
         return self._draw(model, self.shape, generator)
 
-    def samples(self, model: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` seeded data-free samples, shape (n, *shape[1:]), drawn like ``example``."""
-        return self._draw(model, (n, *self.shape[1:]), generator)
+    def samples(self, model: nn.Module, n: int, generator: torch.Generator, vocab: Optional[int] = None
+                ) -> torch.Tensor:
+        """``n`` seeded data-free samples, shape (n, *shape[1:]), drawn like ``example``; ``vocab`` (token ids
+        below it) replaces the model's embeddings where there is no module, e.g. for a package."""
+        return self._draw(model, (n, *self.shape[1:]), generator, vocab)
 
-    def _draw(self, model: nn.Module, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    def _draw(self, model: nn.Module, shape: tuple[int, ...], generator: torch.Generator,
+              vocab: Optional[int] = None) -> torch.Tensor:
         if not self.is_integer:
             return torch.rand(shape, generator=generator)
-        vocab = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-        return torch.randint(0, min(vocab, default=2), shape, generator=generator, dtype=DTYPES["int32"][1])
+        if vocab is None:
+            vocab = min((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))),
+                        default=2)
+        return torch.randint(0, vocab, shape, generator=generator, dtype=DTYPES["int32"][1])
 
     def __str__(self) -> str:
         return f"{self.name}:{','.join(map(str, self.shape))}" + (f":{self.dtype}" if self.dtype else "")

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..evaluation import Evaluator, PackageBackend, backend_for, resolve_data
+from ..evaluation.data import package_input
 from ..spec import parse_spec
 
 logger = logging.getLogger(__name__)
@@ -67,5 +68,6 @@ class PackageModel:
 
 def package_evaluator(model: PackageModel, data: Any, metric: str, reference: Any = None) -> Evaluator:
     """An evaluator over ``data`` whose proxies compare against ``reference`` (default: the package as stored)."""
-    dataset = resolve_data(data, tuple(model.backend.input_shape))
+    spec, vocab = package_input(model.backend.graph)  # token ids for an integer port, not floats
+    dataset = resolve_data(data, spec, vocab=vocab)
     return Evaluator(metric, dataset, backend_for(reference) if reference is not None else model.backend)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import CoreMLOptError, ModelError, RuntimeOpError
 from .loader import Graph, Node
 from .ops import HANDLERS, VARIADIC, Context, supported_ops
 
@@ -183,6 +183,15 @@ class Executable:
             except NotImplementedError as exc:
                 raise ModelError(str(path), f"op {node.type!r} (output {out0!r}) uses {exc}, which the package "
                                  "runtime does not support", "run this model on macOS with Core ML") from None
+            except CoreMLOptError:
+                raise
+            except Exception as exc:  # a handler fault: name the op and package, not a traceback
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                fix = ("check that the input values are valid indices here (e.g. token ids below the embedding "
+                       "vocabulary)" if isinstance(exc, IndexError)
+                       else "report it with the package; run this model on macOS with Core ML meanwhile")
+                raise RuntimeOpError(str(path), f"op {node.type!r} (output {out0!r}) failed in the package runtime "
+                                     f"({type(exc).__name__}: {detail})", fix) from exc
             if single:
                 env[out0] = finish(result[0] if isinstance(result, tuple) else result)
             else:
@@ -222,24 +231,29 @@ class Executable:
         depend on its value."""
         return next((i for i, reads in enumerate(self.step_reads) if variable in reads), len(self.steps))
 
-    def run_prefix(self, inputs: Mapping[str, Any], stop: int) -> dict[str, torch.Tensor] | None:
+    def run_prefix(self, inputs: Mapping[str, Any], stop: int) -> dict[str, Any] | None:
         """The values that steps from ``stop`` on (and the outputs) read, after running ``steps[:stop]`` on a
-        batch; None when the batch does not run as one batch (then use ``__call__``)."""
-        tensors = {port.name: self._input(port, inputs[port.name]) for port in self.graph.inputs}
-        declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
-        if self._batch(tensors) > 1 and declared == (1,) and self.batching != "batched":
+        batch; None when the batch does not run as one batch (vmap or per-sample loop: then use ``__call__``,
+        since a suffix of those would not equal the full run bit for bit)."""
+        tensors = self._tensors(inputs)
+        if self._batching(tensors) != "batched":
             return None
         env: dict[str, Any] = {**self.values, **tensors}
         with torch.no_grad():
             for step in self.steps[:stop]:
                 step(env)
         live = set(self.graph.outputs).union(*self.step_reads[stop:]) - self.variables
-        return {name: value for name, value in env.items() if name in live}
+        cached = {name: value for name, value in env.items() if name in live}
+        if _MINOR in env:  # which values hold the batch as an inner factor: the suffix's reshapes need it
+            cached[_MINOR] = frozenset(env[_MINOR])
+        return cached
 
     def run_suffix(self, cached: Mapping[str, Any], start: int) -> dict[str, torch.Tensor]:
         """Outputs from ``run_prefix(inputs, start)``'s values: only ``steps[start:]`` run, with the current
         variable values."""
         env: dict[str, Any] = {**cached, **self.values}
+        if _MINOR in env:
+            env[_MINOR] = set(env[_MINOR])  # steps add to it; the cache is reused by every trial
         with torch.no_grad():
             for step in self.steps[start:]:
                 step(env)
@@ -264,7 +278,7 @@ class Executable:
         pair = {k: v[:2] for k, v in tensors.items()}
         try:
             batched = run(pair)
-        except (RuntimeError, IndexError, ValueError, TypeError, NotImplementedError):
+        except (RuntimeError, IndexError, ValueError, TypeError, NotImplementedError, CoreMLOptError):
             return False
         looped = self._looped(pair)
         rtol = 5e-3 if self.ctx.fp16 else 1e-4
@@ -287,21 +301,32 @@ class Executable:
         that two samples batched equal two single runs. If not (literal batch-1 reshapes that the handlers
         cannot carry, e.g. attention's seq-first layout), the batch-1 graph is mapped over the batch with
         ``torch.func.vmap`` (checked the same way), and failing that, later calls loop over samples."""
+        tensors = self._tensors(inputs)
+        mode = self._batching(tensors)
+        if mode == "vmap":
+            return self._vmapped(tensors)
+        if mode == "looped":
+            return self._looped(tensors)
+        return self._run(tensors)
+
+    def _tensors(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The input tensors by port name, in the dtypes the ports declare; KeyError naming a missing one."""
         tensors: dict[str, torch.Tensor] = {}
         for port in self.graph.inputs:
             if port.name not in inputs:
                 raise KeyError(f"missing input {port.name!r}; the package's inputs are "
                                f"{[p.name for p in self.graph.inputs]}")
             tensors[port.name] = self._input(port, inputs[port.name])
-        batch = self._batch(tensors)
+        return tensors
+
+    def _batching(self, tensors: dict[str, torch.Tensor]) -> str:
+        """How this batch runs: "batched" (one run), "vmap" or "looped"; decided on the first batch N > 1
+        of a batch-1 graph and kept, so full and prefix/suffix runs batch the same way."""
         declared = self.graph.inputs[0].shape[:1] if self.graph.inputs else ()
-        if batch > 1 and declared == (1,):
-            if self.batching is None:
-                self.batching = next((mode for mode, fn in (("batched", self._run), ("vmap", self._vmapped))
-                                      if self._agrees(fn, tensors)), "looped")
-                logger.info("%s: a batch runs %s", self.graph.path, self.batching)
-            if self.batching == "vmap":
-                return self._vmapped(tensors)
-            if self.batching == "looped":
-                return self._looped(tensors)
-        return self._run(tensors)
+        if self._batch(tensors) <= 1 or declared != (1,):
+            return "batched"
+        if self.batching is None:
+            self.batching = next((mode for mode, fn in (("batched", self._run), ("vmap", self._vmapped))
+                                  if self._agrees(fn, tensors)), "looped")
+            logger.info("%s: a batch runs %s", self.graph.path, self.batching)
+        return self.batching

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DataError, ModelError
 from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data, run_batches
+from ..evaluation.data import package_input
 from ..metrics import MetricError, get_metric
 from ..simulate import NonFiniteWeightError, SimCache
 from ..spec import Spec
@@ -99,7 +100,8 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     if data is None and any(d <= 0 for d in shape):
         raise DataError(label, f"declares a flexible input shape {list(shape)}, so random inputs cannot be made",
                         "pass --data with inputs for this model")
-    dataset = resolve_data(data, shape)
+    spec, vocab = package_input(backend.graph)  # token ids for an integer port, not floats
+    dataset = resolve_data(data, spec, vocab=vocab)
     if dataset is not None and tuple(dataset.x.shape[1:]) != shape[1:]:
         raise ModelError(label, f"takes inputs of shape {list(shape[1:])} per sample, the data holds "
                          f"{list(dataset.x.shape[1:])}", "pass data shaped for this model")
