@@ -281,10 +281,16 @@ class Plan:
             for name, spec in resolved.items():
                 for position, part in enumerate(spec.parts):
                     if not part.is_none and _PASS_OF_TECHNIQUE[part.technique] == stage:
-                        # Keyed by consumer op: after an earlier pass the const is renamed, and
-                        # coremltools then looks the config up by the op reading the weight.
                         config = _op_config(part, 0, lut_function)
-                        configs.update({op_name: config for op_name in consumers[name]})
+                        if position == 0:
+                            # Keyed by the const, which coremltools looks up first: a config keyed by the
+                            # reading op would also reach every other const of that op, and one shared with
+                            # an op configured otherwise (equal biases, deduplicated) is a config conflict.
+                            configs[name] = config
+                        else:
+                            # A joint spec's later part: the earlier pass renamed the const, and coremltools
+                            # then looks the config up by the op reading the weight.
+                            configs.update({op_name: config for op_name in consumers[name]})
                         joint = joint or (isinstance(spec, JointSpec) and position > 0)
             if configs:
                 passes.append(CoreMLPass(function, cto.OptimizationConfig(op_name_configs=configs), joint))

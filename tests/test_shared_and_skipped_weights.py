@@ -360,3 +360,34 @@ def test_readme_threshold_spec_on_the_digits_model_names_every_layer_it_leaves(e
     left = [line for line in stdout.splitlines() if line.startswith("left ")]
     assert len(left) == 5 and all("minimum_sparsity_percentile 0.3" in line for line in left)
     assert out.exists()
+
+
+class _TwoLinearsEqualBias(nn.Module):
+    """Two linears whose biases are equal: coremltools stores them as one const read by both ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1, self.fc2 = nn.Linear(128, 128), nn.Linear(128, 128)  # >= 100 elements: deduplicated
+        with torch.no_grad():
+            self.fc2.bias.copy_(self.fc1.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("layers", [{"fc1": "pal4", "fc2": "int8"}, {"fc1": "pal4", "fc2": "prune50"},
+                                    {"fc1": "pal4"}])
+def test_a_mixed_plan_does_not_reach_a_bias_shared_with_another_op(tmp_path, layers):
+    """A multi-pass plan keyed its configs by the reading op, which also reached the deduplicated bias read by the
+    other linear: coremltools' "compression config conflict" traceback (seen on a transformer's in-proj biases)."""
+    from coreml_opt.compress import compress
+    from coreml_opt.model.convert import convert
+    from coreml_opt.plan import Plan
+
+    path = tmp_path / "bias.mlpackage"
+    convert(_TwoLinearsEqualBias().eval(), (1, 128), target="iOS18", output_path=path)
+    plan = Plan.from_dict({"layers": {**layers, "fc2" if "fc2" not in layers else "fc1": "none"}
+                           if len(layers) == 1 else layers})
+    report = compress(path, plan, tmp_path / "out.mlpackage")
+    assert report.bytes_after == report.bytes_predicted
