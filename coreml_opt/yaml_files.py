@@ -38,6 +38,18 @@ def path_beside(value: str | os.PathLike, base: str | os.PathLike) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else Path(base) / path))
 
 
+def model_beside(value: Any, base: str | os.PathLike) -> Any:
+    """A ``model:`` (or ``reference:``) value from a YAML file or sweep.json: an ``.mlpackage`` path and the file of
+    a ``path/to/file.py:fn`` factory resolved beside the file (see :func:`path_beside`); ``package.module:fn`` and
+    anything that is not a string as written."""
+    if not isinstance(value, str):
+        return value
+    head, sep, fn = value.rpartition(":")
+    if sep and head.endswith(".py"):
+        return f"{path_beside(head, base)}:{fn}"
+    return str(path_beside(value, base)) if not sep else value
+
+
 def data_beside(value: Any, base: str | os.PathLike, names: tuple[str, ...] = ()) -> Any:
     """A ``data:`` value from a YAML file: built-in ``names`` and ``package.module:fn`` factories as written,
     anything else a path resolved beside the file (see :func:`path_beside`)."""

@@ -361,3 +361,27 @@ def test_output_folders_that_cannot_be_created_are_one_line(argv, tmp_path):
     blocker.write_text("not a folder")
     code, _, err = run_cli(*[a.format(out=blocker / "sub") for a in argv])
     _one_line_error(code, err, "cannot be written: a folder on its path is a file", str(blocker / "sub"))
+
+
+def test_a_file_factory_recorded_in_sweep_json_is_found_from_any_cwd(tmp_path, monkeypatch):
+    """sweep.json stores a ``path/to/file.py:fn`` model relative to itself; ``plan`` read it against the cwd (it
+    passed only where the relative path happened to resolve from the repository root)."""
+    import json
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "my_zoo.py").write_text("def digits_cnn():\n    from coreml_opt import zoo\n\n    return zoo.digits_cnn()\n")
+    sens = tmp_path / "deep" / "er" / "sens"
+    data = str(Path(__file__).resolve().parents[1] / "calibration_data" / "digits")
+    code, _, err = run_cli("sensitivity", "--model", f"{models / 'my_zoo.py'}:digits_cnn", "--input-shape", "1,1,8,8",
+                           "--data", data, "--metric", "kl", "--candidates", "int8,pal2", "--out", str(sens),
+                           "--no-progress")
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "-m", "coreml_opt.cli", "plan", str(sens), "--bpw", "6", "--json"],
+                          cwd=elsewhere, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import DataError, PlanError
-from ..yaml_files import data_beside
+from ..yaml_files import data_beside, model_beside
 from .costs import Problem, build_problem, drop_unit, fixed_weights
 from .pareto import Point, front, plot_front
 from .planner import PlanResult, plan_budget
@@ -46,7 +46,7 @@ class PlanningSession:
         sweep, trials = load_sweep(sweep_dir)
         if model is None and _swept_package(sweep, sweep_dir) is not None:
             return cls._open_package(sweep, trials, sweep_dir, evaluator, data, candidates, measure)
-        source = model if model is not None else sweep.get("model")
+        source = model if model is not None else model_beside(sweep.get("model"), sweep_dir)  # never the cwd
         original = load_factory(source) if isinstance(source, str) else source
         # Folded and fp16 everywhere (biases too), exactly as the analyser measured its baseline.
         shape = sweep.get("inputs") or sweep.get("input_shape")  # inputs: a typed input (token ids)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Sweep-file fields, checked and converted like the matching command-line options; relative ``data`` and
     ``out`` paths resolve beside the sweep file."""
-    from ..yaml_files import data_beside, path_beside, read_yaml_mapping
+    from ..yaml_files import data_beside, model_beside, path_beside, read_yaml_mapping
 
     doc = read_yaml_mapping(path, DataError, "sweep", SWEEP_KEYS)
     actions = {action.dest: action for action in parser._actions}
@@ -95,8 +95,8 @@ def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentPar
             value = str(path_beside(value, Path(path).parent))
         if key == "data":
             value = data_beside(value, Path(path).parent)
-        if key in ("model", "reference") and isinstance(value, str) and ":" not in value:  # a package path
-            value = str(path_beside(value, Path(path).parent))
+        if key in ("model", "reference"):  # a package path or a path/to/file.py:fn factory
+            value = model_beside(value, Path(path).parent)
         setattr(args, key, value)
     return args
 

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import CoreMLOptError, PlanError, SpecError
 from ..plan import Plan
 from ..targets import target_name
-from ..yaml_files import data_beside, path_beside, read_yaml_mapping
+from ..yaml_files import data_beside, model_beside, path_beside, read_yaml_mapping
 
 BUILTIN_DATA = ("digits-train", "digits-test")  # data names the runner resolves itself
 STAGE_KINDS = ("data_free", "calibration", "finetune")
@@ -200,7 +200,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
     for key in ("model", "input_shape", "plan", "stages"):
         if data.get(key) is None and not (key == "plan" and auto_plan):
             raise _fail(source, key, "is missing", "see workflows/*.yaml for complete examples")
-    model = data["model"]
+    model = model_beside(data["model"], base)  # a path/to/file.py:fn factory resolves beside the workflow
     if isinstance(model, str) and ":" not in model:
         raise _fail(source, "model", f"{model!r} is not package.module:factory", "e.g. coreml_opt.zoo:digits_cnn")
     shape = data["input_shape"]
