@@ -39,20 +39,19 @@ def path_beside(value: str | os.PathLike, base: str | os.PathLike) -> Path:
 
 
 def model_beside(value: Any, base: str | os.PathLike) -> Any:
-    """A ``model:`` (or ``reference:``) value from a YAML file or sweep.json: an ``.mlpackage`` path and the file of
-    a ``path/to/file.py:fn`` factory resolved beside the file (see :func:`path_beside`); ``package.module:fn`` and
-    anything that is not a string as written."""
-    if not isinstance(value, str):
+    """A ``model:`` (or ``reference:``) value from a YAML file or sweep.json, resolved as :func:`data_beside` does."""
+    return data_beside(value, base)
+
+
+def data_beside(value: Any, base: str | os.PathLike, names: tuple[str, ...] = ()) -> Any:
+    """A ``data:`` (or ``model:``) value from a YAML file or sweep.json: built-in ``names`` and
+    ``package.module:fn`` factories as written; a path (a folder, an .npz, an .mlpackage), or the file of a
+    ``path/to/file.py:fn`` factory, resolved beside the file (see :func:`path_beside`), never the cwd."""
+    if not isinstance(value, str) or value in names:
         return value
     head, sep, fn = value.rpartition(":")
     if sep and head.endswith(".py"):
         return f"{path_beside(head, base)}:{fn}"
-    return str(path_beside(value, base)) if not sep else value
-
-
-def data_beside(value: Any, base: str | os.PathLike, names: tuple[str, ...] = ()) -> Any:
-    """A ``data:`` value from a YAML file: built-in ``names`` and ``package.module:fn`` factories as written,
-    anything else a path resolved beside the file (see :func:`path_beside`)."""
-    if not isinstance(value, str) or value in names or (":" in value and not os.path.isabs(value)):
+    if sep and not os.path.isabs(value):
         return value
     return str(path_beside(value, base))

@@ -364,17 +364,19 @@ def test_output_folders_that_cannot_be_created_are_one_line(argv, tmp_path):
 
 
 def test_a_file_factory_recorded_in_sweep_json_is_found_from_any_cwd(tmp_path, monkeypatch):
-    """sweep.json stores a ``path/to/file.py:fn`` model relative to itself; ``plan`` read it against the cwd (it
-    passed only where the relative path happened to resolve from the repository root)."""
+    """sweep.json stores a ``path/to/file.py:fn`` model and data factory relative to itself; ``plan`` read them
+    against the cwd (it passed only where the relative path happened to resolve from the repository root)."""
     import json
     import subprocess
     import sys
 
     models = tmp_path / "models"
     models.mkdir()
-    (models / "my_zoo.py").write_text("def digits_cnn():\n    from coreml_opt import zoo\n\n    return zoo.digits_cnn()\n")
+    (models / "my_zoo.py").write_text("def digits_cnn():\n    from coreml_opt import zoo\n\n    return zoo.digits_cnn()\n\n\n"
+                                      "def digits_data():\n    from coreml_opt.sensitivity.examples import digits_heldout"
+                                      "\n\n    return digits_heldout()\n")
     sens = tmp_path / "deep" / "er" / "sens"
-    data = str(Path(__file__).resolve().parents[1] / "calibration_data" / "digits")
+    data = f"{models / 'my_zoo.py'}:digits_data"
     code, _, err = run_cli("sensitivity", "--model", f"{models / 'my_zoo.py'}:digits_cnn", "--input-shape", "1,1,8,8",
                            "--data", data, "--metric", "kl", "--candidates", "int8,pal2", "--out", str(sens),
                            "--no-progress")
