@@ -80,6 +80,22 @@ class Problem:
     target: str = "iOS18"
     candidates: list[str] = field(default_factory=list)
     sweep: dict[str, Any] = field(default_factory=dict)
+    # A grouped sweep: group -> its members, and (group, spec) -> the members that spec compresses (the others
+    # cannot take it and stay fp16); empty when the sweep was per layer.
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    compressed: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+
+    def expand(self, specs: Mapping[str, str]) -> dict[str, str]:
+        """{layer: spec} for a plan over the problem's choices: a group's spec goes to every member that takes
+        it, "none" to the rest (what the group trial measured and its bytes count)."""
+        out: dict[str, str] = {}
+        for name, spec in specs.items():
+            if name not in self.groups:
+                out[name] = spec
+                continue
+            taken = self.compressed.get((name, spec), self.groups[name] if spec == "none" else ())
+            out.update({member: spec if member in taken else "none" for member in self.groups[name]})
+        return out
 
     @property
     def fixed_bytes(self) -> int:
@@ -138,6 +154,11 @@ def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
               for row in sweep.get("layers", [])]
     if not layers:
         raise PlanError("sweep", "lists no layers", "run the sensitivity analyser on a model with compressible weights")
+    groups = {str(row["name"]): tuple(map(str, row["members"])) for row in sweep.get("groups") or []}
+    if groups:  # a grouped sweep: one choice per group, its bytes and params its members' sums
+        layers = [LayerInfo(str(row["name"]), None, str(row.get("op_type", "linear")), (), int(row["params"]),
+                            int(row["fp16_bytes"])) for row in sweep["groups"]]
+    compressed: dict[tuple[str, str], tuple[str, ...]] = {}
     allowed = set(candidates) if candidates is not None else None
     drops: dict[tuple[str, str], list[float]] = defaultdict(list)
     sizes: dict[tuple[str, str], int] = {}
@@ -149,6 +170,8 @@ def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
         key = (str(_get(trial, "layer")), spec)
         drops[key].append(float(drop))
         sizes[key] = int(size)
+        if _get(trial, "members"):
+            compressed[key] = tuple(map(str, _get(trial, "members")))
     known = {info.layer for info in layers}
     strays = {layer for layer, _ in drops} - known
     if strays:
@@ -161,7 +184,8 @@ def build_problem(sweep: Mapping[str, Any], trials: Sequence[Mapping[str, Any]],
         choices.append(Choices(info.layer, tuple(options)))
     return Problem(layers, choices, dict(fixed or {}), fixed_params, str(sweep.get("metric", "accuracy")),
                    float(sweep.get("baseline") if sweep.get("baseline") is not None else math.nan), bool(sweep.get("higher_is_better", True)),
-                   str(sweep.get("target") or "iOS18"), list(candidates or sweep.get("candidates", [])), dict(sweep))
+                   str(sweep.get("target") or "iOS18"), list(candidates or sweep.get("candidates", [])), dict(sweep),
+                   groups, compressed)
 
 
 def fixed_weights(model, swept: Sequence[str], ios18_ops: bool = True) -> tuple[dict[str, int], int]:

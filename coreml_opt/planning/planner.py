@@ -73,8 +73,9 @@ class PlanResult:
 
 
 def make_plan(problem: Problem, specs: Mapping[str, str]) -> Plan:
-    """A plan YAML in the foundation's format: per-layer overrides by torch path, the sweep's target."""
-    layers = {layer: parse_spec(spec) for layer, spec in specs.items()}
+    """A plan YAML in the foundation's format: per-layer overrides by torch path (a group's spec on each member
+    that takes it), the sweep's target."""
+    layers = {layer: parse_spec(spec) for layer, spec in problem.expand(specs).items()}
     # Emit the palettes the sweep measured: coremltools' k-means, or the fast one via lut_function.
     return Plan(global_spec=None, layers=layers, target=problem.target, kmeans=problem.sweep.get("kmeans", "exact"))
 

@@ -106,6 +106,7 @@ class PlanningSession:
         if not self.can_measure:
             raise PlanError("plan validation", "the sweep names no model or data to measure with",
                             "pass model= and data= to PlanningSession.open, or skip validation")
+        specs = self.problem.expand(specs)  # a grouped sweep's plan: each group's spec on its members
         key = frozenset(specs.items())
         if key not in self._cache and hasattr(self.model, "backend"):  # a package-only sweep
             self._cache[key] = self.model.measure(specs, self.evaluator)

@@ -20,7 +20,8 @@ EPILOG = """examples:
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
 candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
-reference);
+reference, groups); `groups:` is role, block or layer, or a mapping of group name -> list of glob patterns
+over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers stay groups of one);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
@@ -28,7 +29,7 @@ Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not r
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
 SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
-              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
+              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "groups"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", choices=("exact", "fast"), default="exact",
                    help="exact: coremltools' own k-means (default); fast: the batched k-means a plan with "
                         "`kmeans: fast` emits")
+    p.add_argument("--groups", metavar="role|block|layer",
+                   help="compress layers in groups, one trial per group and spec: role (layers whose names differ "
+                        "only in a block index, e.g. blocks.*.attn.q.weight), block (each numbered block, e.g. "
+                        "blocks.3.*) or layer (one trial per layer); default layer up to 128 layers, role above")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
     return p
@@ -78,6 +83,9 @@ def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentPar
     for key, value in doc.items():
         if key == "candidates" and isinstance(value, list):
             value = ",".join(map(str, value))
+        if key == "groups" and isinstance(value, dict):  # group name -> patterns: checked by the analyser
+            setattr(args, key, value)
+            continue
         action = actions[key]
         if value is not None and isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
@@ -126,10 +134,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
                        batch_size=args.batch_size, kmeans=args.kmeans)
         if package:
+            if args.groups not in (None, "layer"):
+                raise DataError(f"groups {args.groups!r}", "is not supported for a model given as an .mlpackage",
+                                "sweep the PyTorch factory with --groups, or drop --groups")
             result = analyse_package(args.model, args.data, reference=args.reference, **options)
         else:
             result = analyse(args.model, args.input_shape or [args.input], args.data,
-                             **{**options, "target": args.target or "iOS18"})
+                             **{**options, "target": args.target or "iOS18"}, groups=args.groups)
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

@@ -55,11 +55,11 @@ def drop_label(result) -> str:
 
 def ranked_layers(result) -> list[Layer]:
     """Layers, most sensitive (largest worst-case drop) first."""
-    worst = {layer.layer: -math.inf for layer in result.layers}
+    worst = {layer.layer: -math.inf for layer in result.units}
     for t in result.trials:
         if not math.isnan(t.drop):
             worst[t.layer] = max(worst[t.layer], t.drop)
-    return sorted(result.layers, key=lambda layer: -worst[layer.layer])
+    return sorted(result.units, key=lambda layer: -worst[layer.layer])
 
 
 def _grid(result) -> dict[tuple[str, str], Any]:
@@ -84,7 +84,7 @@ def bytes_table(result, markdown: bool = False) -> str:
     headers = ["layer", "fp16", *result.candidates]
     rows = [[layer.layer, human_bytes(layer.fp16_bytes),
              *[human_bytes(grid[(layer.layer, s)].bytes) if (layer.layer, s) in grid else "n/a"
-               for s in result.candidates]] for layer in result.layers]
+               for s in result.candidates]] for layer in result.units]
     return markdown_table(headers, rows) if markdown else format_table(headers, rows)
 
 
@@ -109,6 +109,9 @@ def header_lines(result) -> list[str]:
              f"{base} baseline {val(result.baseline)}, {ref} {val(result.fp32_metric)} "
              f"({ref} -> {base} drop {format_drop(result.fp16_drop, result.unit == 'fraction', signed=True)}); "
              f"table cells: {drop_label(result)}")]
+    if result.groups:
+        lines.append(f"groups: {result.grouping}, {len(result.groups)} groups of {len(result.layers)} layers; a "
+                     "trial compresses every member of a group with one spec")
     for item in result.skipped_candidates:
         lines.append(f"skipped candidate {item['spec']}: {item['reason']}")
     for item in result.skipped_trials:

@@ -7,6 +7,7 @@ where the model allows (see suffix.py), which changes no result.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
+from .groups import GroupSimulator, GroupStore, GroupsArg, GroupTrials, resolve_groups
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -55,9 +57,11 @@ class Trial:
     drop: float
     seconds: float
     from_store: bool = False
+    members: Optional[list[str]] = None  # a group trial: the layers it compressed together (see groups.py)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()
+                if k != "members" or v is not None}
 
 
 @dataclass
@@ -86,6 +90,13 @@ class SweepResult:
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
     reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
     inputs: list[str] = field(default_factory=list)  # ["ids:1,16:int32"] for a typed input; [] for a float shape
+    groups: list[Any] = field(default_factory=list)  # a grouped sweep's groups.Group list; [] when per layer
+    grouping: str = "layer"  # role, block, custom or layer
+
+    @property
+    def units(self) -> list[Any]:
+        """What each trial compressed: the groups of a grouped sweep, else the layers."""
+        return self.groups or self.layers
 
     @property
     def complete(self) -> bool:
@@ -107,7 +118,8 @@ class SweepResult:
                 "unit": self.unit, "skipped_candidates": self.skipped_candidates,
                 "skipped_trials": self.skipped_trials, "complete": self.complete, "pending": self.pending,
                 "ran": self.ran, "reused": self.reused, "timing": self.timing, "kmeans": self.kmeans,
-                **({"inputs": self.inputs} if self.inputs else {})}
+                **({"inputs": self.inputs} if self.inputs else {}),
+                **({"grouping": self.grouping, "groups": [g.to_dict() for g in self.groups]} if self.groups else {})}
 
     def _portable(self, path: Optional[str]) -> Optional[str]:
         """An absolute path made relative to the output folder (beside sweep.json), anything else as is."""
@@ -184,10 +196,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
-            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
+            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
+            groups: GroupsArg = None) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
-    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids."""
+    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
+    ``groups`` (``role``, ``block``, ``layer`` or {name: [glob patterns]}; see groups.py) compresses the layers of
+    a group together in one trial; default per layer up to ``PER_LAYER_MAX`` layers, per role above."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -217,18 +232,27 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                          "as one (coremltools deduplicates equal consts), so they cannot take separate specs",
                          "initialise each layer separately (nn.TransformerEncoder deep-copies one layer) or train "
                          "the model before sweeping it")
+    grouping, units = resolve_groups(layers, groups)
+    grouped = GroupTrials(grouping, units) if any(len(g.members) > 1 for g in units) else None
     timing["setup"] = time.perf_counter() - start
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
     cache = SimCache()
-    plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
+    if grouped is None:
+        plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
+    else:
+        plan, pending, book, store = plan_group_trials(grouped, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
-    simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+    if grouped is None:
+        simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+    else:
+        flat, offsets = grouped.member_trials(runnable)
+        simulator = GroupSimulator(ChunkSimulator(flat, weights, cache, kmeans, deadline=deadline), offsets)
     try:
         simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
@@ -247,14 +271,19 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         t0 = time.perf_counter()
         runner = None
         if use_suffix and evaluator.user_fn is None:
-            runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
+            runner = SuffixRunner(base, {unit.layer: unit.paths for unit in units} if grouped else
+                                  {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
             runner.prepare(evaluator.batches, baseline_outputs)
             logger.info("cached activations: %d of %d layers evaluate only their suffix",
                         len(runner.available), len(layers))
         timing["activation_cache"] = time.perf_counter() - t0
 
         def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
-            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+            members = grouped.members(layer, spec) if grouped is not None else (layer,)
+            with contextlib.ExitStack() as applied:
+                for member in members:  # a group trial: every member that takes the spec, at once
+                    applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type,
+                                                     kmeans=kmeans, cache=cache))
                 t1 = time.perf_counter()
                 if evaluator.user_fn is not None:
                     return evaluator(base), t1
@@ -269,11 +298,12 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         bar.close()
         store.close()
 
-    trials, pending_count = collect_trials(plan, book, weights, baseline, evaluator, ios18)
+    trials, pending_count = collect_trials(plan, book, weights, baseline, evaluator, ios18, grouped)
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
                          evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
                          factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
-                         out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [])
+                         out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [],
+                         groups=units if grouped else [], grouping=grouping)
     return finish_sweep(result, start)
 
 
@@ -307,6 +337,17 @@ def plan_trials(layers: Sequence[Layer], specs: Sequence[Spec], weights: dict[st
                 plan.append((layer, spec))
     pending = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in done]
     return plan, pending, TrialBook(done, skipped_trials, timing)
+
+
+def plan_group_trials(grouped: GroupTrials, specs: Sequence[Spec], weights: dict[str, torch.Tensor],
+                      cache: SimCache, kmeans: str, store: ResultStore,
+                      timing: dict[str, float]) -> tuple[list, list, "TrialBook", GroupStore]:
+    """``plan_trials`` for a grouped sweep: (group trials, pending ones, the book, the store by group name)."""
+    plan, skipped_trials = grouped.plan(specs, _skip_reason, weights, cache, kmeans)
+    store = GroupStore(store, grouped)
+    done = store.finished()
+    pending = [(group, spec) for group, spec in plan if (group.layer, str(spec)) not in done]
+    return plan, pending, TrialBook(done, skipped_trials, timing), store
 
 
 @dataclass
@@ -361,8 +402,10 @@ def run_trials(runnable: list[tuple[Layer, Spec]], trial: Callable[[Layer, Spec]
 
 
 def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dict[str, torch.Tensor],
-                   baseline: float, evaluator: Evaluator, ios18: bool) -> tuple[list[Trial], int]:
-    """(the finished trials of ``plan`` in plan order with their predicted bytes, how many are still pending)."""
+                   baseline: float, evaluator: Evaluator, ios18: bool,
+                   grouped: Optional[GroupTrials] = None) -> tuple[list[Trial], int]:
+    """(the finished trials of ``plan`` in plan order with their predicted bytes, how many are still pending);
+    a group trial's bytes are its members' exact bytes summed."""
     plan = [(layer, spec) for layer, spec in plan if (layer.layer, str(spec)) not in book.unemittable]
     trials = []
     for layer, spec in plan:
@@ -370,6 +413,14 @@ def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dic
         if found is None:
             continue
         value, seconds = found
+        if grouped is not None:
+            members = grouped.members(layer, spec)
+            trials.append(Trial(layer.layer, ",".join(m.coreml_name for m in members), layer.op_type, str(spec),
+                                layer.params, grouped.bytes(layer, spec, weights, ios18), layer.fp16_bytes, value,
+                                baseline, evaluator.drop(baseline, value), seconds,
+                                from_store=(layer.layer, str(spec)) not in book.new_keys,
+                                members=[m.layer for m in members]))
+            continue
         stored = weights[layer.layer].to(torch.float16 if layer.precision == "fp16" else torch.float32)
         nbytes = predicted_bytes(spec, layer.shape, layer.op_type, ios18_ops=ios18, weight=stored.cpu().numpy(),
                                  precision=layer.precision)
