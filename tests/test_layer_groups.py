@@ -203,3 +203,29 @@ def test_python_api_takes_a_mapping_and_refuses_overlaps():
     with pytest.raises(DataError, match="which group 'a' already holds"):
         analyse(stack(), (1, 8, 48), metric="kl", candidates="pal4", progress=False,
                 groups={"a": ["blocks.0.*"], "b": ["*.fc1"]})
+
+
+@pytest.mark.slow
+def test_trained_fashion_vit_sweeps_plans_and_emits_by_role(tmp_path):
+    """The zoo's trained ViT (4 blocks): 7 role groups instead of 25 layers, a 4-bit plan of one spec per role
+    whose package stores the predicted bytes, and the plan's accuracy measured."""
+    from coreml_opt import fashion_vit as vit
+    from coreml_opt.model.package import load_package
+    from coreml_opt.sensitivity import analyse
+
+    if not vit.fashion_available():
+        pytest.skip(f"Fashion-MNIST absent from {vit.FASHION_DIR} (apt-get install -y dataset-fashion-mnist)")
+    data = f"{Path(__file__).parent / 'test_fashion_vit.py'}:fashion_test_300"
+    sweep = analyse("coreml_opt.zoo:fashion_vit", vit.FASHION_INPUT_SHAPE, data, metric="accuracy",
+                    candidates="int4/block32,pal4,pal2", out_dir=tmp_path / "sens", progress=False, groups="role")
+    assert len(sweep.layers) == 25 and len(sweep.groups) == 7
+    assert len(sweep.trials) == 7 * 3 - 1  # patch.weight (64,1,7,7) takes no block32; per layer: 74 trials
+    assert sweep.baseline >= 0.80
+    emitted = tmp_path / "vit-4bpw.mlpackage"
+    code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "4", "--json", "--emit", str(emitted))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["bits_per_weight"] <= 4.0 and set(result["layers"]) == {g.layer for g in sweep.groups}
+    assert result["emitted_bytes"] == result["bytes"] == load_package(emitted).inventory.total_bytes
+    assert 0.0 < result["measured_metric"] <= 1.0
+    assert result["measured_drop"] == pytest.approx(result["baseline"] - result["measured_metric"])
