@@ -229,3 +229,19 @@ def test_trained_fashion_vit_sweeps_plans_and_emits_by_role(tmp_path):
     assert result["emitted_bytes"] == result["bytes"] == load_package(emitted).inventory.total_bytes
     assert 0.0 < result["measured_metric"] <= 1.0
     assert result["measured_drop"] == pytest.approx(result["baseline"] - result["measured_metric"])
+
+
+def test_report_costs_a_grouped_plan_by_its_groups(swept, tmp_path):
+    """`coreml-opt report` on a folder with a role sweep and its plan: the plan's point is the plan's own size and
+    measured metric (the plan YAML lists members; the sweep's choices are groups)."""
+    import shutil
+
+    from coreml_opt.report.collect import collect
+
+    shutil.copytree(swept["role"], tmp_path / "sens")
+    code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "5", "--json", "-o", str(tmp_path / "plan.yaml"))
+    assert code == 0, err
+    result = json.loads(out)
+    report = collect(tmp_path)
+    assert report.plan_point["bits_per_weight"] == pytest.approx(result["bits_per_weight"], abs=1e-4)
+    assert report.plan_point["metric"] == pytest.approx(result["measured_metric"], rel=1e-9)

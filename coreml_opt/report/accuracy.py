@@ -27,16 +27,30 @@ def _session(report, measure: bool):
 
 def plan_specs(report, problem) -> dict[str, str]:
     """The plan's spec for each swept layer, in the planner's layer names (plan lookup order)."""
+    from ..model.convert import const_name
+
     plan = report.plan
+
+    def lookup(layer: str, coreml_name: str | None, op_type: str) -> str:
+        module = layer.rpartition(".")[0]
+        spec = report.specs.get(coreml_name or "") or next(
+            (str(plan.layers[k]) for k in (layer, module, coreml_name) if k and k in plan.layers), None)
+        if spec is None:
+            by_type = next((plan.op_types[t] for t, _ in readers(op_type) if t in plan.op_types), None)
+            spec = str(by_type or plan.global_spec or "none")
+        return spec
+
     out = {}
     for info in problem.layers:
-        module = info.layer.rpartition(".")[0]
-        spec = report.specs.get(info.coreml_name or "") or next(
-            (str(plan.layers[k]) for k in (info.layer, module, info.coreml_name) if k in plan.layers), None)
-        if spec is None:
-            by_type = next((plan.op_types[t] for t, _ in readers(info.op_type) if t in plan.op_types), None)
-            spec = str(by_type or plan.global_spec or "none")
-        out[info.layer] = spec
+        if info.layer not in problem.groups:
+            out[info.layer] = lookup(info.layer, info.coreml_name, info.op_type)
+            continue
+        # a grouped sweep: the group's spec is what its members take (members that cannot take it stay fp16)
+        taken = [s for s in (lookup(m, const_name(m), info.op_type) for m in problem.groups[info.layer]) if s != "none"]
+        out[info.layer] = max(dict.fromkeys(taken), key=taken.count) if taken else "none"
+        if len(set(taken)) > 1:
+            logger.warning("plan gives group %s's members several specs %s; costed as %s", info.layer,
+                           sorted(set(taken)), out[info.layer])
     return out
 
 
