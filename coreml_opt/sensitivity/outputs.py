@@ -53,13 +53,18 @@ def drop_label(result) -> str:
     return f"{result.metric} drop" + (f" ({unit})" if unit else "")
 
 
+def units(result) -> list:
+    """What each row of a sweep's tables is: its groups when grouped (groups.Group), else its layers."""
+    return getattr(result, "groups", None) or result.layers
+
+
 def ranked_layers(result) -> list[Layer]:
     """Layers, most sensitive (largest worst-case drop) first."""
-    worst = {layer.layer: -math.inf for layer in result.units}
+    worst = {layer.layer: -math.inf for layer in units(result)}
     for t in result.trials:
         if not math.isnan(t.drop):
             worst[t.layer] = max(worst[t.layer], t.drop)
-    return sorted(result.units, key=lambda layer: -worst[layer.layer])
+    return sorted(units(result), key=lambda layer: -worst[layer.layer])
 
 
 def _grid(result) -> dict[tuple[str, str], Any]:
@@ -84,7 +89,7 @@ def bytes_table(result, markdown: bool = False) -> str:
     headers = ["layer", "fp16", *result.candidates]
     rows = [[layer.layer, human_bytes(layer.fp16_bytes),
              *[human_bytes(grid[(layer.layer, s)].bytes) if (layer.layer, s) in grid else "n/a"
-               for s in result.candidates]] for layer in result.units]
+               for s in result.candidates]] for layer in units(result)]
     return markdown_table(headers, rows) if markdown else format_table(headers, rows)
 
 

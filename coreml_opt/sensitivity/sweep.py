@@ -94,11 +94,6 @@ class SweepResult:
     grouping: str = "layer"  # role, block, custom or layer
 
     @property
-    def units(self) -> list[Any]:
-        """What each trial compressed: the groups of a grouped sweep, else the layers."""
-        return self.groups or self.layers
-
-    @property
     def complete(self) -> bool:
         return self.pending == 0
 
