@@ -3,6 +3,7 @@ spec, plans pick one spec per group, and the emitted package stores exactly the 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,10 @@ def test_role_groups_of_a_stack_hold_one_layer_per_block():
     _, blocks = resolve_groups(layers, "block")
     assert [g.layer for g in blocks] == ["embed.weight", "blocks.0.*", "blocks.1.*", "blocks.2.*", "head.weight"]
     assert resolve_groups(layers, None)[0] == "layer"  # 20 layers: per layer by default
+    deep = [replace(layer, layer=f"blocks.{i}.{layer.layer.split('.', 2)[-1]}") for i in range(30)
+            for layer in layers[1:7]]  # 180 layers of 30 blocks
+    mode, groups = resolve_groups(deep, None)
+    assert mode == "role" and len(groups) == 6 and all(len(g.members) == 30 for g in groups)
 
 
 def test_group_sweeps_take_fewer_trials_and_groups_of_one_reuse_per_layer_rows(swept):
@@ -245,3 +250,10 @@ def test_report_costs_a_grouped_plan_by_its_groups(swept, tmp_path):
     report = collect(tmp_path)
     assert report.plan_point["bits_per_weight"] == pytest.approx(result["bits_per_weight"], abs=1e-4)
     assert report.plan_point["metric"] == pytest.approx(result["measured_metric"], rel=1e-9)
+
+
+def test_groups_on_a_package_sweep_are_refused_in_one_line(example_mlpackage, tmp_path):
+    code, out, err = run_cli("sensitivity", "--model", str(example_mlpackage), "--metric", "kl", "--candidates",
+                             "int8", "--groups", "role", "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert "groups 'role': is not supported for a model given as an .mlpackage" in err
