@@ -2,6 +2,7 @@
 spec, plans pick one spec per group, and the emitted package stores exactly the predicted bytes."""
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_group_sweeps_take_fewer_trials_and_groups_of_one_reuse_per_layer_rows(s
     assert fc1["bytes"] == sum(t["bytes"] for t in per_layer if t["spec"] == "pal4" and ".fc1." in t["layer"])
     assert "groups: role, 8 groups of 20 layers" in swept["role_stdout"]
     assert (swept["role"] / "heatmap.png").stat().st_size > 0
+    csv_rows = list(csv.DictReader((swept["role"] / "trials.csv").open()))
+    assert {r["members"] for r in csv_rows if r["layer"] == "blocks.*.q.weight"} == {
+        "blocks.0.q.weight blocks.1.q.weight blocks.2.q.weight"}
     code, out, err = _sweep(swept["role"], "--groups", "role")  # resumes: nothing left to run
     assert code == 0, err
     assert json.loads((swept["role"] / "sweep.json").read_text())["ran"] == 0

@@ -17,7 +17,7 @@ import fnmatch
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -25,7 +25,9 @@ from ..errors import DataError
 from ..simulate import SimCache
 from ..spec import Spec
 from ..storage import predicted_bytes
+from .chunks import ChunkSimulator
 from .layers import Layer
+from .store import ResultStore
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ GROUP_MODES = ("role", "block", "layer")
 # Default: per layer up to this many layers (768 trials with the 6-spec ladder), per role above it.
 PER_LAYER_MAX = 128
 GroupsArg = Union[str, Mapping[str, Union[str, Sequence[str]]], None]
+SkipReason = Callable[[Layer, Spec, torch.Tensor, SimCache, str], Optional[str]]  # sweep._skip_reason
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
 
 
@@ -105,7 +108,7 @@ def resolve_groups(layers: Sequence[Layer], groups: GroupsArg, label: str = "gro
     return "custom", _by_patterns(layers, groups, label)
 
 
-def _by_key(layers: Sequence[Layer], key) -> list[Group]:
+def _by_key(layers: Sequence[Layer], key: Callable[[Layer], str]) -> list[Group]:
     found: dict[str, list[Layer]] = {}
     for layer in layers:
         found.setdefault(key(layer), []).append(layer)
@@ -160,7 +163,7 @@ class GroupTrials:
         self.mode, self.groups = mode, groups
         self.compressed: dict[tuple[str, str], tuple[Layer, ...]] = {}
 
-    def plan(self, specs: Sequence[Spec], skip_reason, weights: Mapping[str, torch.Tensor], cache: SimCache,
+    def plan(self, specs: Sequence[Spec], skip_reason: SkipReason, weights: Mapping[str, torch.Tensor], cache: SimCache,
              kmeans: str) -> tuple[list[tuple[Group, Spec]], list[dict[str, str]]]:
         """(every (group, spec) trial some member can take, the skips: a whole group, or a member left fp16)."""
         plan: list[tuple[Group, Spec]] = []
@@ -184,6 +187,7 @@ class GroupTrials:
         return plan, skipped
 
     def members(self, group: Group, spec: Spec) -> tuple[Layer, ...]:
+        """The members a (group, spec) trial compresses: those that can take the spec."""
         return self.compressed[(group.layer, str(spec))]
 
     def member_trials(self, runnable: Sequence[tuple[Group, Spec]]) -> tuple[list[tuple[Layer, Spec]], list[int]]:
@@ -213,7 +217,7 @@ class GroupTrials:
 class GroupStore:
     """The results store seen by group name: rows are keyed by the compressed members (``trial_key``)."""
 
-    def __init__(self, store: Any, trials: GroupTrials) -> None:
+    def __init__(self, store: ResultStore, trials: GroupTrials) -> None:
         self.store, self.trials = store, trials
         self.keys = {(name, spec): trial_key(members) for (name, spec), members in trials.compressed.items()}
 
@@ -231,7 +235,7 @@ class GroupStore:
 class GroupSimulator:
     """``ChunkSimulator`` over a grouped sweep's member simulations, waited on one group trial at a time."""
 
-    def __init__(self, simulator: Any, offsets: list[int]) -> None:
+    def __init__(self, simulator: ChunkSimulator, offsets: list[int]) -> None:
         self.inner, self.offsets = simulator, offsets
 
     @property

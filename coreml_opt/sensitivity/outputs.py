@@ -141,12 +141,15 @@ def summary_markdown(result) -> str:
 
 
 def trials_csv(result) -> str:
+    """One row per trial; a grouped sweep adds a ``members`` column (the layers a trial compressed, space-separated)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
+    grouped = any(getattr(t, "members", None) for t in result.trials)
+    writer.writerow((*CSV_COLUMNS, "members") if grouped else CSV_COLUMNS)
     for t in result.trials:
         row = t.to_dict()
-        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS]
+                        + ([" ".join(row.get("members") or [])] if grouped else []))
     return buffer.getvalue()
 
 
