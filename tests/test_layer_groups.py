@@ -158,11 +158,12 @@ def test_plan_picks_one_spec_per_group_and_the_package_stores_the_predicted_byte
     assert result["emitted_bytes"] == result["bytes"] == load_package(emitted).inventory.total_bytes
     assert result["bits_per_weight"] <= 5.0 and result["measured_metric"] is not None
     groups = {g["name"]: g["members"] for g in json.loads((swept[mode] / "sweep.json").read_text())["groups"]}
-    assert set(result["layers"]) == set(groups)
+    assert set(result["groups"]) == set(groups)
     plan = Plan.load(tmp_path / "plan.yaml")
-    for name, spec in result["layers"].items():
+    for name, spec in result["groups"].items():
         taken = {str(plan.layers.get(m, "none")) for m in groups[name]}
         assert taken == {spec}, name
+        assert {result["layers"][m] for m in groups[name]} == {spec}  # --json lists the plan per weight too
 
 
 def test_a_member_that_cannot_take_the_spec_stays_fp16_and_bytes_still_match(tmp_path):
@@ -181,7 +182,8 @@ def test_a_member_that_cannot_take_the_spec_stays_fp16_and_bytes_still_match(tmp
                              "--emit", str(emitted))
     assert code == 0, err
     result = json.loads(out)
-    assert result["layers"]["inputs_and_q"] == "int4/block32"
+    assert result["groups"]["inputs_and_q"] == "int4/block32"
+    assert result["layers"]["embed.weight"] == "none" and result["layers"]["blocks.2.q.weight"] == "int4/block32"
     assert result["emitted_bytes"] == result["bytes"] == load_package(emitted).inventory.total_bytes
 
 
@@ -234,7 +236,7 @@ def test_trained_fashion_vit_sweeps_plans_and_emits_by_role(tmp_path):
     code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "4", "--json", "--emit", str(emitted))
     assert code == 0, err
     result = json.loads(out)
-    assert result["bits_per_weight"] <= 4.0 and set(result["layers"]) == {g.layer for g in sweep.groups}
+    assert result["bits_per_weight"] <= 4.0 and set(result["groups"]) == {g.layer for g in sweep.groups}
     assert result["emitted_bytes"] == result["bytes"] == load_package(emitted).inventory.total_bytes
     assert 0.0 < result["measured_metric"] <= 1.0
     assert result["measured_drop"] == pytest.approx(result["baseline"] - result["measured_metric"])
@@ -246,6 +248,7 @@ def test_report_costs_a_grouped_plan_by_its_groups(swept, tmp_path):
     import shutil
 
     from coreml_opt.report.collect import collect
+    from coreml_opt.report.summary import sensitivity_lines
 
     shutil.copytree(swept["role"], tmp_path / "sens")
     code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "5", "--json", "-o", str(tmp_path / "plan.yaml"))
@@ -254,6 +257,11 @@ def test_report_costs_a_grouped_plan_by_its_groups(swept, tmp_path):
     report = collect(tmp_path)
     assert report.plan_point["bits_per_weight"] == pytest.approx(result["bits_per_weight"], abs=1e-4)
     assert report.plan_point["metric"] == pytest.approx(result["measured_metric"], rel=1e-9)
+    assert "20 layers in 8 role groups" in " ".join(sensitivity_lines(report))
+    (tmp_path / "plan.yaml").unlink()  # the plan read back from `plan --json` output alone
+    (tmp_path / "plan.json").write_text(out)
+    report = collect(tmp_path)
+    assert report.plan_point["bits_per_weight"] == pytest.approx(result["bits_per_weight"], abs=1e-4)
 
 
 def test_groups_on_a_package_sweep_are_refused_in_one_line(example_mlpackage, tmp_path):

@@ -89,7 +89,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         measured = session.measure_package(args.emit, result) if args.measure else None
         out = {"budget": result.budget, "bytes": result.bytes, "bits_per_weight": round(result.bits_per_weight, 4),
                "predicted_drop": result.predicted_drop, "measured_metric": result.measured_metric,
-               "measured_drop": result.measured_drop, "baseline": problem.baseline, "layers": result.specs,
+               "measured_drop": result.measured_drop, "baseline": problem.baseline,
+               "layers": problem.expand(result.specs),  # per weight, as the plan YAML (a group's spec on its members)
+               **({"groups": result.specs} if problem.groups else {}),
                "repair_rounds": len(result.attempts) - 1, "plan": args.output,
                "emitted": str(args.emit) if args.emit else None,
                "emitted_bytes": report.bytes_after if report else None,

@@ -114,7 +114,9 @@ def stage_rows(report) -> tuple[list[str], list[list[Any]]]:
 def sensitivity_lines(report) -> list[str]:
     """A few sentences on the sweep: baseline, candidates, the most and least sensitive layers."""
     sweep = report.sweep
-    lines = [f"{len(sweep.get('layers', []))} layers x {len(sweep.get('candidates', []))} candidates "
+    groups = (f" in {len(sweep['groups'])} {sweep.get('grouping', '')} groups (one trial per group and spec)"
+              if sweep.get("groups") else "")
+    lines = [f"{len(sweep.get('layers', []))} layers{groups} x {len(sweep.get('candidates', []))} candidates "
              f"({', '.join(sweep.get('candidates', []))}) on `{sweep.get('data') or 'in-memory data'}`; fp16 baseline "
              f"{fmt_metric(report, sweep.get('baseline'))}, fp32 {fmt_metric(report, sweep.get('fp32_metric'))}."]
     worst: dict[str, tuple[float, str]] = {}
