@@ -269,8 +269,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             runner = SuffixRunner(base, {unit.layer: unit.paths for unit in units} if grouped else
                                   {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
             runner.prepare(evaluator.batches, baseline_outputs)
-            logger.info("cached activations: %d of %d layers evaluate only their suffix",
-                        len(runner.available), len(layers))
+            logger.info("cached activations: %d of %d %s evaluate only their suffix",
+                        len(runner.available), len(units) if grouped else len(layers), "groups" if grouped else "layers")
         timing["activation_cache"] = time.perf_counter() - t0
 
         def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
