@@ -269,3 +269,16 @@ def test_groups_on_a_package_sweep_are_refused_in_one_line(example_mlpackage, tm
                              "int8", "--groups", "role", "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 2 and err.count("\n") == 1
     assert "groups 'role': is not supported for a model given as an .mlpackage" in err
+
+
+def test_bundled_vit_groups_file_names_disjoint_groups_of_the_vit():
+    from coreml_opt import zoo
+    from coreml_opt.sensitivity.__main__ import _from_yaml, build_parser
+
+    path = Path(__file__).resolve().parents[1] / "sensitivity" / "vit-groups.yaml"
+    parser = build_parser()
+    args = _from_yaml(str(path), parser.parse_args([str(path)]), parser)
+    mode, groups = resolve_groups(find_layers(zoo.fashion_vit(pretrained=False)), args.groups)
+    assert mode == "custom"
+    assert {g.layer: len(g.members) for g in groups} == {"patch.weight": 1, "attn_early": 8, "mlp_early": 4,
+                                                         "attn_late": 8, "mlp_late": 4}
