@@ -2,7 +2,8 @@
 
 ``analyse(model, input_shape, data, metric)`` runs (resumably) every (layer, candidate) trial with
 the simulation engine (``analyse_package`` for a model given only as an .mlpackage, run by the package
-runtime); ``load_sweep(dir)`` reads a finished sweep back for the planner;
+runtime; ``groups=`` sweeps layer groups, see groups.py); ``load_sweep(dir)`` reads a finished sweep
+back for the planner;
 ``make_evaluator`` gives the same evaluation as a ``callable(model) -> float``.
 Command line: ``python -m coreml_opt.sensitivity --help``.
 """
@@ -14,13 +15,14 @@ from typing import Any, Union
 
 from ..errors import DataError
 from ..evaluation import Evaluator, make_evaluator
+from .groups import Group, resolve_groups
 from .layers import Layer, find_layers
 from .store import STORE_NAME, ResultStore
 from .package_sweep import analyse_package
 from .sweep import DEFAULT_LADDER, SweepResult, Trial, analyse
 
 __all__ = ["analyse", "analyse_package", "make_evaluator", "load_sweep", "Evaluator", "SweepResult", "Trial", "Layer", "find_layers",
-           "ResultStore", "STORE_NAME", "DEFAULT_LADDER"]
+           "ResultStore", "STORE_NAME", "DEFAULT_LADDER", "Group", "resolve_groups"]
 
 
 def load_sweep(directory: Union[str, Path]) -> tuple[dict[str, Any], list[Trial]]:
