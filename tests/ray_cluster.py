@@ -37,43 +37,51 @@ class LocalRayCluster:
         self.workers: list[subprocess.Popen] = []
 
     def _start(self, name: str, options: list[str]) -> subprocess.Popen:
-        log = open(self.temp / f"{name}-{time.monotonic_ns()}.log", "w")
-        return subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", "--node-ip-address",
-                                 "127.0.0.1", "--object-store-memory", OBJECT_STORE, *options],
-                                cwd=self.temp, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return start_node([*options, "--node-ip-address", "127.0.0.1"], self.temp, self.env,
+                          self.temp / f"{name}-{time.monotonic_ns()}.log")
 
     def add_worker(self, cpus: int = 1, timeout: float = 120) -> None:
         """Start a worker node and wait until the cluster counts its CPUs."""
         self.workers.append(self._start("worker", ["--address", self.address, "--num-cpus", str(cpus)]))
-        self.wait_for_cpus(cpus, timeout)
-
-    def wait_for_cpus(self, cpus: int, timeout: float) -> None:
-        script = ("import ray, sys, time\n"
-                  f"ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
-                  f"end = time.time() + {timeout}\n"
-                  f"while ray.cluster_resources().get('CPU', 0) < {cpus} and time.time() < end: time.sleep(0.5)\n"
-                  f"sys.exit(0 if ray.cluster_resources().get('CPU', 0) >= {cpus} else 1)\n")
-        done = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                              timeout=timeout + 60)
-        assert done.returncode == 0, f"Ray cluster at {self.address} never had {cpus} CPUs:\n{done.stderr[-2000:]}"
+        wait_for_cpus(self.address, cpus, self.env, timeout)
 
     def kill_worker(self, worker: subprocess.Popen) -> None:
         """SIGKILL every process of the node's session: a lost machine."""
-        _kill_session(worker)
+        kill_session(worker.pid)
+        worker.wait(timeout=30)
         self.workers.remove(worker)
 
     def stop(self) -> None:
         for process in [*self.workers, self.head]:
-            _kill_session(process)
+            kill_session(process.pid)
+            process.wait(timeout=30)
         self.workers = []
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _kill_session(process: subprocess.Popen) -> None:
-    """Kill the processes of the session ``process`` leads (its node: raylet, agents and the Ray workers, which move
-    to process groups of their own), by id."""
-    sid = process.pid
+def start_node(options: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block OPTIONS` in a new session (so that its processes can be found and killed), small."""
+    with open(log, "w") as out:
+        return subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", "--object-store-memory",
+                                 OBJECT_STORE, *options], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for_cpus(address: str, cpus: int, env: dict[str, str], timeout: float) -> None:
+    """Wait until the cluster at ``address`` counts ``cpus`` CPUs (its worker nodes have joined)."""
+    script = ("import ray, sys, time\n"
+              f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
+              f"end = time.time() + {timeout}\n"
+              f"while ray.cluster_resources().get('CPU', 0) < {cpus} and time.time() < end: time.sleep(0.5)\n"
+              f"sys.exit(0 if ray.cluster_resources().get('CPU', 0) >= {cpus} else 1)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout + 60)
+    assert done.returncode == 0, f"Ray cluster at {address} never had {cpus} CPUs:\n{done.stderr[-2000:]}"
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL the processes of session ``sid`` (a node started by start_node: raylet, agents and the Ray workers,
+    which move to process groups of their own), by id."""
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -87,7 +95,3 @@ def _kill_session(process: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
