@@ -68,6 +68,16 @@ def run_main(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def _stored(out: Path) -> int:
+    """How many trials the store holds (0 before the sweep has made it)."""
+    if not (out / STORE_NAME).exists():
+        return 0
+    try:
+        return len(rows(out))
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
 # ---- without a cluster --------------------------------------------------------------------------------------------
 def test_executor_ray_without_ray_installed_is_one_line_naming_the_install(tmp_path, capsys, monkeypatch):
     """Ray hidden from the interpreter (as on a machine without the extra): one line, nothing written."""
@@ -182,8 +192,6 @@ def test_killed_worker_node_mid_sweep_then_rerun_loses_and_duplicates_no_trial(c
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while driver.poll() is None and time.time() < deadline and not (out / STORE_NAME).exists():
-            time.sleep(0.05)
         while driver.poll() is None and time.time() < deadline and not _stored(out):
             time.sleep(0.05)
         cluster.kill_worker(cluster.workers[0])  # a lost machine, mid-sweep
@@ -204,8 +212,30 @@ def test_killed_worker_node_mid_sweep_then_rerun_loses_and_duplicates_no_trial(c
     assert local.returncode == 0 and f"0 run now, {TRIALS} from the store" in local.stdout, local.stderr[-3000:]
 
 
-def _stored(out: Path) -> int:
+
+
+@pytest.mark.slow
+def test_lost_worker_node_trials_rerun_on_a_new_node_by_the_same_driver(cluster, local_reference, tmp_path):
+    """The worker node is SIGKILLed mid-sweep and a new one joins: Ray restarts the actor there and reruns the
+    batches it held, and the same driver finishes the sweep with every trial stored once."""
+    out = tmp_path / "sweep"
+    argv = [*SWEEP, "--out", str(out), "--executor", "ray", "--address", cluster.address]
+    argv[argv.index("coreml_opt.zoo:digits_cnn")] = "tests/ray_models.py:slow_digits_cnn"
+    driver = subprocess.Popen([*CLI, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
     try:
-        return len(rows(out))
-    except sqlite3.OperationalError:  # the table is not created yet
-        return 0
+        deadline = time.time() + 300
+        while driver.poll() is None and time.time() < deadline and not _stored(out):
+            time.sleep(0.05)
+        cluster.kill_worker(cluster.workers[0])  # a lost machine, mid-sweep
+        lost_at = len(rows(out))
+        cluster.add_worker()  # another machine joins
+        stdout, stderr = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert 1 <= lost_at < TRIALS, f"the kill landed mid-sweep ({lost_at} of {TRIALS} stored)"
+    assert driver.returncode == 0, stderr[-3000:]
+    assert f"{TRIALS} run now, 0 from the store, 0 pending" in stdout
+    assert rows(out) == rows(local_reference) and trials(out) == trials(local_reference)
