@@ -20,3 +20,11 @@ def slow_digits_cnn() -> nn.Module:
     model = zoo.digits_cnn()
     model.classifier[-1].register_forward_hook(_sleep)
     return model
+
+
+def unseeded_digits_cnn() -> nn.Module:
+    """An untrained digits CNN drawn from a fresh random seed on every call: other weights on every Ray worker."""
+    import torch
+
+    torch.seed()
+    return zoo.digits_cnn(pretrained=False)

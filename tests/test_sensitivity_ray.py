@@ -239,3 +239,16 @@ def test_lost_worker_node_trials_rerun_on_a_new_node_by_the_same_driver(cluster,
     assert driver.returncode == 0, stderr[-3000:]
     assert f"{TRIALS} run now, 0 from the store, 0 pending" in stdout
     assert rows(out) == rows(local_reference) and trials(out) == trials(local_reference)
+
+
+@pytest.mark.slow
+def test_a_factory_that_loads_other_weights_on_a_worker_is_one_line_and_stores_nothing(cluster, tmp_path):
+    """Workers check that what they loaded hashes to the driver's store key: an unseeded factory gives other weights
+    on each worker, which would put another model's values under this model's key."""
+    out = tmp_path / "sweep"
+    argv = [*SWEEP, "--out", str(out), "--executor", "ray", "--address", cluster.address]
+    argv[argv.index("coreml_opt.zoo:digits_cnn")] = "tests/ray_models.py:unseeded_digits_cnn"
+    done = sweep(*argv)
+    line = one_error_line(done.returncode, done.stderr)
+    assert "tests/ray_models.py:unseeded_digits_cnn" in line and "other model weights on a Ray worker" in line
+    assert "seeded" in line and _stored(out) == 0 and not (out / "trials.json").exists()

@@ -93,13 +93,14 @@ class SweepWorker:
         if threads:  # evaluate with the driver's torch thread count, as the local sweep would
             torch.set_num_threads(threads)
         try:
-            self.prepared = PREPARE[kind](**recipe)
-            if self.prepared.key != tuple(key):
+            prepared = PREPARE[kind](**recipe)
+            if prepared.key != tuple(key):
                 what = ["model weights", "data", "metric", "k-means mode"]
-                differs = [w for w, a, b in zip(what, self.prepared.key, key) if a != b]
+                differs = [w for w, a, b in zip(what, prepared.key, key) if a != b]
                 raise ModelError(str(recipe.get("model") or recipe.get("package")),
                                  f"loads with other {', '.join(differs)} on a Ray worker than on the driver",
                                  "make the factory deterministic (seeded) and give every node the same files")
+            self.prepared = prepared  # only a model that matches the driver's key runs trials
         except CoreMLOptError as exc:
             self.error = _error_row(exc)
 
