@@ -2,7 +2,9 @@
 
 ``analyse(model, input_shape, data, metric)`` runs (resumably) every (layer, candidate) trial with
 the simulation engine (``analyse_package`` for a model given only as an .mlpackage, run by the package
-runtime); ``load_sweep(dir)`` reads a finished sweep back for the planner;
+runtime); both take ``executor="ray", address="HOST:PORT"`` to run the trials on a Ray cluster
+(ray_executor.py, worker.py), with the same store and values; ``load_sweep(dir)`` reads a finished sweep back
+for the planner;
 ``make_evaluator`` gives the same evaluation as a ``callable(model) -> float``.
 Command line: ``python -m coreml_opt.sensitivity --help``.
 """
