@@ -23,7 +23,7 @@ def stub(path: Path, body: str) -> None:
 
 
 def run_ci(tmp_path: Path, *, chromium: bool = False, apt_rc: int = 0, default_rc: int = 0,
-           slow_rc: int = 0) -> tuple[int, list[str], str]:
+           slow_rc: int = 0, pip_rc: int = 0) -> tuple[int, list[str], str]:
     """Run a copy of .ci/run in a repository holding the real README's test command; (exit code, log, stderr)."""
     repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
     (repo / ".ci").mkdir(parents=True)
@@ -35,7 +35,7 @@ def run_ci(tmp_path: Path, *, chromium: bool = False, apt_rc: int = 0, default_r
     stub(bin_dir / "id", "echo 0")
     stub(bin_dir / "apt-get", f"exit {apt_rc}")
     stub(bin_dir / "python3", 'mkdir -p .venv/bin && : > .venv/bin/activate')
-    stub(bin_dir / "pip", "exit 0")
+    stub(bin_dir / "pip", f'case "$*" in *"[ray]"*) exit {pip_rc};; *) exit 0;; esac')
     stub(bin_dir / "python", f'case "$*" in *"-m slow"*) exit {slow_rc};; *) exit {default_rc};; esac')
     if chromium:
         stub(bin_dir / "chromium", "exit 0")
@@ -74,6 +74,15 @@ def test_either_step_failing_fails_ci_and_no_slow_tests_is_not_a_failure(tmp_pat
     code, log, _ = run_ci(tmp_path, chromium=True, default_rc=default_rc, slow_rc=slow_rc)
     assert code == expected
     assert ("python -m pytest -q -m slow" in log) == (default_rc == 0)  # a failed default run stops CI
+
+
+@pytest.mark.parametrize("pip_rc", [0, 1])
+def test_ray_extra_is_installed_into_the_venv_before_the_readme_command_and_a_failure_is_tolerated(tmp_path, pip_rc):
+    code, log, err = run_ci(tmp_path, chromium=True, pip_rc=pip_rc)
+    assert code == 0 and "python -m pytest -q -m slow" in log
+    ray = log.index('pip install -e .[ray]')
+    assert log[ray - 1].startswith("python3 -m venv .venv") and ray < log.index("python -m pytest -q")
+    assert ("could not install the ray extra" in err) == bool(pip_rc)
 
 
 def test_no_test_installs_anything():

@@ -7,6 +7,7 @@ that run long end-to-end commands are marked ``slow`` (see SLOW); ``.ci/run`` ru
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -40,6 +41,11 @@ SLOW = {
     r"coreml-opt plan ": "plans are measured on a sweep made by an earlier block",
     r"coreml-opt run |xcode-prep -w": "a workflow with calibration and DKM fine-tuning",
     r"coreml-opt report ": "reports a run folder made by an earlier slow block",
+}
+
+# A block that runs any of these needs the named optional module (an extra); it skips with the reason without it.
+NEEDS = {
+    r"--executor ray|\bray start\b": ("ray", 'Ray is not installed (pip install -e ".[ray]"; .ci/run does)'),
 }
 
 # Options whose value is a file or folder the command writes: it must exist after the block.
@@ -114,6 +120,8 @@ def readme_dir(tmp_path_factory, example_mlpackage) -> Path:
         write_shim(root / "bin" / name if "/" not in name else root / name, "-m coreml_opt.cli")
     for name in ("python", "python3"):
         write_shim(root / "bin" / name, "")
+    # `ray start`/`ray stop` start and kill only this test's nodes (the real `ray stop` stops every Ray process)
+    write_shim(root / "bin" / "ray", shlex.quote(str(ROOT / "tests" / "ray_shim.py")))
     plan = next(b for b in BLOCKS if b.lang == "yaml" and b.section == "Plans").text
     (root / "plan.yaml").write_text(plan)
     shutil.copytree(example_mlpackage, root / "digits.mlpackage")
@@ -129,7 +137,7 @@ def readme_dir(tmp_path_factory, example_mlpackage) -> Path:
 def block_env(root: Path, block: Block) -> dict[str, str]:
     """The environment a block runs in; an Xcode script block gets what a Run Script phase sets."""
     env = {**os.environ, "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+           "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "RAY_SHIM_DIR": str(root)}
     if "$SRCROOT" in block.text:
         inputs = (["Models/digits-pal2.yaml"] if " -w " in block.text
                   else ["Models/Digits.mlpackage", "Models/digits-plan.yaml"])
@@ -178,7 +186,15 @@ def test_readme_block_runs(block: Block, readme_dir: Path, example_conversion):
         check_plan_yaml(block.text, load_package(readme_dir / "digits.mlpackage", load_weights=False).inventory)
         return
     assert block.lang in ("bash", "sh", "python"), f"README.md:{block.line}: no runner for ```{block.lang} blocks"
-    done = run_block(readme_dir, block)
+    for pattern, (module, reason) in NEEDS.items():
+        if re.search(pattern, text) and importlib.util.find_spec(module) is None:
+            pytest.skip(f"README.md:{block.line}: {reason}")
+    try:
+        done = run_block(readme_dir, block)
+    finally:
+        if re.search(r"\bray start\b", text):  # the cluster goes, whatever the block did
+            subprocess.run([str(readme_dir / "bin" / "ray"), "stop"], env=block_env(readme_dir, block),
+                           capture_output=True, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"README.md:{block.line} exited {done.returncode}:\n{output[-4000:]}"
     assert "Traceback (most recent call last)" not in output, output[-4000:]
@@ -202,6 +218,7 @@ def test_every_block_is_parsed_and_has_a_runner():
     texts = {runnable(b).strip() for b in BLOCKS}
     assert set(NOT_RUN) <= texts, "NOT_RUN names a block the README no longer has"
     assert all(any(re.search(p, t) for t in texts) for p in SLOW), "SLOW names a command the README no longer runs"
+    assert all(any(re.search(p, t) for t in texts) for p in NEEDS), "NEEDS names a command the README no longer runs"
 
 
 def test_setup_prefix_names_only_extras_the_project_has():

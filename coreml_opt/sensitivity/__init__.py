@@ -2,8 +2,9 @@
 
 ``analyse(model, input_shape, data, metric)`` runs (resumably) every (layer, candidate) trial with
 the simulation engine (``analyse_package`` for a model given only as an .mlpackage, run by the package
-runtime; ``groups=`` sweeps layer groups, see groups.py); ``load_sweep(dir)`` reads a finished sweep
-back for the planner;
+runtime; ``groups=`` sweeps layer groups, see groups.py); both take ``executor="ray", address="HOST:PORT"``
+to run the trials on a Ray cluster (ray_executor.py, worker.py), with the same store and values;
+``load_sweep(dir)`` reads a finished sweep back for the planner;
 ``make_evaluator`` gives the same evaluation as a ``callable(model) -> float``.
 Command line: ``python -m coreml_opt.sensitivity --help``.
 """

@@ -20,16 +20,20 @@ EPILOG = """examples:
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
 candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
-reference, groups); `groups:` is role, block or layer, or a mapping of group name -> list of glob patterns
-over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers stay groups of one);
+reference, groups, executor, address); `groups:` is role, block or layer, or a mapping of group name -> list
+of glob patterns over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers stay groups
+of one);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
+--executor ray --address HOST:PORT runs the trials on a Ray cluster (pip install -e ".[ray]"): each worker loads
+the model and data by name, the rows go to the same store, so a sweep resumes locally or on the cluster.
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
 SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
-              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "groups"}
+              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "groups",
+              "executor", "address"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress layers in groups, one trial per group and spec: role (layers whose names differ "
                         "only in a block index, e.g. blocks.*.attn.q.weight), block (each numbered block, e.g. "
                         "blocks.3.*) or layer (one trial per layer); default layer up to 128 layers, role above")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="who runs the trials: this process (default) or the workers of a Ray cluster "
+                        "(pip install -e \".[ray]\"); same store, same values")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="--executor ray: the cluster's head, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS, "
+                        "else a new Ray on this machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
     return p
@@ -126,13 +136,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.reference and not package:
             parser.error("--reference is for a model given as an .mlpackage (a factory sweep compares against "
                          "the fp32 model)")
+        if args.address and args.executor != "ray":
+            parser.error("--address is for --executor ray")
         from . import analyse, analyse_package
         from .outputs import bytes_table, header_lines, ranked_table, timing_lines
 
         options = dict(metric=args.metric, candidates=args.candidates, target=args.target, out_dir=args.out,
                        max_trials=args.max_trials, time_budget=args.time_budget, progress=not args.no_progress,
                        weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
-                       batch_size=args.batch_size, kmeans=args.kmeans)
+                       batch_size=args.batch_size, kmeans=args.kmeans, executor=args.executor,
+                       address=args.address)
         if package:
             if args.groups not in (None, "layer"):
                 raise DataError(f"groups {args.groups!r}", "is not supported for a model given as an .mlpackage",

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import ModelError, SpecError
+from ..errors import CoreMLOptError, ModelError, SpecError
 from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
 from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
@@ -31,7 +31,7 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from .groups import GroupSimulator, GroupStore, GroupsArg, GroupTrials, resolve_groups
+from .groups import Group, GroupSimulator, GroupStore, GroupsArg, GroupTrials, resolve_groups
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
@@ -39,6 +39,7 @@ from .suffix import SuffixRunner
 logger = logging.getLogger(__name__)
 
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "int4/block32", "pal6", "pal4", "pal2", "prune50")
+EXECUTORS = ("local", "ray")  # who runs the trials: this process, or the actors of a Ray cluster
 
 
 @dataclass
@@ -192,12 +193,14 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
             batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
-            groups: GroupsArg = None) -> SweepResult:
+            groups: GroupsArg = None, executor: str = "local", address: Optional[str] = None) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
     ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
     ``groups`` (``role``, ``block``, ``layer`` or {name: [glob patterns]}; see groups.py) compresses the layers of
-    a group together in one trial; default per layer up to ``PER_LAYER_MAX`` layers, per role above."""
+    a group together in one trial; default per layer up to ``PER_LAYER_MAX`` layers, per role above.
+    ``executor="ray"`` runs the trials on the Ray cluster at ``address`` (see ray_executor.py): same store and
+    values; ``model``, ``data`` and ``metric`` must then be names each worker can load (a factory, a path)."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -207,16 +210,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     shape = input_spec.shape
     target = target_name(target)
     specs, skipped_candidates = resolve_candidates(candidates, target)
-    module, factory = resolve_model(model)
+    check_executor(executor)
+    if executor == "ray":
+        from .ray_executor import check_recipe
+
+        check_recipe(model, data, metric)  # each worker loads them again from what the user named
+    module, factory, evaluator, folded, base = prepare_model(model, input_spec, data, metric, batch_size)
     label = factory or type(module).__name__
-    if callable(metric) or ":" in str(metric):
-        evaluator = Evaluator(metric, None)
-    else:
-        get_metric(str(metric))  # a bad name fails before any data is read
-        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
-    folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
-    _check_runs(folded, input_spec, label, evaluator)
-    base = fp16_copy(folded)
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
@@ -229,6 +229,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                          "the model before sweeping it")
     grouping, units = resolve_groups(layers, groups)
     grouped = GroupTrials(grouping, units) if any(len(g.members) > 1 for g in units) else None
+    if grouped is not None and executor != "local":
+        raise CoreMLOptError(f"groups {grouping!r}", "are not run by the Ray executor yet",
+                             "sweep groups locally (--executor local) or sweep per layer (--groups layer) on Ray")
     timing["setup"] = time.perf_counter() - start
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
@@ -243,7 +246,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
-    if grouped is None:
+    if executor != "local":
+        simulator = ChunkSimulator([], weights, cache, kmeans, deadline=deadline)
+    elif grouped is None:
         simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
     else:
         flat, offsets = grouped.member_trials(runnable)
@@ -251,41 +256,25 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     try:
         simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
-        if evaluator.user_fn is None:
-            evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
-            fp32_metric = evaluator.score([evaluator.reference])
-            baseline_outputs = run_batches(base, evaluator.batches)
-            baseline = evaluator.score(baseline_outputs)
-        else:
-            fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
+        fp32_metric, baseline, baseline_outputs = measure_baselines(folded, base, evaluator)
         timing["baseline"] = time.perf_counter() - t0
         del folded
         logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
                     label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
 
-        t0 = time.perf_counter()
-        runner = None
-        if use_suffix and evaluator.user_fn is None:
-            runner = SuffixRunner(base, {unit.layer: unit.paths for unit in units} if grouped else
-                                  {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
-            runner.prepare(evaluator.batches, baseline_outputs)
-            logger.info("cached activations: %d of %d %s evaluate only their suffix",
-                        len(runner.available), len(units) if grouped else len(layers), "groups" if grouped else "layers")
-        timing["activation_cache"] = time.perf_counter() - t0
+        if executor == "ray":  # the workers simulate and evaluate; this process only stores their rows
+            from .ray_executor import run_on_ray
 
-        def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
-            members = grouped.members(layer, spec) if grouped is not None else (layer,)
-            with contextlib.ExitStack() as applied:
-                for member in members:  # a group trial: every member that takes the spec, at once
-                    applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type,
-                                                     kmeans=kmeans, cache=cache))
-                t1 = time.perf_counter()
-                if evaluator.user_fn is not None:
-                    return evaluator(base), t1
-                outputs = runner.outputs(layer.layer) if runner is not None else None
-                return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
-
-        run_trials(runnable, trial, simulator, store, book, bar, deadline)
+            recipe = dict(model=model, input=[str(input_spec)] if input_spec.dtype else list(shape), data=data,
+                          metric=metric, batch_size=batch_size, kmeans=kmeans, use_suffix=use_suffix,
+                          weight_threshold=weight_threshold, include_all=include_all, target=target)
+            run_on_ray(address, "factory", recipe, runnable, store, book, bar, deadline, label)
+        else:
+            t0 = time.perf_counter()
+            runner = activation_runner(base, units if grouped else layers, evaluator, baseline_outputs, use_suffix)
+            timing["activation_cache"] = time.perf_counter() - t0
+            run_trials(runnable, make_trial(base, evaluator, runner, cache, kmeans, grouped), simulator, store, book,
+                       bar, deadline)
     finally:
         simulator.close()
         if simulator.pool is not None:
@@ -300,6 +289,73 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                          out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [],
                          groups=units if grouped else [], grouping=grouping)
     return finish_sweep(result, start)
+
+
+def check_executor(executor: str) -> None:
+    """One line for an executor other than ``local`` and ``ray``."""
+    if executor not in EXECUTORS:
+        raise CoreMLOptError(f"executor {executor!r}", f"is not one of {list(EXECUTORS)}", "use local or ray")
+
+
+def prepare_model(model: Union[nn.Module, str], input_spec: InputSpec, data: Any,
+                  metric: Union[str, Callable[[nn.Module], float]],
+                  batch_size: int) -> tuple[nn.Module, Optional[str], Evaluator, nn.Module, nn.Module]:
+    """(module, factory string or None, evaluator, BN-folded fp32 model, its fp16-weight copy) of a factory sweep;
+    one-line errors for a model that does not run on the input or the data."""
+    module, factory = resolve_model(model)
+    label = factory or type(module).__name__
+    if callable(metric) or ":" in str(metric):
+        evaluator = Evaluator(metric, None)
+    else:
+        get_metric(str(metric))  # a bad name fails before any data is read
+        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
+    folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
+    _check_runs(folded, input_spec, label, evaluator)
+    return module, factory, evaluator, folded, fp16_copy(folded)
+
+
+def measure_baselines(folded: nn.Module, base: nn.Module, evaluator: Evaluator) -> tuple[float, float, list]:
+    """(fp32 metric, fp16 baseline metric, the baseline's output batches); sets the evaluator's reference (the
+    fp32 model's outputs) for proxy metrics."""
+    if evaluator.user_fn is not None:
+        return evaluator(folded), evaluator(base), []
+    evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+    baseline_outputs = run_batches(base, evaluator.batches)
+    return evaluator.score([evaluator.reference]), evaluator.score(baseline_outputs), baseline_outputs
+
+
+def activation_runner(base: nn.Module, units: Sequence[Any], evaluator: Evaluator, baseline_outputs: list,
+                      use_suffix: bool) -> Optional[SuffixRunner]:
+    """The cached activations trials evaluate their suffix from (None: full forward passes); ``units`` are the
+    sweep's layers or groups (a group's suffix starts at its earliest member)."""
+    if not use_suffix or evaluator.user_fn is not None:
+        return None
+    runner = SuffixRunner(base, {unit.layer: unit.paths if isinstance(unit, Group) else
+                                 (unit.layer, *unit.aliases) for unit in units})
+    runner.prepare(evaluator.batches, baseline_outputs)
+    logger.info("cached activations: %d of %d trials' units evaluate only their suffix", len(runner.available),
+                len(units))
+    return runner
+
+
+def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRunner], cache: SimCache,
+               kmeans: str, grouped: Optional[GroupTrials] = None) -> Callable[[Layer, Spec], tuple[float, float]]:
+    """``trial(layer, spec) -> (metric, time the compression ended)``: ``base`` with only that layer's weight
+    simulated (a group trial: every member that takes the spec, at once), evaluated from the cached
+    activations where ``runner`` has them."""
+    def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
+        members = grouped.members(layer, spec) if grouped is not None else (layer,)
+        with contextlib.ExitStack() as applied:
+            for member in members:
+                applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type, kmeans=kmeans,
+                                                 cache=cache))
+            t1 = time.perf_counter()
+            if evaluator.user_fn is not None:
+                return evaluator(base), t1
+            outputs = runner.outputs(layer.layer) if runner is not None else None
+            return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
+
+    return trial
 
 
 def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,
@@ -357,43 +413,69 @@ class TrialBook:
     unemittable: set[tuple[str, str]] = field(default_factory=set)  # trials whose simulated weight holds NaN/inf
 
 
+@dataclass
+class TrialOutcome:
+    """One trial as run (locally or on a Ray worker): its metric value and seconds, or why compress would refuse
+    it (``skipped``: its simulated weight overflows fp16)."""
+
+    layer: str
+    spec: str
+    value: float = math.nan
+    compression: float = 0.0
+    evaluation: float = 0.0
+    skipped: Optional[str] = None
+
+
+def run_trial(i: int, layer: Layer, spec: Spec, trial: Callable[[Layer, Spec], tuple[float, float]],
+              simulator: ChunkSimulator) -> TrialOutcome:
+    """Run trial ``i`` of the simulator's list by ``trial`` (-> metric, time the compression ended). A NaN/inf
+    metric names its trial; a spec whose simulated weight overflows is a skipped outcome (compress refuses it), a
+    layer holding NaN/inf is an error."""
+    t0 = time.perf_counter()
+    try:
+        simulator.wait(i)
+        try:
+            value, t1 = trial(layer, spec)
+        except MetricError as exc:  # NaN/inf: name the trial that made it
+            raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
+                              exc.problem, exc.fix) from None
+    except NonFiniteWeightError as exc:
+        if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
+            raise
+        return TrialOutcome(layer.layer, str(spec), skipped=exc.problem)
+    return TrialOutcome(layer.layer, str(spec), value, t1 - t0, time.perf_counter() - t1)
+
+
+def record_outcome(outcome: TrialOutcome, store: ResultStore, book: "TrialBook", bar: Any) -> None:
+    """Store a finished trial at once (or book it as skipped) and count it."""
+    key = (outcome.layer, outcome.spec)
+    if outcome.skipped is not None:  # compress refuses this spec on this layer: a skipped trial, so no plan picks it
+        book.skipped_trials.append({"layer": outcome.layer, "spec": outcome.spec, "reason": outcome.skipped})
+        book.unemittable.add(key)
+        bar.update(1)
+        return
+    t0 = time.perf_counter()
+    seconds = outcome.compression + outcome.evaluation
+    store.add(outcome.layer, outcome.spec, outcome.value, seconds)
+    book.timing["compression"] += outcome.compression
+    book.timing["evaluation"] += outcome.evaluation
+    book.timing["store"] += time.perf_counter() - t0
+    book.done[key] = (outcome.value, seconds)
+    book.new_keys.add(key)
+    book.ran += 1
+    bar.update(1)
+
+
 def run_trials(runnable: list[tuple[Layer, Spec]], trial: Callable[[Layer, Spec], tuple[float, float]],
                simulator: ChunkSimulator, store: ResultStore, book: TrialBook, bar: Any,
                deadline: Optional[float]) -> None:
-    """Run each (layer, spec) by ``trial`` (-> metric, time the compression ended), storing each as it finishes;
-    stops at ``deadline`` (perf_counter seconds). A NaN/inf metric names its trial; a spec whose simulated
-    weight overflows is a skipped trial (compress refuses it), a layer holding NaN/inf is an error."""
-    timing = book.timing
+    """Run each (layer, spec) here (``run_trial``), storing each as it finishes; stops at ``deadline``
+    (perf_counter seconds)."""
     for i, (layer, spec) in enumerate(runnable):
         if deadline is not None and time.perf_counter() >= deadline:
             logger.info("time budget reached after %d trials", book.ran)
             break
-        t0 = time.perf_counter()
-        try:
-            simulator.wait(i)
-            try:
-                value, t1 = trial(layer, spec)
-            except MetricError as exc:  # NaN/inf: name the trial that made it
-                raise MetricError(f"{exc.input_name} with layer {layer.layer!r} compressed by {spec}",
-                                  exc.problem, exc.fix) from None
-        except NonFiniteWeightError as exc:
-            if exc.stage != "produced":  # the layer itself holds NaN/inf: no trial of it means anything
-                raise
-            # compress refuses this spec on this layer (its scales overflow fp16): a skipped trial, like
-            # the shape problems, so no plan can pick it
-            book.skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": exc.problem})
-            book.unemittable.add((layer.layer, str(spec)))
-            bar.update(1)
-            continue
-        t2 = time.perf_counter()
-        store.add(layer.layer, str(spec), value, t2 - t0)
-        timing["compression"] += t1 - t0
-        timing["evaluation"] += t2 - t1
-        timing["store"] += time.perf_counter() - t2
-        book.done[(layer.layer, str(spec))] = (value, t2 - t0)
-        book.new_keys.add((layer.layer, str(spec)))
-        book.ran += 1
-        bar.update(1)
+        record_outcome(run_trial(i, layer, spec, trial, simulator), store, book, bar)
 
 
 def collect_trials(plan: list[tuple[Layer, Spec]], book: TrialBook, weights: dict[str, torch.Tensor],
