@@ -282,3 +282,11 @@ def test_bundled_vit_groups_file_names_disjoint_groups_of_the_vit():
     assert mode == "custom"
     assert {g.layer: len(g.members) for g in groups} == {"patch.weight": 1, "attn_early": 8, "mlp_early": 4,
                                                          "attn_late": 8, "mlp_late": 4}
+
+
+def test_group_sweeps_on_the_ray_executor_are_one_line_before_any_work(tmp_path):
+    """Ray workers run per-layer trials only: a grouped sweep there is refused before Ray is even imported."""
+    code, out, err = _sweep(tmp_path / "out", "--groups", "role", "--executor", "ray", "--address", "127.0.0.1:1")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "not run by the Ray executor" in err and "--groups layer" in err
+    assert not (tmp_path / "out" / "sweep.json").exists()
