@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
 candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
-reference);
+reference, memory);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
@@ -28,7 +28,7 @@ Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not r
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
 SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
-              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
+              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "memory"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", choices=("exact", "fast"), default="exact",
                    help="exact: coremltools' own k-means (default); fast: the batched k-means a plan with "
                         "`kmeans: fast` emits")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="bound the sweep's peak resident memory, e.g. 8GB (1024-based): the model is held once and "
+                        "cached activations past the budget spill to disk; results are unchanged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
     return p
@@ -119,6 +122,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--reference is for a model given as an .mlpackage (a factory sweep compares against "
                          "the fp32 model)")
         from . import analyse, analyse_package
+        from .memory import parse_memory
+
+        memory = parse_memory(args.memory, "memory" if args.sweep else "--memory")
+        if memory is not None and package:
+            raise DataError("--memory", "bounds factory sweeps only (a package sweep runs the package runtime)",
+                            "sweep the model's torch factory (--model package.module:fn), or drop --memory")
         from .outputs import bytes_table, header_lines, ranked_table, timing_lines
 
         options = dict(metric=args.metric, candidates=args.candidates, target=args.target, out_dir=args.out,
@@ -129,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = analyse_package(args.model, args.data, reference=args.reference, **options)
         else:
             result = analyse(args.model, args.input_shape or [args.input], args.data,
-                             **{**options, "target": args.target or "iOS18"})
+                             **{**options, "target": args.target or "iOS18"}, memory=args.memory)
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

@@ -30,7 +30,10 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
+from ..model.precision import round_to_fp16_
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, identical_weights, model_hash
+from .memory import (SIMULATION_WEIGHTS, MemoryBudget, model_bytes, parse_memory, peak_rss_bytes, reset_peak,
+                     rss_bytes, tensor_bytes)
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
 
@@ -184,13 +187,17 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
-            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
+            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
+            memory: Union[str, int, None] = None) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
-    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids."""
+    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
+    ``memory`` (``"8GB"`` or bytes) bounds the process's peak resident memory (see memory.py for the split);
+    a model given as a factory is then held once. Results are identical with or without it."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
+    budget = MemoryBudget(parse_memory(memory, "memory"), fixed=rss_bytes()) if memory is not None else None
     if not example_input_shape:
         raise ModelError("input shape []", "must be positive integers", "use e.g. 1,1,8,8")
     input_spec = single_input(example_input_shape)
@@ -204,9 +211,19 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
         evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
-    folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
+    # folds exactly as `convert` does; a model the sweep made from a factory is folded in place: held once
+    folded = fold_batchnorm(module, example_inputs(module, [input_spec]), copy_model=factory is None)
+    del module
     _check_runs(folded, input_spec, label, evaluator)
-    base = fp16_copy(folded)
+    t0 = time.perf_counter()
+    if evaluator.user_fn is None:  # the fp32 outputs every metric compares against, before rounding to fp16
+        evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+        fp32_metric = evaluator.score([evaluator.reference])
+    else:
+        fp32_metric = evaluator(folded)
+    timing["baseline"] = time.perf_counter() - t0
+    base = round_to_fp16_(folded)  # the one model the sweep holds: fp16 values, compressed one layer at a time
+    del folded
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
@@ -217,40 +234,55 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                          "as one (coremltools deduplicates equal consts), so they cannot take separate specs",
                          "initialise each layer separately (nn.TransformerEncoder deep-copies one layer) or train "
                          "the model before sweeping it")
-    timing["setup"] = time.perf_counter() - start
+    timing["setup"] = time.perf_counter() - start - timing["baseline"]
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
-    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
-    cache = SimCache()
+    # The model's own weights, not copies: trials swap a weight in place and restore it, and the simulator's
+    # workers read weights only while no trial runs (between chunks, or during the baseline pass).
+    weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
+    largest = max(w.numel() * w.element_size() for w in weights.values())
+    simulation = SIMULATION_WEIGHTS * largest
+    cache = SimCache(simulation) if budget is not None else SimCache()
     plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
-    simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+    chunk = {"max_bytes": max(largest, simulation // 2)} if budget is not None else {}
+    simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline, **chunk)
+    runner = None
     try:
-        simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
+        simulator.start(0)  # the first chunk's k-means runs while the baseline is measured
         t0 = time.perf_counter()
+        before = rss_bytes()
+        measured = reset_peak() if budget is not None else False
         if evaluator.user_fn is None:
-            evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
-            fp32_metric = evaluator.score([evaluator.reference])
             baseline_outputs = run_batches(base, evaluator.batches)
             baseline = evaluator.score(baseline_outputs)
         else:
-            fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
-        timing["baseline"] = time.perf_counter() - t0
-        del folded
+            baseline, baseline_outputs = evaluator(base), []
+        timing["baseline"] += time.perf_counter() - t0
+        if budget is not None:
+            budget.model, budget.simulation = model_bytes(base), simulation
+            budget.data = tensor_bytes([evaluator.batches, evaluator.reference, baseline_outputs])
+            # one evaluation pass: the peak over the RSS before it, less the baseline outputs it keeps
+            budget.working = (max(0, peak_rss_bytes() - before - tensor_bytes(baseline_outputs)) if measured
+                              else 3 * tensor_bytes(baseline_outputs))
+            budget.check(label, f"memory {memory!r}")
+            logger.info("memory budget split (GiB): %s", budget.shares())
         logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
                     label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
 
         t0 = time.perf_counter()
-        runner = None
         if use_suffix and evaluator.user_fn is None:
-            runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
+            cache_bytes = {"max_cache_bytes": budget.cache} if budget is not None else {}
+            runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers},
+                                  **cache_bytes)
             runner.prepare(evaluator.batches, baseline_outputs)
-            logger.info("cached activations: %d of %d layers evaluate only their suffix",
+            logger.info("cached activations: %d of %d layers evaluate only a suffix",
                         len(runner.available), len(layers))
+        del baseline_outputs
         timing["activation_cache"] = time.perf_counter() - t0
 
         def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
@@ -266,6 +298,11 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         simulator.close()
         if simulator.pool is not None:
             timing["compression_cpu"] = simulator.cpu_seconds
+        if runner is not None:
+            runner.close()
+            logger.info("trial evaluations: %d from cuts in memory, %d from cuts on disk, %d from the nearest "
+                        "earlier cut, %d full forward", runner.counts["memory"], runner.counts["disk"],
+                        runner.counts["nearest"], runner.counts["full"])
         bar.close()
         store.close()
 
@@ -405,8 +442,16 @@ def _data_reference(data: Any) -> Optional[str]:
 
 
 def _progress(total: int, enabled: bool):
-    """A tqdm bar with ETA on a terminal, a no-op otherwise."""
+    """A tqdm bar with ETA and trials per minute on a terminal, a no-op otherwise."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="sensitivity", unit="trial", disable=not enabled or not sys.stderr.isatty(),
-                leave=False)
+    class TrialBar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            rate = d["n"] / d["elapsed"] if d["elapsed"] else None
+            return {**d, "per_min": f"{60 * rate:.1f}" if rate else "?"}
+
+    return TrialBar(total=total, desc="sensitivity", unit="trial", disable=not enabled or not sys.stderr.isatty(),
+                    leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                            "[{elapsed}<{remaining}, {per_min} trials/min]")
