@@ -224,6 +224,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     timing["baseline"] = time.perf_counter() - t0
     base = round_to_fp16_(folded)  # the one model the sweep holds: fp16 values, compressed one layer at a time
     del folded
+    if budget is not None:  # what is known before any output is written: the model and the data
+        budget.model, budget.data = model_bytes(base), tensor_bytes([evaluator.batches, evaluator.reference])
+        budget.check(label, f"memory {memory!r}")
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
