@@ -121,3 +121,14 @@ def test_memory_in_a_sweep_file_is_checked_like_the_option(tmp_path, capsys):
     assert main([str(sweep), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(sweep) in err[0] and "memory '8 parsecs'" in err[0]
+
+
+def test_bounded_sweep_never_holds_every_candidates_weights(data, caplog):
+    # 3 layers x 3 candidates of 36 KiB fp32 weights: the cache is sized to 4 of the largest, not all 9
+    caplog.set_level(logging.INFO, logger="coreml_opt.sensitivity")
+    analyse(wide_cnn(), SHAPE, data[:16], memory=rss_bytes() + (64 << 20),
+            **{**KW, "candidates": "int8,int4/block32,pal2"})
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("simulated weights:"))
+    held, limit, simulated = re.search(r"at most ([\d.]+) MiB held at once \(limit ([\d.]+) MiB\), (\d+)", line).groups()
+    weight_mib = 32 * 32 * 9 * 4 / 2**20
+    assert int(simulated) >= 9 and float(limit) <= 4 * weight_mib + 0.01 and float(held) <= float(limit)

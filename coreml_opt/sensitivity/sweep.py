@@ -301,6 +301,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         simulator.close()
         if simulator.pool is not None:
             timing["compression_cpu"] = simulator.cpu_seconds
+        logger.info("simulated weights: at most %.2f MiB held at once (limit %.2f MiB), %d simulated",
+                    cache.peak_bytes / 2**20, cache.max_bytes / 2**20, cache.misses)
         if runner is not None:
             runner.close()
             logger.info("trial evaluations: %d from cuts in memory, %d from cuts on disk, %d from the nearest "
