@@ -132,3 +132,17 @@ def test_bounded_sweep_never_holds_every_candidates_weights(data, caplog):
     held, limit, simulated = re.search(r"at most ([\d.]+) MiB held at once \(limit ([\d.]+) MiB\), (\d+)", line).groups()
     weight_mib = 32 * 32 * 9 * 4 / 2**20
     assert int(simulated) >= 9 and float(limit) <= 4 * weight_mib + 0.01 and float(held) <= float(limit)
+
+
+SHARED = wide_cnn()
+
+
+def shared_cnn() -> nn.Module:
+    """A factory that returns a module it keeps: a sweep must not fold or round it in place."""
+    return SHARED
+
+
+def test_a_factory_model_held_elsewhere_is_copied_not_rounded_in_place(data):
+    before = {k: v.clone() for k, v in SHARED.state_dict().items()}
+    analyse(f"{__name__}:shared_cnn", SHAPE, data[:8], memory="4GB", **KW)  # the module pytest imported
+    assert all(torch.equal(before[k], v) for k, v in SHARED.state_dict().items())

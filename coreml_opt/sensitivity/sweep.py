@@ -211,8 +211,10 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
         evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
-    # folds exactly as `convert` does; a model the sweep made from a factory is folded in place: held once
-    folded = fold_batchnorm(module, example_inputs(module, [input_spec]), copy_model=factory is None)
+    # folds exactly as `convert` does; a model only this sweep holds (made by a factory that kept no reference
+    # to it: the local name and getrefcount's argument) is folded in place, so the sweep holds it once
+    owned = factory is not None and sys.getrefcount(module) <= 2
+    folded = fold_batchnorm(module, example_inputs(module, [input_spec]), copy_model=not owned)
     del module
     _check_runs(folded, input_spec, label, evaluator)
     t0 = time.perf_counter()
