@@ -146,3 +146,18 @@ def test_a_factory_model_held_elsewhere_is_copied_not_rounded_in_place(data):
     before = {k: v.clone() for k, v in SHARED.state_dict().items()}
     analyse(f"{__name__}:shared_cnn", SHAPE, data[:8], memory="4GB", **KW)  # the module pytest imported
     assert all(torch.equal(before[k], v) for k, v in SHARED.state_dict().items())
+
+
+def test_progress_bars_show_eta_and_rate_per_minute(data, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    analyse(wide_cnn(), SHAPE, data[:16], **{**KW, "progress": True})
+    shown = term.getvalue()
+    assert re.search(r"activations: +\d+%.*\d+/2 \[.*<.*, [\d.?]+ batches/min\]", shown)
+    assert re.search(r"sensitivity: +\d+%.*\d+/6 \[.*<.*, [\d.?]+ trials/min\]", shown)

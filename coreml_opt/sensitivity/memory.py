@@ -93,7 +93,8 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False where unsupported."""
+    """Reset the kernel's peak-RSS mark (VmHWM, process-wide: a caller's own reading restarts too) to the current
+    RSS (Linux ``clear_refs`` 5); False where unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -162,8 +162,10 @@ class SuffixRunner:
             env[n] = graph.node_copy(n, lambda a: env[a])
         return fx.GraphModule(self.gm, graph)
 
-    def prepare(self, batches: Sequence[torch.Tensor], baseline: Sequence[torch.Tensor]) -> None:
-        """Record the activations crossing every cut, if the graph reproduces ``baseline`` exactly.
+    def prepare(self, batches: Sequence[torch.Tensor], baseline: Sequence[torch.Tensor],
+                progress: Optional[Callable[[int], Any]] = None) -> None:
+        """Record the activations crossing every cut, if the graph reproduces ``baseline`` exactly;
+        ``progress(1)`` after each batch (a progress bar's ``update``).
 
         A one-sample run first finds cuts changed in place and each cut's bytes per sample (to plan which
         cuts fit in memory); then each batch runs once, its cut values kept or spilled as the run passes them."""
@@ -208,6 +210,8 @@ class SuffixRunner:
                     self._held = {}
                     self.close()
                     return
+                if progress is not None:
+                    progress(1)
         self._held = {layer: held for layer, held in self._held.items() if len(held) == len(batches)}
         for layer in self._suffix:
             if layer not in self._held:

@@ -284,7 +284,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             cache_bytes = {"max_cache_bytes": budget.cache} if budget is not None else {}
             runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers},
                                   **cache_bytes)
-            runner.prepare(evaluator.batches, baseline_outputs)
+            with _progress(len(evaluator.batches), progress, "activations", "batches") as cache_bar:
+                runner.prepare(evaluator.batches, baseline_outputs, cache_bar.update)
             logger.info("cached activations: %d of %d layers evaluate only a suffix",
                         len(runner.available), len(layers))
         del baseline_outputs
@@ -448,17 +449,17 @@ def _data_reference(data: Any) -> Optional[str]:
     return data if ":" in data and not os.path.exists(data) else os.path.abspath(data)
 
 
-def _progress(total: int, enabled: bool):
-    """A tqdm bar with ETA and trials per minute on a terminal, a no-op otherwise."""
+def _progress(total: int, enabled: bool, desc: str = "sensitivity", units: str = "trials"):
+    """A tqdm bar with ETA and ``units`` per minute on a terminal, a no-op otherwise."""
     from tqdm import tqdm
 
-    class TrialBar(tqdm):
+    class RateBar(tqdm):
         @property
         def format_dict(self):
             d = super().format_dict
             rate = d["n"] / d["elapsed"] if d["elapsed"] else None
             return {**d, "per_min": f"{60 * rate:.1f}" if rate else "?"}
 
-    return TrialBar(total=total, desc="sensitivity", unit="trial", disable=not enabled or not sys.stderr.isatty(),
-                    leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                            "[{elapsed}<{remaining}, {per_min} trials/min]")
+    return RateBar(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                              f"[{{elapsed}}<{{remaining}}, {{per_min}} {units}/min]")
