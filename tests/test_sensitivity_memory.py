@@ -53,7 +53,7 @@ def test_sweep_under_a_few_mb_budget_spills_cuts_and_keeps_every_metric(unbounde
     # 48 MiB of cut activations; the budget leaves the cache about 24 MiB above the process, model and data
     assert [layer.layer for layer in unbounded.layers] == LAYERS
     caplog.set_level(logging.INFO, logger="coreml_opt.sensitivity")
-    bounded = analyse(wide_cnn(), SHAPE, data, memory=rss_bytes() + (24 << 20), **KW)
+    bounded = analyse(wide_cnn(), SHAPE, data, memory=rss_bytes(collect=True) + (24 << 20), **KW)
     assert [(t.layer, t.spec, t.metric) for t in bounded.trials] == [(t.layer, t.spec, t.metric)
                                                                     for t in unbounded.trials]
     assert len({t.metric for t in bounded.trials}) == 6
@@ -126,7 +126,7 @@ def test_memory_in_a_sweep_file_is_checked_like_the_option(tmp_path, capsys):
 def test_bounded_sweep_never_holds_every_candidates_weights(data, caplog):
     # 3 layers x 3 candidates of 36 KiB fp32 weights: the cache is sized to 4 of the largest, not all 9
     caplog.set_level(logging.INFO, logger="coreml_opt.sensitivity")
-    analyse(wide_cnn(), SHAPE, data[:16], memory=rss_bytes() + (64 << 20),
+    analyse(wide_cnn(), SHAPE, data[:16], memory=rss_bytes(collect=True) + (64 << 20),
             **{**KW, "candidates": "int8,int4/block32,pal2"})
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("simulated weights:"))
     held, limit, simulated = re.search(r"at most ([\d.]+) MiB held at once \(limit ([\d.]+) MiB\), (\d+)", line).groups()

@@ -13,6 +13,8 @@ measured and cannot shrink, and what the sweep sizes to fit:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import resource
@@ -70,8 +72,16 @@ def model_bytes(model: nn.Module) -> int:
     return tensor_bytes([*model.parameters(), *model.buffers()])
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (``/proc/self/statm``; the peak so far where /proc is absent)."""
+def rss_bytes(collect: bool = False) -> int:
+    """This process's resident memory now (``/proc/self/statm``; the peak so far where /proc is absent);
+    ``collect``: after a garbage collection and glibc's ``malloc_trim``, so unreachable cycles (an earlier
+    sweep's) and freed heap pages are not counted."""
+    if collect:
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (AttributeError, OSError):  # not glibc
+            pass
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

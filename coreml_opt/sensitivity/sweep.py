@@ -197,7 +197,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
-    budget = MemoryBudget(parse_memory(memory, "memory"), fixed=rss_bytes()) if memory is not None else None
+    budget = MemoryBudget(parse_memory(memory, "memory"), fixed=rss_bytes(collect=True)) if memory is not None else None
     if not example_input_shape:
         raise ModelError("input shape []", "must be positive integers", "use e.g. 1,1,8,8")
     input_spec = single_input(example_input_shape)
