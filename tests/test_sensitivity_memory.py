@@ -161,3 +161,10 @@ def test_progress_bars_show_eta_and_rate_per_minute(data, monkeypatch):
     shown = term.getvalue()
     assert re.search(r"activations: +\d+%.*\d+/2 \[.*<.*, [\d.?]+ batches/min\]", shown)
     assert re.search(r"sensitivity: +\d+%.*\d+/6 \[.*<.*, [\d.?]+ trials/min\]", shown)
+
+
+def test_memory_on_a_package_sweep_is_refused_in_one_line(example_mlpackage, capsys):
+    rc = main(["--model", str(example_mlpackage), "--data", "calibration_data/digits", "--memory", "1GB",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--memory" in err[0] and "factory" in err[0]
