@@ -173,9 +173,14 @@ class SuffixRunner:
             return
         nodes = list(self.gm.graph.nodes)
         wanted = {n for live in self._inputs.values() for n in live}
-        with torch.no_grad():
-            probe = _Recorder(self.gm, wanted)
-            probe.run(batches[0][:1])
+        probe = _Recorder(self.gm, wanted)
+        try:
+            with torch.no_grad():
+                probe.run(batches[0][:1])
+        except Exception as exc:  # the traced graph fails where the model ran: full forward for every trial
+            logger.info("the traced graph fails on one sample (%s); evaluating full forward passes",
+                        type(exc).__name__)
+            return
         changed = probe.changed()
         layers = sorted((layer for layer in self._inputs if not changed.intersection(self._inputs[layer])),
                         key=lambda layer: self._cut[layer])
