@@ -75,12 +75,13 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
 
 
 def photo_crops(n: int = 256, size: int = 224, seed: int = 0) -> np.ndarray:
-    """``n`` uint8 crops (n, size, size, 3); crop ``i`` is of source photo ``i % 18``."""
+    """``n`` uint8 crops (n, size, size, 3); crops ``2k`` and ``2k + 1`` are of source photo ``k % 18``, so the
+    even and the odd crops (the two halves) both cover every photo."""
     sources = source_photos()
     crops = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        crops[i] = random_resized_crop(sources[i % len(sources)], rng, size)
+        crops[i] = random_resized_crop(sources[(i // 2) % len(sources)], rng, size)
     return crops
 
 

@@ -565,3 +565,21 @@ def test_pretrained_efficientnet_lite0_converts_with_every_bn_folded_and_its_pac
     check = compare_package(out, cv.fold_batchnorm(model, example), example)
     assert check.skipped is None and check.max_error <= check.tolerance
     assert check.rounding > FP32_TOLERANCE / 4  # the fp16 storage error that the fixed tolerance did not allow for
+
+
+def test_fold_in_place_folds_the_model_itself_and_undoes_an_inexact_fold_without_a_copy():
+    # a sweep that made the model from a factory folds it in place, holding it once
+    x = torch.randn(1, 8, 5, 5)
+    model = _randomise_bn(_Residual())
+    with torch.no_grad():
+        expected = model(x)
+    weight = model.body[1].weight.detach().clone()
+    folded = cv.fold_batchnorm(model, x, copy_model=False)
+    assert folded is model and isinstance(folded.body[2], nn.BatchNorm2d)  # the inexact fold was undone
+    assert torch.equal(folded.body[1].weight, weight) and folded.body[1].bias is not None
+    with torch.no_grad():
+        assert torch.equal(folded(x), expected)
+    seq = _randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    copied = cv.fold_batchnorm(seq, torch.randn(1, 3, 6, 6))
+    assert cv.fold_batchnorm(seq, torch.randn(1, 3, 6, 6), copy_model=False) is seq
+    assert torch.equal(seq[0].weight, copied[0].weight) and not isinstance(seq[1], nn.BatchNorm2d)

@@ -267,8 +267,9 @@ def _unfold_pair(model: nn.Module, layer_path: str, bn_path: str, saved: tuple) 
     _set_submodule(model, bn_path, bn)
 
 
-def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
-    """Deep copy of ``model`` in eval mode with each BN folded into the conv/linear before it, where exact.
+def fold_batchnorm(model: nn.Module, example: Example = None, *, copy_model: bool = True) -> nn.Module:
+    """Deep copy of ``model`` in eval mode with each BN folded into the conv/linear before it, where exact
+    (``copy_model=False``: ``model`` itself, folded in place, for a caller that owns it and holds it once).
 
     ``example`` (a tensor or a tuple of the forward's inputs) lets the fold measure output ranks and
     call counts, so pairs that would not be exact stay unfolded (e.g. Linear + BatchNorm1d on
@@ -276,7 +277,7 @@ def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
     original's, keeping only the folds that leave it within FOLD_TOLERANCE. A folded BN becomes a
     ``FoldedBatchNorm`` (an ``nn.Identity``); the layer keeps its parameter path and gains a bias if it had none.
     """
-    folded = copy.deepcopy(model).eval()
+    folded = (copy.deepcopy(model) if copy_model else model).eval()
     pairs = _pairs_fx(folded)
     called = _pairs_called(folded, example) if example is not None else None
     if called is not None:  # fx traces through conv subclasses (e.g. static same padding) and misses them
@@ -304,11 +305,11 @@ def fold_batchnorm(model: nn.Module, example: Example = None) -> nn.Module:
                         "layer's channels only for %d-D", bn_path, layer_path, seen[layer_path][0], rank)
         else:
             chosen.append((layer_path, bn_path, rank))
-    for pair in chosen:
-        _fold_pair(folded, *pair)
+    undo = [(pair, _fold_pair(folded, *pair)) for pair in chosen]
     if reference is not None and chosen and not _exact(reference, folded, example):
         # Some fold changes the output (e.g. the layer's output is also used past the BN): keep each only if exact.
-        folded = copy.deepcopy(model).eval()
+        for (layer_path, bn_path, _), saved in reversed(undo):  # back to the unfolded model, no second copy
+            _unfold_pair(folded, layer_path, bn_path, saved)
         kept = []
         for layer_path, bn_path, rank in chosen:
             saved = _fold_pair(folded, layer_path, bn_path, rank)

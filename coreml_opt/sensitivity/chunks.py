@@ -22,8 +22,8 @@ class ChunkSimulator:
     Simulation and evaluation take turns instead of overlapping: torch's intra-op threads and the
     k-means workers would fight over the same cores (measured: overlapping was slower than the two
     phases back to back). A layer's trials run on one worker, most clusters first, so pal4 and pal2
-    reuse pal6's k-means table. Workers read private copies of the fp16 weights (the model's own are
-    swapped during trials) and fill the simulation cache, which ``apply_spec`` then hits: results
+    reuse pal6's k-means table. Workers read the model's own fp16 weights, and only while no trial has
+    one swapped (the sweep waits for a chunk before evaluating it), and fill the simulation cache, which ``apply_spec`` then hits: results
     are unchanged. A chunk holds at most ``max_trials`` trials and ``max_bytes`` of weights. Workers
     stop taking trials at ``deadline`` (a ``time.perf_counter()`` value) or once closed; a trial they
     skipped is simulated when the sweep waits for it."""

@@ -31,8 +31,11 @@ from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
+from ..model.precision import round_to_fp16_
 from .groups import Group, GroupSimulator, GroupStore, GroupsArg, GroupTrials, resolve_groups
-from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, fp16_copy, identical_weights, model_hash
+from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, identical_weights, model_hash
+from .memory import (SIMULATION_WEIGHTS, MemoryBudget, model_bytes, parse_memory, peak_rss_bytes, reset_peak,
+                     rss_bytes, tensor_bytes)
 from .store import STORE_NAME, ResultStore
 from .suffix import SuffixRunner
 
@@ -193,17 +196,21 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
             batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
-            groups: GroupsArg = None, executor: str = "local", address: Optional[str] = None) -> SweepResult:
+            groups: GroupsArg = None, executor: str = "local", address: Optional[str] = None,
+            memory: Union[str, int, None] = None) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
     ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
     ``groups`` (``role``, ``block``, ``layer`` or {name: [glob patterns]}; see groups.py) compresses the layers of
     a group together in one trial; default per layer up to ``PER_LAYER_MAX`` layers, per role above.
     ``executor="ray"`` runs the trials on the Ray cluster at ``address`` (see ray_executor.py): same store and
-    values; ``model``, ``data`` and ``metric`` must then be names each worker can load (a factory, a path)."""
+    values; ``model``, ``data`` and ``metric`` must then be names each worker can load (a factory, a path).
+    ``memory`` (``"8GB"`` or bytes) bounds the process's peak resident memory (see memory.py for the split);
+    a model given as a factory is then held once. Results are identical with or without it."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
+    budget = MemoryBudget(parse_memory(memory, "memory"), fixed=rss_bytes(collect=True)) if memory is not None else None
     if not example_input_shape:
         raise ModelError("input shape []", "must be positive integers", "use e.g. 1,1,8,8")
     input_spec = single_input(example_input_shape)
@@ -215,8 +222,10 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         from .ray_executor import check_recipe
 
         check_recipe(model, data, metric)  # each worker loads them again from what the user named
-    module, factory, evaluator, folded, base = prepare_model(model, input_spec, data, metric, batch_size)
-    label = factory or type(module).__name__
+    factory, label, evaluator, base, fp32_metric = prepare_model(model, input_spec, data, metric, batch_size, timing)
+    if budget is not None:  # what is known before any output is written: the model and the data
+        budget.model, budget.data = model_bytes(base), tensor_bytes([evaluator.batches, evaluator.reference])
+        budget.check(label, f"memory {memory!r}")
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     if not layers:
         raise ModelError(label, f"has no conv/linear/embedding weight above {weight_threshold} elements",
@@ -232,12 +241,16 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     if grouped is not None and executor != "local":
         raise CoreMLOptError(f"groups {grouping!r}", "are not run by the Ray executor yet",
                              "sweep groups locally (--executor local) or sweep per layer (--groups layer) on Ray")
-    timing["setup"] = time.perf_counter() - start
+    timing["setup"] = time.perf_counter() - start - timing["baseline"]
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
-    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
-    cache = SimCache()
+    # The model's own weights, not copies: trials swap a weight in place and restore it, and the simulator's
+    # workers read weights only while no trial runs (between chunks, or during the baseline pass).
+    weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
+    largest = max(w.numel() * w.element_size() for w in weights.values())
+    simulation = SIMULATION_WEIGHTS * largest
+    cache = SimCache(simulation) if budget is not None else SimCache()
     if grouped is None:
         plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     else:
@@ -246,32 +259,46 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
+    chunk = {"max_bytes": max(largest, simulation // 2)} if budget is not None else {}
     if executor != "local":
         simulator = ChunkSimulator([], weights, cache, kmeans, deadline=deadline)
     elif grouped is None:
-        simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+        simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline, **chunk)
     else:
         flat, offsets = grouped.member_trials(runnable)
-        simulator = GroupSimulator(ChunkSimulator(flat, weights, cache, kmeans, deadline=deadline), offsets)
+        simulator = GroupSimulator(ChunkSimulator(flat, weights, cache, kmeans, deadline=deadline, **chunk), offsets)
+    runner = None
     try:
-        simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
+        simulator.start(0)  # the first chunk's k-means runs while the baseline is measured
         t0 = time.perf_counter()
-        fp32_metric, baseline, baseline_outputs = measure_baselines(folded, base, evaluator)
-        timing["baseline"] = time.perf_counter() - t0
-        del folded
+        before = rss_bytes()
+        measured = reset_peak() if budget is not None else False
+        baseline, baseline_outputs = measure_baseline(base, evaluator)
+        timing["baseline"] += time.perf_counter() - t0
+        if budget is not None:
+            budget.model, budget.simulation = model_bytes(base), simulation
+            budget.data = tensor_bytes([evaluator.batches, evaluator.reference, baseline_outputs])
+            # one evaluation pass: the peak over the RSS before it, less the baseline outputs it keeps
+            budget.working = (max(0, peak_rss_bytes() - before - tensor_bytes(baseline_outputs)) if measured
+                              else 3 * tensor_bytes(baseline_outputs))
+            budget.check(label, f"memory {memory!r}")
+            logger.info("memory budget split (GiB): %s", budget.shares())
         logger.info("%s: fp32 %s = %.6g, fp16 baseline = %.6g, %d layers x %d candidates",
                     label, evaluator.name, fp32_metric, baseline, len(layers), len(specs))
 
         if executor == "ray":  # the workers simulate and evaluate; this process only stores their rows
             from .ray_executor import run_on_ray
 
+            del baseline_outputs
             recipe = dict(model=model, input=[str(input_spec)] if input_spec.dtype else list(shape), data=data,
                           metric=metric, batch_size=batch_size, kmeans=kmeans, use_suffix=use_suffix,
                           weight_threshold=weight_threshold, include_all=include_all, target=target)
             run_on_ray(address, "factory", recipe, runnable, store, book, bar, deadline, label)
         else:
             t0 = time.perf_counter()
-            runner = activation_runner(base, units if grouped else layers, evaluator, baseline_outputs, use_suffix)
+            runner = activation_runner(base, units if grouped else layers, evaluator, baseline_outputs, use_suffix,
+                                       budget.cache if budget is not None else None, progress)
+            del baseline_outputs
             timing["activation_cache"] = time.perf_counter() - t0
             run_trials(runnable, make_trial(base, evaluator, runner, cache, kmeans, grouped), simulator, store, book,
                        bar, deadline)
@@ -279,6 +306,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         simulator.close()
         if simulator.pool is not None:
             timing["compression_cpu"] = simulator.cpu_seconds
+        logger.info("simulated weights: at most %.2f MiB held at once (limit %.2f MiB), %d simulated",
+                    cache.peak_bytes / 2**20, cache.max_bytes / 2**20, cache.misses)
+        if runner is not None:
+            runner.close()
+            logger.info("trial evaluations: %d from cuts in memory, %d from cuts on disk, %d from the nearest "
+                        "earlier cut, %d full forward", runner.counts["memory"], runner.counts["disk"],
+                        runner.counts["nearest"], runner.counts["full"])
         bar.close()
         store.close()
 
@@ -298,10 +332,13 @@ def check_executor(executor: str) -> None:
 
 
 def prepare_model(model: Union[nn.Module, str], input_spec: InputSpec, data: Any,
-                  metric: Union[str, Callable[[nn.Module], float]],
-                  batch_size: int) -> tuple[nn.Module, Optional[str], Evaluator, nn.Module, nn.Module]:
-    """(module, factory string or None, evaluator, BN-folded fp32 model, its fp16-weight copy) of a factory sweep;
-    one-line errors for a model that does not run on the input or the data."""
+                  metric: Union[str, Callable[[nn.Module], float]], batch_size: int,
+                  timing: Optional[dict[str, float]] = None) -> tuple[Optional[str], str, Evaluator, nn.Module, float]:
+    """(factory string or None, label, evaluator, the BN-folded model with fp16-rounded weights, fp32 metric) of a
+    factory sweep; sets the evaluator's reference (the fp32 outputs proxy metrics compare against) before the
+    weights are rounded. A model only this sweep holds (made by a factory that kept no reference to it) is folded
+    and rounded in place, so the sweep holds it once. One-line errors for a model that does not run on the input
+    or the data."""
     module, factory = resolve_model(model)
     label = factory or type(module).__name__
     if callable(metric) or ":" in str(metric):
@@ -309,31 +346,43 @@ def prepare_model(model: Union[nn.Module, str], input_spec: InputSpec, data: Any
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
         evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
-    folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
+    owned = factory is not None and sys.getrefcount(module) <= 2  # the local name and getrefcount's argument
+    folded = fold_batchnorm(module, example_inputs(module, [input_spec]), copy_model=not owned)  # as `convert`
+    del module
     _check_runs(folded, input_spec, label, evaluator)
-    return module, factory, evaluator, folded, fp16_copy(folded)
+    t0 = time.perf_counter()
+    if evaluator.user_fn is None:
+        evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+        fp32_metric = evaluator.score([evaluator.reference])
+    else:
+        fp32_metric = evaluator(folded)
+    if timing is not None:
+        timing["baseline"] = time.perf_counter() - t0
+    return factory, label, evaluator, round_to_fp16_(folded), fp32_metric
 
 
-def measure_baselines(folded: nn.Module, base: nn.Module, evaluator: Evaluator) -> tuple[float, float, list]:
-    """(fp32 metric, fp16 baseline metric, the baseline's output batches); sets the evaluator's reference (the
-    fp32 model's outputs) for proxy metrics."""
+def measure_baseline(base: nn.Module, evaluator: Evaluator) -> tuple[float, list]:
+    """(fp16 baseline metric, the baseline's output batches; [] for a user metric)."""
     if evaluator.user_fn is not None:
-        return evaluator(folded), evaluator(base), []
-    evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
-    baseline_outputs = run_batches(base, evaluator.batches)
-    return evaluator.score([evaluator.reference]), evaluator.score(baseline_outputs), baseline_outputs
+        return evaluator(base), []
+    outputs = run_batches(base, evaluator.batches)
+    return evaluator.score(outputs), outputs
 
 
 def activation_runner(base: nn.Module, units: Sequence[Any], evaluator: Evaluator, baseline_outputs: list,
-                      use_suffix: bool) -> Optional[SuffixRunner]:
+                      use_suffix: bool, max_cache_bytes: Optional[int] = None,
+                      progress: bool = False) -> Optional[SuffixRunner]:
     """The cached activations trials evaluate their suffix from (None: full forward passes); ``units`` are the
-    sweep's layers or groups (a group's suffix starts at its earliest member)."""
+    sweep's layers or groups (a group's suffix starts at its earliest member); cuts past ``max_cache_bytes``
+    spill to disk (see suffix.py)."""
     if not use_suffix or evaluator.user_fn is not None:
         return None
+    cache_bytes = {"max_cache_bytes": max_cache_bytes} if max_cache_bytes is not None else {}
     runner = SuffixRunner(base, {unit.layer: unit.paths if isinstance(unit, Group) else
-                                 (unit.layer, *unit.aliases) for unit in units})
-    runner.prepare(evaluator.batches, baseline_outputs)
-    logger.info("cached activations: %d of %d trials' units evaluate only their suffix", len(runner.available),
+                                 (unit.layer, *unit.aliases) for unit in units}, **cache_bytes)
+    with _progress(len(evaluator.batches), progress, "activations", "batches") as cache_bar:
+        runner.prepare(evaluator.batches, baseline_outputs, cache_bar.update)
+    logger.info("cached activations: %d of %d layers or groups evaluate only a suffix", len(runner.available),
                 len(units))
     return runner
 
@@ -532,9 +581,17 @@ def _data_reference(data: Any) -> Optional[str]:
     return data if ":" in data and not os.path.exists(data) else os.path.abspath(data)
 
 
-def _progress(total: int, enabled: bool):
-    """A tqdm bar with ETA on a terminal, a no-op otherwise."""
+def _progress(total: int, enabled: bool, desc: str = "sensitivity", units: str = "trials"):
+    """A tqdm bar with ETA and ``units`` per minute on a terminal, a no-op otherwise."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="sensitivity", unit="trial", disable=not enabled or not sys.stderr.isatty(),
-                leave=False)
+    class RateBar(tqdm):
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            rate = d["n"] / d["elapsed"] if d["elapsed"] else None
+            return {**d, "per_min": f"{60 * rate:.1f}" if rate else "?"}
+
+    return RateBar(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                              f"[{{elapsed}}<{{remaining}}, {{per_min}} {units}/min]")

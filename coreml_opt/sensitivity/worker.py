@@ -47,15 +47,15 @@ def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size:
     from ..model.inputs import single_input
     from ..targets import target_rank
     from .layers import find_layers, model_hash
-    from .sweep import activation_runner, make_trial, measure_baselines, prepare_model
+    from .sweep import activation_runner, make_trial, measure_baseline, prepare_model
 
-    _, _, evaluator, folded, base = prepare_model(model, single_input(input), data, metric, batch_size)
+    _, _, evaluator, base, _ = prepare_model(model, single_input(input), data, metric, batch_size)
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
-    _, _, baseline_outputs = measure_baselines(folded, base, evaluator)
-    del folded
+    _, baseline_outputs = measure_baseline(base, evaluator)
     runner = activation_runner(base, layers, evaluator, baseline_outputs, use_suffix)
+    del baseline_outputs
     cache = SimCache()
-    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
+    weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
     return PreparedTrials(make_trial(base, evaluator, runner, cache, kmeans), {x.layer: x for x in layers}, weights,
                           cache, kmeans, (model_hash(base), evaluator.data_hash, evaluator.name, kmeans))
 

@@ -36,6 +36,7 @@ class SimCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.peak_bytes = 0  # most simulated-weight bytes held at once
 
     def __len__(self) -> int:
         return len(self._items)
@@ -61,6 +62,7 @@ class SimCache:
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= old.weight.numel() * old.weight.element_size()
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
         return result
 
     def clear(self) -> None:
