@@ -74,14 +74,19 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     return out[:, ::-1] if rng.random() < 0.5 else out
 
 
+def crop_sources(n: int) -> list[int]:
+    """The source photo of each of ``n`` crops: crops ``2k`` and ``2k + 1`` share photo ``k % 18``."""
+    return [(i // 2) % len(SKLEARN_PHOTOS + SKIMAGE_PHOTOS) for i in range(n)]
+
+
 def photo_crops(n: int = 256, size: int = 224, seed: int = 0) -> np.ndarray:
     """``n`` uint8 crops (n, size, size, 3); crops ``2k`` and ``2k + 1`` are of source photo ``k % 18``, so the
     even and the odd crops (the two halves) both cover every photo."""
     sources = source_photos()
     crops = np.empty((n, size, size, 3), dtype=np.uint8)
-    for i in range(n):
+    for i, source in enumerate(crop_sources(n)):
         rng = np.random.default_rng([seed, i])
-        crops[i] = random_resized_crop(sources[(i // 2) % len(sources)], rng, size)
+        crops[i] = random_resized_crop(sources[source], rng, size)
     return crops
 
 
