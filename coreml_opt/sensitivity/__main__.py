@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
 candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
-reference);
+reference, device);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
@@ -28,7 +28,7 @@ Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not r
 drop = how much worse than the fp16 baseline (for kl, lower is better, so drop = kl - baseline).
 """
 SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
-              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference"}
+              "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", choices=("exact", "fast"), default="exact",
                    help="exact: coremltools' own k-means (default); fast: the batched k-means a plan with "
                         "`kmeans: fast` emits")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where trials' forward passes run: cpu (default) or cuda (a GPU; k-means stays on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
     return p
@@ -126,10 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        weight_threshold=args.weight_threshold, include_all=bool(args.all_layers),
                        batch_size=args.batch_size, kmeans=args.kmeans)
         if package:
-            result = analyse_package(args.model, args.data, reference=args.reference, **options)
+            result = analyse_package(args.model, args.data, reference=args.reference, device=args.device, **options)
         else:
             result = analyse(args.model, args.input_shape or [args.input], args.data,
-                             **{**options, "target": args.target or "iOS18"})
+                             **{**options, "target": args.target or "iOS18", "device": args.device})
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

@@ -25,7 +25,9 @@ from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
+from ..evaluation.placement import exact_kernels, resolve_device
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
+from ..simulate.cache import content_hash
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
@@ -86,6 +88,7 @@ class SweepResult:
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
     reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
     inputs: list[str] = field(default_factory=list)  # ["ids:1,16:int32"] for a typed input; [] for a float shape
+    deduplicated: int = 0  # trials of this run not evaluated: simulated weight equal to the fp16 one or a run trial's
 
     @property
     def complete(self) -> bool:
@@ -184,10 +187,14 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
-            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
+            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
+            device: str = "cpu", dedupe: bool = True) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
-    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids."""
+    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
+    ``device`` (cpu or cuda) runs the built-in metrics' forward passes there (k-means stays on the CPU).
+    ``dedupe``: a trial whose simulated weight equals the layer's fp16 weight or an evaluated trial's of the
+    same layer takes that metric without a forward pass (the metric is a function of the weights: exact)."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -196,14 +203,15 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     input_spec = single_input(example_input_shape)
     shape = input_spec.shape
     target = target_name(target)
+    resolve_device(device)  # an absent GPU fails before the model and data load
     specs, skipped_candidates = resolve_candidates(candidates, target)
     module, factory = resolve_model(model)
     label = factory or type(module).__name__
     if callable(metric) or ":" in str(metric):
-        evaluator = Evaluator(metric, None)
+        evaluator = Evaluator(metric, None, device=device)
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
-        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
+        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size, device)
     folded = fold_batchnorm(module, example_inputs(module, [input_spec]))  # folds exactly as `convert` does
     _check_runs(folded, input_spec, label, evaluator)
     base = fp16_copy(folded)
@@ -221,7 +229,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
 
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
-    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
+    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}  # CPU, NCHW
     cache = SimCache()
     plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
@@ -232,10 +240,10 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     try:
         simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
-        if evaluator.user_fn is None:
-            evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+        if evaluator.user_fn is None:  # folded and base move to the evaluator's device and layout
+            evaluator.reference = torch.cat(evaluator.outputs(folded)).cpu()
             fp32_metric = evaluator.score([evaluator.reference])
-            baseline_outputs = run_batches(base, evaluator.batches)
+            baseline_outputs = evaluator.outputs(base)
             baseline = evaluator.score(baseline_outputs)
         else:
             fp32_metric, baseline, baseline_outputs = evaluator(folded), evaluator(base), []
@@ -253,13 +261,23 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                         len(runner.available), len(layers))
         timing["activation_cache"] = time.perf_counter() - t0
 
+        seen = _Seen(layers, weights, baseline) if dedupe else None
+
         def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
-            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache):
+            with apply_spec(base, layer.layer, spec, op_type=layer.op_type, kmeans=kmeans, cache=cache) as simulated:
                 t1 = time.perf_counter()
+                known = seen.lookup(layer, simulated.weight) if seen is not None else None
+                if known is not None:
+                    return known, t1
                 if evaluator.user_fn is not None:
-                    return evaluator(base), t1
-                outputs = runner.outputs(layer.layer) if runner is not None else None
-                return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
+                    value = evaluator(base)
+                else:
+                    with exact_kernels(evaluator.device):
+                        outputs = runner.outputs(layer.layer) if runner is not None else None
+                    value = evaluator.score(outputs if outputs is not None else evaluator.outputs(base))
+                if seen is not None:
+                    seen.add(layer, simulated.weight, value)
+                return value, t1
 
         run_trials(runnable, trial, simulator, store, book, bar, deadline)
     finally:
@@ -273,8 +291,30 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     result = SweepResult(trials, baseline, fp32_metric, layers, skipped_candidates, book.skipped_trials,
                          evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
                          factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
-                         out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [])
+                         out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [],
+                         deduplicated=seen.hits if seen is not None else 0)
+    if result.deduplicated:
+        logger.info("%d trials simulated a weight equal to the fp16 one or to an evaluated trial's: not evaluated "
+                    "again", result.deduplicated)
     return finish_sweep(result, start)
+
+
+class _Seen:
+    """Metrics of evaluated trials by (layer, content hash of the simulated weight), the fp16 weights included:
+    a trial's metric is a function of its one changed weight, so an equal weight has the same metric."""
+
+    def __init__(self, layers: Sequence[Layer], weights: dict[str, torch.Tensor], baseline: float) -> None:
+        self.known = {(layer.layer, content_hash(weights[layer.layer], layer.precision)): baseline
+                      for layer in layers}
+        self.hits = 0
+
+    def lookup(self, layer: Layer, weight: torch.Tensor) -> Optional[float]:
+        found = self.known.get((layer.layer, content_hash(weight, layer.precision)))
+        self.hits += found is not None
+        return found
+
+    def add(self, layer: Layer, weight: torch.Tensor, value: float) -> None:
+        self.known[(layer.layer, content_hash(weight, layer.precision))] = value
 
 
 def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,
