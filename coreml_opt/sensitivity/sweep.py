@@ -7,6 +7,7 @@ where the model allows (see suffix.py), which changes no result.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
+from ..evaluation.heap import reused_heap
 from ..evaluation.placement import exact_kernels, resolve_device
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..simulate.cache import content_hash
@@ -237,6 +239,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     bar = _progress(len(runnable), progress)
     deadline = start + time_budget if time_budget is not None else None
     simulator = ChunkSimulator(runnable, weights, cache, kmeans, deadline=deadline)
+    heap = contextlib.ExitStack()
+    heap.enter_context(reused_heap())  # a trial's activations reuse the last trial's memory: no page faults
     try:
         simulator.start(0)  # the first chunk's k-means runs while the baselines are measured
         t0 = time.perf_counter()
@@ -282,6 +286,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         run_trials(runnable, trial, simulator, store, book, bar, deadline)
     finally:
         simulator.close()
+        heap.close()
         if simulator.pool is not None:
             timing["compression_cpu"] = simulator.cpu_seconds
         bar.close()
