@@ -56,7 +56,7 @@ class Evaluator:
                                 "add labels.csv (or y in the .npz), or use a proxy metric such as top1")
             self.batches = [x for x, _ in data.batches(batch_size)]
             if reference_model is not None:
-                self.reference = torch.cat(self.outputs(reference_model))
+                self.reference = torch.cat(self.outputs(reference_model)).cpu()
 
     @property
     def higher_is_better(self) -> bool:
@@ -82,19 +82,20 @@ class Evaluator:
         return place_module(model, self.device, self.channels_last)
 
     def outputs(self, model: Any) -> list[torch.Tensor]:
-        """Per-batch outputs of a module (placed first) or a backend, in inference mode, on the CPU."""
+        """Per-batch outputs of a module (placed first) or a backend, in inference mode, on the device."""
         if isinstance(model, nn.Module):
             self.place(model)
         elif self.channels_last is None:  # a backend takes the batches as they are
             self.channels_last = False
         with exact_kernels(self.device):
-            return [out.cpu() for out in run_batches(model, self.batches)]
+            return run_batches(model, self.batches)
 
     def score(self, outputs: list[torch.Tensor]) -> float:
         """Metric of per-batch outputs (built-in metrics only), computed on the CPU."""
         assert self.metric is not None
         labels = None if self.data is None else self.data.y
-        return float(self.metric.score(torch.cat([out.cpu() for out in outputs]), self.reference, labels))
+        reference = self.reference.cpu() if self.reference is not None else None
+        return float(self.metric.score(torch.cat([out.cpu() for out in outputs]), reference, labels))
 
     def __call__(self, model: Any) -> float:
         """The metric of ``model`` (a module, or a backend) on this evaluator's data."""

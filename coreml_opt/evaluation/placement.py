@@ -38,11 +38,12 @@ def place_batches(batches: Sequence[torch.Tensor], device: torch.device, channel
 
 
 @contextlib.contextmanager
-def exact_kernels(device: torch.device) -> Iterator[None]:
-    """Inference mode; on CUDA also deterministic cuDNN kernels, no autotuning and no TF32, for the block."""
+def exact_kernels(device: torch.device, inference: bool = True) -> Iterator[None]:
+    """On CUDA deterministic cuDNN kernels, no autotuning and no TF32, for the block; inference mode too unless
+    ``inference`` is False (recording activations whose version counters are checked needs plain no_grad)."""
     with contextlib.ExitStack() as stack:
         if device.type == "cuda":
             stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
                                                            allow_tf32=False))
-        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.inference_mode() if inference else torch.no_grad())
         yield

@@ -260,7 +260,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         runner = None
         if use_suffix and evaluator.user_fn is None:
             runner = SuffixRunner(base, {layer.layer: (layer.layer, *layer.aliases) for layer in layers})
-            runner.prepare(evaluator.batches, baseline_outputs)
+            with exact_kernels(evaluator.device, inference=False):  # the kernels the baseline ran
+                runner.prepare(evaluator.batches, baseline_outputs)
             logger.info("cached activations: %d of %d layers evaluate only their suffix",
                         len(runner.available), len(layers))
         timing["activation_cache"] = time.perf_counter() - t0
