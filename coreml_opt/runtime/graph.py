@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import CoreMLOptError, ModelError, RuntimeOpError
 from .loader import Graph, Node
 from .ops import HANDLERS, VARIADIC, Context, supported_ops
@@ -64,7 +65,7 @@ class Executable:
         check_supported(graph)
         self.graph = graph
         self.precision = precision
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # one line when absent (cuda on a CPU-only torch), before any op
         self.ctx = Context(self.device, precision == "fp16", {k: p.shape for k, p in graph.ports.items()})
         self.consts: dict[str, Any] = {}
         self.overrides = dict(overrides or {})

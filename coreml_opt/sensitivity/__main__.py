@@ -20,9 +20,9 @@ EPILOG = """examples:
 
 A sweep file is YAML with the same fields as the options (model, input_shape, data, metric,
 candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, batch_size, kmeans,
-reference, groups, executor, address, memory); `groups:` is role, block or layer, or a mapping of group name ->
-list of glob patterns over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers stay
-groups of one);
+reference, groups, executor, address, memory, device); `groups:` is role, block or layer, or a mapping of group
+name -> list of glob patterns over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers
+stay groups of one);
 relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
@@ -33,7 +33,7 @@ drop = how much worse than the fp16 baseline (for kl, lower is better, so drop =
 """
 SWEEP_KEYS = {"model", "input_shape", "input", "data", "metric", "candidates", "target", "out", "max_trials",
               "time_budget", "weight_threshold", "all_layers", "batch_size", "kmeans", "reference", "groups",
-              "executor", "address", "memory"}
+              "executor", "address", "memory", "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", metavar="SIZE",
                    help="bound the sweep's peak resident memory, e.g. 8GB (1024-based): the model is held once and "
                         "cached activations past the budget spill to disk; results are unchanged")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where trials' forward passes run: cpu (default) or cuda (a GPU; k-means stays on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the sweep does")
     return p
@@ -159,10 +161,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.groups not in (None, "layer"):
                 raise DataError(f"groups {args.groups!r}", "is not supported for a model given as an .mlpackage",
                                 "sweep the PyTorch factory with --groups, or drop --groups")
-            result = analyse_package(args.model, args.data, reference=args.reference, **options)
+            result = analyse_package(args.model, args.data, reference=args.reference, device=args.device, **options)
         else:
             result = analyse(args.model, args.input_shape or [args.input], args.data,
-                             **{**options, "target": args.target or "iOS18"}, groups=args.groups, memory=args.memory)
+                             **{**options, "target": args.target or "iOS18", "device": args.device},
+                             groups=args.groups, memory=args.memory)
     except CoreMLOptError as exc:
         where = f"{args.sweep}: " if args.sweep and not str(exc).startswith(str(args.sweep)) else ""
         print(f"error: {where}{exc}", file=sys.stderr)  # a sweep file's field is named with the file

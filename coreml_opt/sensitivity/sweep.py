@@ -26,7 +26,10 @@ from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
+from ..evaluation.heap import reused_heap
+from ..evaluation.placement import exact_kernels, resolve_device
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
+from ..simulate.cache import content_hash
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
@@ -94,6 +97,7 @@ class SweepResult:
     kmeans: str = "exact"  # palettes the trials simulated: coremltools' k-means or the fast one
     reference: Optional[str] = None  # package sweeps: what proxies compared against, when not the package itself
     inputs: list[str] = field(default_factory=list)  # ["ids:1,16:int32"] for a typed input; [] for a float shape
+    deduplicated: int = 0  # trials of this run not evaluated: simulated weight equal to the fp16 one or a run trial's
     groups: list[Any] = field(default_factory=list)  # a grouped sweep's groups.Group list; [] when per layer
     grouping: str = "layer"  # role, block, custom or layer
 
@@ -197,7 +201,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
             batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
             groups: GroupsArg = None, executor: str = "local", address: Optional[str] = None,
-            memory: Union[str, int, None] = None) -> SweepResult:
+            memory: Union[str, int, None] = None, device: str = "cpu", dedupe: bool = True) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
     ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
@@ -206,7 +210,10 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     ``executor="ray"`` runs the trials on the Ray cluster at ``address`` (see ray_executor.py): same store and
     values; ``model``, ``data`` and ``metric`` must then be names each worker can load (a factory, a path).
     ``memory`` (``"8GB"`` or bytes) bounds the process's peak resident memory (see memory.py for the split);
-    a model given as a factory is then held once. Results are identical with or without it."""
+    a model given as a factory is then held once. Results are identical with or without it.
+    ``device`` (cpu or cuda) runs the built-in metrics' forward passes there (k-means stays on the CPU).
+    ``dedupe``: a trial whose simulated weight equals the layer's fp16 weight or an evaluated trial's of the
+    same layer takes that metric without a forward pass (the metric is a function of the weights: exact)."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -218,11 +225,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     target = target_name(target)
     specs, skipped_candidates = resolve_candidates(candidates, target)
     check_executor(executor)
+    resolve_device(device)  # an absent GPU fails before the model and data load
     if executor == "ray":
         from .ray_executor import check_recipe
 
         check_recipe(model, data, metric)  # each worker loads them again from what the user named
-    factory, label, evaluator, base, fp32_metric = prepare_model(model, input_spec, data, metric, batch_size, timing)
+    factory, label, evaluator, base, fp32_metric = prepare_model(model, input_spec, data, metric, batch_size, timing,
+                                                                 device)
     if budget is not None:  # what is known before any output is written: the model and the data
         budget.model, budget.data = model_bytes(base), tensor_bytes([evaluator.batches, evaluator.reference])
         budget.check(label, f"memory {memory!r}")
@@ -268,12 +277,17 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         flat, offsets = grouped.member_trials(runnable)
         simulator = GroupSimulator(ChunkSimulator(flat, weights, cache, kmeans, deadline=deadline, **chunk), offsets)
     runner = None
+    seen = _Seen(layers, weights, 0.0) if dedupe and grouped is None and executor == "local" else None
+    heap = contextlib.ExitStack()
+    heap.enter_context(reused_heap())  # a trial's activations reuse the last trial's memory: no page faults
     try:
         simulator.start(0)  # the first chunk's k-means runs while the baseline is measured
         t0 = time.perf_counter()
         before = rss_bytes()
         measured = reset_peak() if budget is not None else False
         baseline, baseline_outputs = measure_baseline(base, evaluator)
+        if seen is not None:  # the fp16 weights score the baseline
+            seen.known = {key: baseline for key in seen.known}
         timing["baseline"] += time.perf_counter() - t0
         if budget is not None:
             budget.model, budget.simulation = model_bytes(base), simulation
@@ -292,7 +306,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             del baseline_outputs
             recipe = dict(model=model, input=[str(input_spec)] if input_spec.dtype else list(shape), data=data,
                           metric=metric, batch_size=batch_size, kmeans=kmeans, use_suffix=use_suffix,
-                          weight_threshold=weight_threshold, include_all=include_all, target=target)
+                          weight_threshold=weight_threshold, include_all=include_all, target=target, device=device)
             run_on_ray(address, "factory", recipe, runnable, store, book, bar, deadline, label)
         else:
             t0 = time.perf_counter()
@@ -300,10 +314,11 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                                        budget.cache if budget is not None else None, progress)
             del baseline_outputs
             timing["activation_cache"] = time.perf_counter() - t0
-            run_trials(runnable, make_trial(base, evaluator, runner, cache, kmeans, grouped), simulator, store, book,
-                       bar, deadline)
+            run_trials(runnable, make_trial(base, evaluator, runner, cache, kmeans, grouped, seen), simulator, store,
+                       book, bar, deadline)
     finally:
         simulator.close()
+        heap.close()
         if simulator.pool is not None:
             timing["compression_cpu"] = simulator.cpu_seconds
         logger.info("simulated weights: at most %.2f MiB held at once (limit %.2f MiB), %d simulated",
@@ -321,7 +336,11 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
                          evaluator.name, evaluator.higher_is_better, evaluator.unit, [str(s) for s in specs], target,
                          factory, _data_reference(data), list(shape), timing, book.ran, reused, pending_count,
                          out_path, kmeans, inputs=[str(input_spec)] if input_spec.dtype else [],
-                         groups=units if grouped else [], grouping=grouping)
+                         groups=units if grouped else [], grouping=grouping,
+                         deduplicated=seen.hits if seen is not None else 0)
+    if result.deduplicated:
+        logger.info("%d trials simulated a weight equal to the fp16 one or to an evaluated trial's: not evaluated "
+                    "again", result.deduplicated)
     return finish_sweep(result, start)
 
 
@@ -333,7 +352,8 @@ def check_executor(executor: str) -> None:
 
 def prepare_model(model: Union[nn.Module, str], input_spec: InputSpec, data: Any,
                   metric: Union[str, Callable[[nn.Module], float]], batch_size: int,
-                  timing: Optional[dict[str, float]] = None) -> tuple[Optional[str], str, Evaluator, nn.Module, float]:
+                  timing: Optional[dict[str, float]] = None,
+                  device: str = "cpu") -> tuple[Optional[str], str, Evaluator, nn.Module, float]:
     """(factory string or None, label, evaluator, the BN-folded model with fp16-rounded weights, fp32 metric) of a
     factory sweep; sets the evaluator's reference (the fp32 outputs proxy metrics compare against) before the
     weights are rounded. A model only this sweep holds (made by a factory that kept no reference to it) is folded
@@ -342,17 +362,17 @@ def prepare_model(model: Union[nn.Module, str], input_spec: InputSpec, data: Any
     module, factory = resolve_model(model)
     label = factory or type(module).__name__
     if callable(metric) or ":" in str(metric):
-        evaluator = Evaluator(metric, None)
+        evaluator = Evaluator(metric, None, device=device)
     else:
         get_metric(str(metric))  # a bad name fails before any data is read
-        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size)
+        evaluator = Evaluator(metric, resolve_data(data, input_spec, module), None, batch_size, device)
     owned = factory is not None and sys.getrefcount(module) <= 2  # the local name and getrefcount's argument
     folded = fold_batchnorm(module, example_inputs(module, [input_spec]), copy_model=not owned)  # as `convert`
     del module
     _check_runs(folded, input_spec, label, evaluator)
     t0 = time.perf_counter()
-    if evaluator.user_fn is None:
-        evaluator.reference = torch.cat(run_batches(folded, evaluator.batches))
+    if evaluator.user_fn is None:  # the model moves to the evaluator's device and layout
+        evaluator.reference = torch.cat(evaluator.outputs(folded)).cpu()
         fp32_metric = evaluator.score([evaluator.reference])
     else:
         fp32_metric = evaluator(folded)
@@ -365,7 +385,7 @@ def measure_baseline(base: nn.Module, evaluator: Evaluator) -> tuple[float, list
     """(fp16 baseline metric, the baseline's output batches; [] for a user metric)."""
     if evaluator.user_fn is not None:
         return evaluator(base), []
-    outputs = run_batches(base, evaluator.batches)
+    outputs = evaluator.outputs(base)
     return evaluator.score(outputs), outputs
 
 
@@ -380,7 +400,8 @@ def activation_runner(base: nn.Module, units: Sequence[Any], evaluator: Evaluato
     cache_bytes = {"max_cache_bytes": max_cache_bytes} if max_cache_bytes is not None else {}
     runner = SuffixRunner(base, {unit.layer: unit.paths if isinstance(unit, Group) else
                                  (unit.layer, *unit.aliases) for unit in units}, **cache_bytes)
-    with _progress(len(evaluator.batches), progress, "activations", "batches") as cache_bar:
+    with _progress(len(evaluator.batches), progress, "activations", "batches") as cache_bar, \
+            exact_kernels(evaluator.device, inference=False):  # the kernels the baseline ran
         runner.prepare(evaluator.batches, baseline_outputs, cache_bar.update)
     logger.info("cached activations: %d of %d layers or groups evaluate only a suffix", len(runner.available),
                 len(units))
@@ -388,23 +409,49 @@ def activation_runner(base: nn.Module, units: Sequence[Any], evaluator: Evaluato
 
 
 def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRunner], cache: SimCache,
-               kmeans: str, grouped: Optional[GroupTrials] = None) -> Callable[[Layer, Spec], tuple[float, float]]:
+               kmeans: str, grouped: Optional[GroupTrials] = None,
+               seen: Optional["_Seen"] = None) -> Callable[[Layer, Spec], tuple[float, float]]:
     """``trial(layer, spec) -> (metric, time the compression ended)``: ``base`` with only that layer's weight
     simulated (a group trial: every member that takes the spec, at once), evaluated from the cached
-    activations where ``runner`` has them."""
+    activations where ``runner`` has them; ``seen`` (per-layer sweeps) skips weights already evaluated."""
     def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
         members = grouped.members(layer, spec) if grouped is not None else (layer,)
         with contextlib.ExitStack() as applied:
-            for member in members:
-                applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type, kmeans=kmeans,
-                                                 cache=cache))
+            simulated = [applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type,
+                                                          kmeans=kmeans, cache=cache)) for member in members]
             t1 = time.perf_counter()
+            known = seen.lookup(layer, simulated[0].weight) if seen is not None and grouped is None else None
+            if known is not None:
+                return known, t1
             if evaluator.user_fn is not None:
-                return evaluator(base), t1
-            outputs = runner.outputs(layer.layer) if runner is not None else None
-            return evaluator.score(outputs if outputs is not None else run_batches(base, evaluator.batches)), t1
+                value = evaluator(base)
+            else:
+                with exact_kernels(evaluator.device):
+                    outputs = runner.outputs(layer.layer) if runner is not None else None
+                value = evaluator.score(outputs if outputs is not None else evaluator.outputs(base))
+            if seen is not None and grouped is None:
+                seen.add(layer, simulated[0].weight, value)
+            return value, t1
 
     return trial
+
+
+class _Seen:
+    """Metrics of evaluated trials by (layer, content hash of the simulated weight), the fp16 weights included:
+    a trial's metric is a function of its one changed weight, so an equal weight has the same metric."""
+
+    def __init__(self, layers: Sequence[Layer], weights: dict[str, torch.Tensor], baseline: float) -> None:
+        self.known = {(layer.layer, content_hash(weights[layer.layer], layer.precision)): baseline
+                      for layer in layers}
+        self.hits = 0
+
+    def lookup(self, layer: Layer, weight: torch.Tensor) -> Optional[float]:
+        found = self.known.get((layer.layer, content_hash(weight, layer.precision)))
+        self.hits += found is not None
+        return found
+
+    def add(self, layer: Layer, weight: torch.Tensor, value: float) -> None:
+        self.known[(layer.layer, content_hash(weight, layer.precision))] = value
 
 
 def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,

@@ -41,7 +41,8 @@ class PreparedTrials:
 
 
 def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size: int, kmeans: str,
-                    use_suffix: bool, weight_threshold: int, include_all: bool, target: str) -> PreparedTrials:
+                    use_suffix: bool, weight_threshold: int, include_all: bool, target: str,
+                    device: str = "cpu") -> PreparedTrials:
     """A factory sweep's model prepared as ``analyse`` prepares it: BN folded, fp16 weights, the fp32 reference and
     the activation cache."""
     from ..model.inputs import single_input
@@ -49,7 +50,8 @@ def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size:
     from .layers import find_layers, model_hash
     from .sweep import activation_runner, make_trial, measure_baseline, prepare_model
 
-    _, _, evaluator, base, _ = prepare_model(model, single_input(input), data, metric, batch_size)
+    _, _, evaluator, base, _ = prepare_model(model, single_input(input), data, metric, batch_size,
+                                             device=device)
     layers = find_layers(base, weight_threshold, include_all, ios18_ops=target_rank(target) >= 18)
     _, baseline_outputs = measure_baseline(base, evaluator)
     runner = activation_runner(base, layers, evaluator, baseline_outputs, use_suffix)

@@ -65,8 +65,8 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
             param, module = _parameter(model, path)
             op_type = (op_types or {}).get(path) or (weight_readers(model, param) if isinstance(module, WEIGHT_MODULES)
                                                      else infer_op_type(module))
-            try:
-                result = cache.get(spec, param.detach(), op_type, kmeans, precision)
+            try:  # simulated on the CPU in NCHW whatever the model's device and layout, as coremltools computes
+                result = cache.get(spec, param.detach().cpu().contiguous(), op_type, kmeans, precision)
             except NonFiniteWeightError as exc:
                 raise exc.named(repr(path)) from None
             results[path] = result
