@@ -117,19 +117,27 @@ def run_on_ray(address: Optional[str], kind: str, recipe: dict[str, Any], runnab
                   for _ in range(min(cpus, len(todo)))]
         logger.info("Ray: %d trials in %d batches on %d workers", len(runnable), len(todo), len(actors))
         running: dict[Any, Any] = {}
+        starting = {actor.ready.remote(): actor for actor in actors}  # batches go only to actors that answered
 
         def submit(actor: Any) -> None:
             if todo and (deadline is None or time.perf_counter() < deadline):
                 running[actor.run.remote(todo.popleft())] = actor
 
-        for _ in range(IN_FLIGHT):
-            for actor in actors:
-                submit(actor)
-        while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_LOG_SECONDS)
+        while running or (todo and starting and (deadline is None or time.perf_counter() < deadline)):
+            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=WAIT_LOG_SECONDS)
             if not done:
-                logger.warning("Ray: no batch returned in %.0f s (%d running); waiting for workers",
-                               WAIT_LOG_SECONDS, len(running))
+                logger.warning("Ray: no batch returned in %.0f s (%d running, %d workers starting); waiting for "
+                               "workers", WAIT_LOG_SECONDS, len(running), len(starting))
+                continue
+            if done[0] in starting:
+                actor = starting.pop(done[0])
+                try:
+                    ray.get(done[0])
+                except ray.exceptions.RayError as exc:  # never came up: its share goes to the others
+                    logger.warning("Ray: a worker did not start (%s)", type(exc).__name__)
+                    continue
+                for _ in range(IN_FLIGHT):
+                    submit(actor)
                 continue
             actor = running.pop(done[0])
             try:

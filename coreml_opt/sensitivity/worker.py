@@ -106,6 +106,11 @@ class SweepWorker:
         except CoreMLOptError as exc:
             self.error = _error_row(exc)
 
+    def ready(self) -> bool:
+        """Answers once the model is prepared (or failed to): the driver gives batches only to actors that answered,
+        so an actor still waiting for a node (one counted in the cluster's CPUs but lost) holds no trials."""
+        return self.prepared is not None
+
     def run(self, batch: Sequence[tuple[str, str]]) -> tuple[list[TrialOutcome], Optional[ErrorRow]]:
         """Run (layer name, spec) trials in order: (their outcomes, the one-line error that stopped them or None)."""
         if self.prepared is None:
