@@ -17,7 +17,7 @@ import yaml
 
 from .errors import PlanError, SpecError
 from .model.inventory import Inventory, WeightInfo
-from .spec import JointSpec, NoneSpec, Spec, parse_spec
+from .spec import NoneSpec, Spec, parse_spec
 from .storage import predicted_bytes
 from .targets import target_rank
 from .yaml_files import read_yaml_mapping
@@ -291,7 +291,7 @@ class Plan:
                             # A joint spec's later part: the earlier pass renamed the const, and coremltools
                             # then looks the config up by the op reading the weight.
                             configs.update({op_name: config for op_name in consumers[name]})
-                        joint = joint or (isinstance(spec, JointSpec) and position > 0)
+                        joint = joint or position > 0  # a joint spec's later part (also under +bc)
             if configs:
                 passes.append(CoreMLPass(function, cto.OptimizationConfig(op_name_configs=configs), joint))
         return passes

@@ -11,7 +11,8 @@ from collections import OrderedDict
 
 import torch
 
-from ..spec import Spec, parse_spec
+from ..spec import CompensatedSpec, Spec, parse_spec
+from .calibration import active_statistics
 from .core import SimResult, simulate
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -44,7 +45,8 @@ class SimCache:
             precision: str = "fp16") -> SimResult:
         """The simulated result, computed once per distinct key (``precision``: the stored const's)."""
         spec = parse_spec(spec)
-        key = (content_hash(weight, precision), str(spec), op_type, kmeans, str(weight.device), precision)
+        key = (content_hash(weight, precision), str(spec), op_type, kmeans, str(weight.device), precision,
+               _statistics_token(spec))
         with self._lock:
             found = self._items.get(key)
             if found is not None:
@@ -67,6 +69,14 @@ class SimCache:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+def _statistics_token(spec: Spec) -> str | None:
+    """The active calibration statistics' digest for a compensated spec (its result depends on them)."""
+    if not isinstance(spec, CompensatedSpec):
+        return None
+    stats = active_statistics()
+    return stats.token if stats is not None else None
 
 
 _DEFAULT = SimCache()

@@ -1,0 +1,160 @@
+"""Error compensation from calibration statistics (``+bc`` bias correction, ``+aw`` activation-aware LUTs):
+the package ``compress`` writes stores exactly the simulated weights AND biases (fp16 rounding included),
+and the statistics are those of the layer's input as the op sees it (padding, stride, groups)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from coreml_opt.compress import compress
+from coreml_opt.errors import PlanError, SpecError
+from coreml_opt.evaluation.weights import decompressed_consts
+from coreml_opt.model.convert import convert
+from coreml_opt.model.package import load_package
+from coreml_opt.plan import Plan
+from coreml_opt.simulate import apply_plan, collect_statistics, simulate, using_statistics
+from coreml_opt.simulate.compensate import weighted_kmeans
+from coreml_opt.spec import CompensatedSpec, parse_spec
+from coreml_opt.storage import predicted_bytes
+
+
+class Net(nn.Module):
+    """Padded strided conv, depthwise conv, a conv without bias, grouped conv, linear: every bias case."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1, bias=False)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.dw(x))
+        x = torch.relu(self.pw(x))
+        x = torch.relu(self.grouped(x))
+        return self.fc(x.mean((2, 3)))
+
+
+LAYERS = {"stem": "stem.weight", "dw": "dw.weight", "pw": "pw.weight", "grouped": "grouped.weight", "fc": "fc.weight"}
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Net().eval()
+    folder = tmp_path_factory.mktemp("compensation")
+    path = folder / "net.mlpackage"
+    convert(model, (1, 3, 12, 12), target="iOS18", output_path=path)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)]  # non-zero mean inputs
+    return model, path, collect_statistics(model, batches), folder
+
+
+def _package_values(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    loaded = load_package(path)
+    return decompressed_consts(loaded.mlmodel), loaded.torch_names
+
+
+@pytest.mark.parametrize("spec_text", ["pal4+bc", "pal4+aw", "pal3/g2+aw+bc", "pal2/pcs+aw+bc", "int4+bc",
+                                       "prune50+pal4+bc", "int8+bc"])
+def test_package_stores_the_simulated_weights_and_biases(converted, spec_text):
+    model, path, stats, folder = converted
+    out = folder / f"{spec_text.replace('/', '_').replace('+', '-')}.mlpackage"
+    plan = Plan(layers={name: parse_spec(spec_text) for name in LAYERS})
+    compress(path, plan, out, statistics=stats)
+    consts, torch_names = _package_values(out)
+    by_torch = {torch_name: name for name, torch_name in torch_names.items()}
+    with using_statistics(stats), apply_plan(model, {p: spec_text for p in LAYERS.values()}) as results:
+        for module_name, param in LAYERS.items():
+            const = by_torch[param]
+            ours = model.get_parameter(param).detach().numpy()
+            # decompress_weights names a weight after its last compression step (``<const>_palettized``)
+            weight_names = [n for n in consts if n.startswith(const) and "bias" not in n]
+            assert len(weight_names) == 1, (param, sorted(consts))
+            emitted = consts[weight_names[0]]
+            assert np.array_equal(ours, emitted.astype(np.float32)), f"{spec_text}: {param} weight differs"
+            module = model.get_submodule(module_name)
+            bias_names = [n for n in consts if n in (const.replace("weight", "bias"), const + "_corrected_bias")]
+            if "+bc" in spec_text:
+                assert module.bias is not None
+                assert "bias_delta" in results[param].params
+                assert len(bias_names) == 1, (param, sorted(consts))
+                emitted_bias = consts[bias_names[0]]
+                assert emitted_bias.dtype == np.float16
+                assert np.array_equal(module.bias.detach().numpy(), emitted_bias.astype(np.float32)), \
+                    f"{spec_text}: {module_name} bias differs"
+    assert model.pw.bias is None  # restored after the block
+
+
+def test_bias_correction_removes_the_expected_output_shift(converted):
+    """The corrected layer's mean output per channel over the calibration data equals the fp16 layer's (up to
+    fp16 bias rounding), at padded borders and per group; uncorrected it is visibly off."""
+    model, _, stats, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)])
+    reference = model.stem(x).mean((0, 2, 3))
+    with using_statistics(stats):
+        with apply_plan(model, {"stem.weight": "pal2"}):
+            plain = model.stem(x).mean((0, 2, 3))
+        with apply_plan(model, {"stem.weight": "pal2+bc"}):
+            corrected = model.stem(x).mean((0, 2, 3))
+    fp16_step = reference.abs().max().item() * 2 ** -10
+    assert (corrected - reference).abs().max().item() <= 2 * fp16_step + 1e-6
+    assert (plain - reference).abs().max().item() > 10 * (corrected - reference).abs().max().item()
+
+
+def test_statistics_follow_padding_stride_and_groups(converted):
+    """mean patch . dW equals the mean output of the conv with weight dW: exact at padded borders."""
+    model, _, stats, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)])
+    h = torch.relu(model.stem(x))
+    for conv, inp in ((model.stem, x), (model.dw, h)):
+        d_w = torch.randn(conv.weight.shape, generator=gen)
+        shift = torch.nn.functional.conv2d(inp, d_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        layer = stats.get(conv.weight)
+        g = layer.groups
+        predicted = torch.einsum("gok,gk->go", d_w.double().reshape(g, conv.out_channels // g, -1),
+                                 layer.patch_mean.reshape(g, -1)).reshape(-1)
+        assert torch.allclose(shift.mean((0, 2, 3)).double(), predicted, atol=1e-5)
+
+
+def test_activation_aware_lut_lowers_the_weighted_error():
+    """Where one input channel carries most energy, the E[x^2]-weighted LUT fits its weights better."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(64, 32, generator=gen).numpy().astype(np.float16)
+    weights = np.ones_like(values, dtype=np.float64)
+    values[:, :2] *= 0.05  # the inputs that matter meet small weights: a plain LUT spends no levels on them
+    weights[:, :2] = 1000.0
+    lut, idx = weighted_kmeans(values, weights, 4)
+    lut_plain, idx_plain = weighted_kmeans(values, np.ones_like(weights), 4)
+    err = lambda lu, ix: float((weights.reshape(-1) * (values.astype(np.float64).reshape(-1) - lu[ix]) ** 2).sum())
+    assert err(lut.astype(np.float64), idx) < 0.8 * err(lut_plain.astype(np.float64), idx_plain)
+    assert lut.dtype == np.float16 and idx.max() < 4
+
+
+def test_spec_grammar_round_trips_and_refuses_misuse():
+    for text in ["pal4+bc", "pal4/g16+aw", "pal3/g8/pcs+aw+bc", "int4/block32+bc", "prune50+pal4+bc"]:
+        spec = parse_spec(text)
+        assert isinstance(spec, CompensatedSpec) and str(spec) == text
+        assert parse_spec(str(spec)) == spec
+    assert str(parse_spec("pal4+bc+aw")) == "pal4+aw+bc"
+    assert predicted_bytes("pal4/g16+aw+bc", (64, 32, 3, 3), "conv") == predicted_bytes("pal4/g16", (64, 32, 3, 3), "conv")
+    for bad in ["int4+aw", "pal4/uniform+aw", "pal2/vec2+aw", "bc", "pal4+bc+bc", "none+bc"]:
+        with pytest.raises(SpecError):
+            parse_spec(bad)
+    assert parse_spec("pal4+bc").shape_problem((100, 16), "gather")
+    assert parse_spec("pal4+bc").shape_problem((64, 32), "linear") is None
+
+
+def test_compensated_spec_without_statistics_is_one_line(converted, tmp_path):
+    model, path, _, _ = converted
+    with pytest.raises(PlanError, match="calibration statistics"):
+        compress(path, Plan(layers={"fc": parse_spec("pal4+bc")}), tmp_path / "x.mlpackage")
+    assert not (tmp_path / "x.mlpackage").exists()
+    with pytest.raises(SpecError, match="calibration statistics"):
+        simulate("pal4+bc", model.fc.weight.detach())
