@@ -6,7 +6,7 @@
   ``params["bias_delta"]`` holds -(W_q - W) E[x] per output channel; :func:`corrected_bias` is
   the one rounding both the simulation and the package use.
 - ``+aw``: activation-aware LUT: per group, 1-D k-means of the weights weighted by E[x^2] of each
-  weight's input position (the diagonal of the layer's input Hessian, as in AWQ/GPTQ-style
+  weight's input position (Var[x] under ``+aw+bc``, since the bias then absorbs the mean) (the diagonal of the layer's input Hessian, as in AWQ/GPTQ-style
   objectives), Lloyd iterations in float64 from weighted quantiles. Shipped exactly through
   ``OpPalettizerConfig(mode="custom", lut_function=...)`` by looking each group's fp16 values up
   in the LUTs the simulation chose (:func:`aware_lut_function`).
@@ -41,11 +41,14 @@ def _stats_for(spec: CompensatedSpec, w16: torch.Tensor) -> LayerStats:
     return found
 
 
-def importance(w16: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-    """E[x^2] of the input each weight multiplies, laid out like the weight (O, I/G, *k), float64."""
+def importance(w16: torch.Tensor, stats: LayerStats, centred: bool = False) -> torch.Tensor:
+    """E[x^2] of the input each weight multiplies, laid out like the weight (O, I/G, *k), float64; with
+    ``centred``, Var[x] = E[x^2] - E[x]^2: once bias correction removes the mean shift (W_q - W) E[x], the
+    output error left is (W_q - W)(x - E[x]), whose diagonal cost weights each input by its variance."""
     groups = stats.groups
     per = w16.shape[0] // groups
-    return stats.patch_sq.repeat_interleave(per, dim=0).reshape(w16.shape)
+    weight = stats.patch_sq - stats.patch_mean ** 2 if centred else stats.patch_sq
+    return weight.clamp_min(0.0).repeat_interleave(per, dim=0).reshape(w16.shape)
 
 
 def bias_delta(w16: torch.Tensor, compressed: torch.Tensor, stats: LayerStats) -> torch.Tensor:
@@ -96,15 +99,17 @@ def weighted_kmeans(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np
     return lut16.astype(np.float16), idx.astype(np.int64)
 
 
-def aware_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: LayerStats) -> Palettized | str:
-    """``palettize`` with the k-means weighted by each weight's E[x^2] (groups and /pcs as coremltools lays them out)."""
+def aware_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: LayerStats,
+                    centred: bool = False) -> Palettized | str:
+    """``palettize`` with the k-means weighted by each weight's E[x^2] (Var[x] when ``centred``, for use with
+    bias correction); groups and /pcs laid out as coremltools does."""
     axis = channel_axis(op_type)
     shape = tuple(w16.shape)
     channels = shape[axis]
     group = spec.group_size or channels
     if channels % group:
         return f"group size {group} does not divide the {channels} output channels"
-    imp = importance(w16, stats)
+    imp = importance(w16, stats, centred)
     pcs = None
     if spec.per_channel_scale:
         pcs = per_channel_scale(w16, axis)
@@ -124,7 +129,7 @@ def aware_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats:
 def simulate_compensated(spec: CompensatedSpec, w16: torch.Tensor, op_type: str, kmeans: str) -> SimResult:
     stats = _stats_for(spec, w16)
     if spec.activation_aware:
-        found = aware_palettize(spec.base, w16, op_type, stats)
+        found = aware_palettize(spec.base, w16, op_type, stats, centred=spec.bias_correction)
         if isinstance(found, str):
             return skipped(w16, found, spec)
         result = SimResult(found.dense(), {**found.params(), "aware_groups": _group_table(found, spec.base, w16,
