@@ -157,6 +157,28 @@ def _compensations(loaded, resolved: dict[str, Spec], statistics, model) -> tupl
     return deltas, tables
 
 
+def needs_statistics(plan: Plan) -> bool:
+    """Whether any spec of ``plan`` compensates from calibration statistics (``+aw``, ``+bc``)."""
+    return any(isinstance(s, CompensatedSpec) for s in plan._all_specs())
+
+
+def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32) -> "Statistics":
+    """Input statistics of every conv/linear weight of the package ``model`` over ``data`` (a folder, .npz or
+    ``package.module:fn``; labels unused), collected by running the package itself with the package runtime."""
+    from .errors import DataError
+    from .evaluation import resolve_data
+    from .evaluation.data import package_input
+    from .runtime import load_graph
+    from .simulate.calibration import package_statistics
+
+    spec, vocab = package_input(load_graph(model))
+    dataset = resolve_data(data, spec, vocab=vocab)
+    if dataset is None:
+        raise DataError("--data", "is needed by compensated specs (+aw, +bc)",
+                        "pass the calibration data the plan was made on: --data FOLDER|FILE.npz|package.module:fn")
+    return package_statistics(model, [x for x, _ in dataset.batches(batch_size)])
+
+
 def _check_statistics(resolved: dict[str, Spec], statistics) -> None:
     """One line, before any work, when a compensated spec has no calibration statistics to work from."""
     compensated = {name: spec for name, spec in resolved.items() if isinstance(spec, CompensatedSpec)}

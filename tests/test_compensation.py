@@ -158,3 +158,50 @@ def test_compensated_spec_without_statistics_is_one_line(converted, tmp_path):
     assert not (tmp_path / "x.mlpackage").exists()
     with pytest.raises(SpecError, match="calibration statistics"):
         simulate("pal4+bc", model.fc.weight.detach())
+
+
+def test_package_statistics_equal_the_torch_model_s(converted):
+    """Statistics collected by running the package itself (package runtime) find the same weights and agree
+    with the torch model's (fp16 weights in the package: close, not equal)."""
+    from coreml_opt.simulate.calibration import package_statistics
+
+    model, path, stats, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)]
+    from_package = package_statistics(path, batches)
+    assert set(from_package.layers) == set(stats.layers)
+    for key, layer in stats.layers.items():
+        other = from_package.layers[key]
+        assert other.samples == layer.samples and other.patch_mean.shape == layer.patch_mean.shape
+        assert torch.allclose(other.patch_mean, layer.patch_mean, rtol=1e-2, atol=1e-3)
+
+
+def test_cli_compress_calibrates_compensated_specs_from_data(converted, tmp_path):
+    """`compress --spec pal4+aw+bc --data X.npz` collects statistics by running the package itself and writes
+    the simulated biases; without --data it is one line, exit 2, nothing written."""
+    from conftest import run_cli
+
+    from coreml_opt.simulate.calibration import package_statistics
+
+    model, path, _, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 12, 12, generator=gen) * 2 - 0.5
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    out = tmp_path / "cli.mlpackage"
+    code, stdout, stderr = run_cli("compress", str(path), "--spec", "pal4+aw+bc", "--data", str(tmp_path / "calib.npz"),
+                                   "-o", str(out))
+    assert code == 0, stderr
+    consts, torch_names = _package_values(out)
+    stats = package_statistics(path, [x[:8], x[8:]])
+    with using_statistics(stats), apply_plan(model, {p: "pal4+aw+bc" for p in LAYERS.values()
+                                                     if model.get_parameter(p).numel() > 2048}) as results:
+        assert results, "no layer above the weight threshold"
+        for param in results:
+            module = model.get_submodule(param.rpartition(".")[0])
+            const = {t: n for n, t in torch_names.items()}[param]
+            assert np.array_equal(module.bias.detach().numpy(),
+                                  consts[const.replace("weight", "bias")].astype(np.float32))
+    missing = tmp_path / "missing.mlpackage"
+    code, stdout, stderr = run_cli("compress", str(path), "--spec", "pal4+bc", "-o", str(missing))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--data" in stderr
+    assert not missing.exists()

@@ -12,10 +12,11 @@ hash of the weight's fp16 values, so the package's weights find them without a n
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import hashlib
 import logging
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -68,22 +69,27 @@ def weight_key(weight: torch.Tensor) -> str:
     return content_hash(weight, "fp16")
 
 
-_ACTIVE: contextvars.ContextVar[Statistics | None] = contextvars.ContextVar("coreml_opt_statistics", default=None)
+# Process-wide, not a context variable: sweeps simulate in worker threads, which must see them too.
+_ACTIVE: list[Statistics | None] = [None]
+_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def using_statistics(stats: Statistics | None) -> Iterator[Statistics | None]:
-    """Within the block, compensated specs read their calibration statistics from ``stats``."""
-    reset = _ACTIVE.set(stats)
+    """Within the block, compensated specs read their calibration statistics from ``stats`` (in every thread);
+    blocks nest, the innermost wins."""
+    with _LOCK:
+        previous, _ACTIVE[0] = _ACTIVE[0], stats
     try:
         yield stats
     finally:
-        _ACTIVE.reset(reset)
+        with _LOCK:
+            _ACTIVE[0] = previous
 
 
 def active_statistics() -> Statistics | None:
     """The statistics set by :func:`using_statistics`, or None."""
-    return _ACTIVE.get()
+    return _ACTIVE[0]
 
 
 class _Accumulator:
@@ -195,4 +201,24 @@ def collect_statistics(model: torch.nn.Module, batches: Iterable) -> Statistics:
         if acc.count:
             out.layers[weight_key(weight)] = acc.finish(tuple(weight.shape))
     logger.info("calibration statistics of %d weights", len(out.layers))
+    return out
+
+
+def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor]) -> Statistics:
+    """:func:`collect_statistics` of an ``.mlpackage`` run by the package runtime (fp32): its conv/linear ops
+    call F.conv*/F.linear with the stored weights and Core ML's own padding, so no torch model is needed."""
+    from ..evaluation.backends import PackageBackend
+
+    backend = PackageBackend(path)
+    batches = list(batches)
+    with torch.no_grad():
+        backend(batches[0][:2])  # the runtime's one-time batching check runs outside the recording
+        recorder = _Recorder()
+        with recorder:
+            for batch in batches:
+                backend(batch)
+    out = Statistics()
+    for weight, acc in recorder.found.values():
+        if acc.count:
+            out.layers[weight_key(weight)] = acc.finish(tuple(weight.shape))
     return out
