@@ -159,7 +159,9 @@ def _compensations(loaded, resolved: dict[str, Spec], statistics, model) -> tupl
 
 def needs_statistics(plan: Plan) -> bool:
     """Whether any spec of ``plan`` compensates from calibration statistics (``+aw``, ``+bc``)."""
-    return any(isinstance(s, CompensatedSpec) for s in plan._all_specs())
+    from .simulate.calibration import needs_statistics as any_compensated
+
+    return any_compensated(plan._all_specs())
 
 
 def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32) -> "Statistics":

@@ -205,3 +205,58 @@ def test_cli_compress_calibrates_compensated_specs_from_data(converted, tmp_path
     code, stdout, stderr = run_cli("compress", str(path), "--spec", "pal4+bc", "-o", str(missing))
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--data" in stderr
     assert not missing.exists()
+
+
+def test_sweep_measures_compensated_candidates_with_the_sweep_data(converted):
+    """A sensitivity sweep with +bc candidates collects statistics on its own data; each trial equals the layer
+    measured directly with those statistics, and bias correction lowers the summed single-layer KL."""
+    from coreml_opt.metrics import kl_divergence
+    from coreml_opt.sensitivity import analyse
+
+    model, _, _, _ = converted
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(16, 3, 12, 12, generator=gen) * 2 - 0.5
+    result = analyse(model, (1, 3, 12, 12), x, metric="kl", candidates="pal2,pal2+bc", progress=False,
+                     include_all=True, use_suffix=False)
+    by = {(t.layer, t.spec): t for t in result.trials}
+    assert {spec for _, spec in by} == {"pal2", "pal2+bc"}
+    assert sum(by[k].drop for k in by if k[1] == "pal2+bc") < sum(by[k].drop for k in by if k[1] == "pal2")
+    from coreml_opt.sensitivity.layers import fp16_copy
+
+    base = fp16_copy(model)  # the sweep's fp16 baseline, weights and biases
+    with torch.no_grad():
+        reference = model(x)
+        stats = collect_statistics(base, [x])
+        with using_statistics(stats), apply_plan(base, {"stem.weight": "pal2+bc"}):
+            direct = kl_divergence(base(x), reference)
+    assert by[("stem.weight", "pal2+bc")].metric == pytest.approx(direct, rel=1e-4)
+
+
+def test_plan_emit_ships_compensated_candidates_with_the_sweep_statistics(tmp_path):
+    """plan --emit of a sweep with +bc candidates: the session measures with the sweep data's statistics and
+    the emitted package holds the corrected biases (equal to the session's simulation)."""
+    from coreml_opt.planning.session import PlanningSession
+    from coreml_opt.sensitivity import analyse
+    from coreml_opt.sensitivity.layers import fp16_copy
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    gen = torch.Generator().manual_seed(2)
+    np.savez(tmp_path / "data.npz", x=(torch.rand(16, 3, 12, 12, generator=gen) * 2 - 0.5).numpy())
+    sweep_dir = tmp_path / "sweep"
+    analyse(model, (1, 3, 12, 12), str(tmp_path / "data.npz"), metric="kl", candidates="pal4+bc", progress=False,
+            include_all=True, use_suffix=False, out_dir=sweep_dir)
+    session = PlanningSession.open(sweep_dir, model=model)
+    result = session.plan(bpw=7)
+    layers = {name: str(spec) for name, spec in result.plan.layers.items() if not spec.is_none}
+    assert layers and set(layers.values()) == {"pal4+bc"}
+    report = session.emit(result, tmp_path / "emitted.mlpackage")
+    consts, torch_names = _package_values(report.output)
+    const_of = {t: n for n, t in torch_names.items()}
+    base = fp16_copy(model)
+    with using_statistics(session.statistics(layers.values())), apply_plan(base, layers):
+        for param in layers:
+            module = base.get_submodule(param.rpartition(".")[0])
+            const = const_of[param]
+            name = const.replace("weight", "bias") if const.replace("weight", "bias") in consts else const + "_corrected_bias"
+            assert np.array_equal(module.bias.detach().numpy(), consts[name].astype(np.float32)), param

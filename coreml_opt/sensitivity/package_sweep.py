@@ -18,12 +18,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, SpecError
 from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data, run_batches
 from ..evaluation.data import package_input
 from ..metrics import MetricError, get_metric
 from ..simulate import NonFiniteWeightError, SimCache
-from ..spec import Spec
+from ..spec import CompensatedSpec, Spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
@@ -92,6 +92,10 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
         raise ModelError(label, f"targets iOS{ios}, the sweep asks for {target}",
                          f"pass --target iOS{ios} or lower, or reconvert the model for {target}")
     specs, skipped_candidates = resolve_candidates(candidates, target)
+    compensated = [str(s) for s in specs if isinstance(s, CompensatedSpec)]
+    if compensated:  # a package trial swaps const values in the runtime; a corrected bias is another op's input
+        raise SpecError(f"candidate {compensated[0]}", "a package-only sweep cannot measure compensated specs "
+                        "(+aw, +bc)", "sweep the torch model (a package.module:fn factory), or drop +aw/+bc")
     if not layers:
         raise ModelError(label, f"has no uncompressed weight above {weight_threshold} elements",
                          "pass --all-layers or a lower --weight-threshold, or sweep the uncompressed package")

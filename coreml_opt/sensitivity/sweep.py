@@ -25,6 +25,7 @@ from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
+from ..simulate.calibration import statistics_if_needed
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
@@ -222,7 +223,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     out_path, store = open_store(out_dir, model_hash(base), evaluator, kmeans)
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
-    cache = SimCache()
+    cache = SimCache(statistics=statistics_if_needed(specs, base, evaluator.batches, label))  # for +aw/+bc
     plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending

@@ -87,9 +87,46 @@ def using_statistics(stats: Statistics | None) -> Iterator[Statistics | None]:
             _ACTIVE[0] = previous
 
 
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def thread_statistics(stats: Statistics | None) -> Iterator[None]:
+    """Within the block, in this thread only, ``stats`` win over :func:`using_statistics` (a cache that owns
+    its statistics simulates under it, whichever thread runs the simulation)."""
+    previous = getattr(_LOCAL, "stats", None)
+    _LOCAL.stats = stats
+    try:
+        yield
+    finally:
+        _LOCAL.stats = previous
+
+
 def active_statistics() -> Statistics | None:
-    """The statistics set by :func:`using_statistics`, or None."""
-    return _ACTIVE[0]
+    """This thread's statistics (:func:`thread_statistics`), else those of :func:`using_statistics`, or None."""
+    local = getattr(_LOCAL, "stats", None)
+    return local if local is not None else _ACTIVE[0]
+
+
+def needs_statistics(specs: Iterable) -> bool:
+    """Whether any of ``specs`` compensates from calibration statistics (``+aw``, ``+bc``)."""
+    from ..spec import CompensatedSpec, parse_spec
+
+    return any(isinstance(parse_spec(s), CompensatedSpec) for s in specs)
+
+
+def statistics_if_needed(specs: Iterable, model: torch.nn.Module, batches: list | None,
+                         label: str = "model") -> Statistics | None:
+    """:func:`collect_statistics` of ``model`` over ``batches`` when a spec needs them, else None; DataError
+    (one line) when they are needed and there is no data."""
+    if not needs_statistics(list(specs)):
+        return None
+    if not batches:
+        from ..errors import DataError
+
+        raise DataError(label, "has no calibration data for the compensated candidates (+aw, +bc)",
+                        "pass --data with the sweep's inputs, or drop +aw/+bc candidates")
+    return collect_statistics(model, batches)
 
 
 class _Accumulator:
