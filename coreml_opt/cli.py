@@ -130,7 +130,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         measure = CompressMeasure(args.model, args.data, args.metric or "accuracy", reference=args.reference)
     report = compress(args.model, plan, args.output, statistics=statistics)
-    measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans) if measure else None
+    measured = None
+    if measure:
+        from .simulate import using_statistics
+
+        with using_statistics(statistics):
+            measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans)
     if args.json:
         print(json.dumps({"output": str(report.output), "passes": report.passes,
                           "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,

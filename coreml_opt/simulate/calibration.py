@@ -259,3 +259,40 @@ def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor])
         if acc.count:
             out.layers[weight_key(weight)] = acc.finish(tuple(weight.shape))
     return out
+
+
+class CorrectedBiases(TorchFunctionMode):
+    """Within the block, every F.conv1d/F.conv2d/F.linear call whose weight holds one of the given (compressed)
+    values adds its bias delta, rounded as the package stores it: runs a package (runtime) or model with
+    simulated weights AND bias-corrected biases, where the op's bias is not a replaceable value (or absent).
+    ``deltas``: {:func:`weight_key` of the simulated weight: bias delta (O,)}."""
+
+    def __init__(self, deltas: dict[str, torch.Tensor], precision: str = "fp16") -> None:
+        super().__init__()
+        self.deltas, self.precision = deltas, precision
+        self._keys: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def _delta(self, weight: torch.Tensor) -> torch.Tensor | None:
+        found = self._keys.get(id(weight))
+        if found is None or found[0] is not weight:
+            found = (weight, weight_key(weight))
+            self._keys[id(weight)] = found
+        return self.deltas.get(found[1])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if self.deltas and func in (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d, F.linear, torch._C._nn.linear):
+            args = list(args)
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            delta = self._delta(weight)
+            if delta is not None:
+                from .compensate import corrected_bias
+
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                new = corrected_bias(None if bias is None else bias.detach().cpu().numpy(), delta, self.precision)
+                new = new.to(device=weight.device, dtype=weight.dtype)
+                if len(args) > 2:
+                    args[2] = new
+                else:
+                    kwargs["bias"] = new
+        return func(*args, **kwargs)
