@@ -6,8 +6,9 @@
   ``params["bias_delta"]`` holds -(W_q - W) E[x] per output channel; :func:`corrected_bias` is
   the one rounding both the simulation and the package use.
 - ``+aw``: activation-aware LUT: per group, 1-D k-means of the weights weighted by E[x^2] of each
-  weight's input position (Var[x] under ``+aw+bc``, since the bias then absorbs the mean) (the diagonal of the layer's input Hessian, as in AWQ/GPTQ-style
-  objectives), Lloyd iterations in float64 from weighted quantiles. Shipped exactly through
+  weight's input position (the diagonal of the layer's input Hessian, as in AWQ/GPTQ-style objectives;
+  Var[x] under ``+aw+bc``, since the bias then absorbs the mean), solved exactly by the optimal 1-D
+  k-means coremltools uses. Shipped exactly through
   ``OpPalettizerConfig(mode="custom", lut_function=...)`` by looking each group's fp16 values up
   in the LUTs the simulation chose (:func:`aware_lut_function`).
 """
@@ -22,9 +23,9 @@ from ..storage import _tensors
 from .calibration import LayerStats, active_statistics
 from .core import SimResult, handler_for, register_handler, skipped
 from .numerics import h
+from .optimal1d import cluster, fp16_unique
 from .palettize import Palettized, per_channel_scale
 
-AWARE_ITERATIONS = 30
 
 
 def _stats_for(spec: CompensatedSpec, w16: torch.Tensor) -> LayerStats:
@@ -68,34 +69,17 @@ def corrected_bias(bias: np.ndarray | torch.Tensor | None, delta: torch.Tensor, 
 
 
 def weighted_kmeans(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """1-D k-means of ``values`` minimising sum weights * (v - c)^2; (LUT of k fp16 values, int64 indices).
-
-    Deterministic: starts from weighted quantiles of the distinct values, fixed Lloyd iterations in
-    float64; the LUT is rounded to fp16 and each value takes its nearest fp16 entry (ties: lower)."""
-    uniq, inverse = np.unique(values.astype(np.float64), return_inverse=True)
-    w = np.bincount(inverse.reshape(-1), weights=weights.reshape(-1).astype(np.float64), minlength=len(uniq))
-    w = w + 1e-12 * max(w.max(), 1e-30)  # an input that is always zero still keeps its weights on the grid
-    if len(uniq) <= k:
-        lut = np.concatenate([uniq, np.full(k - len(uniq), uniq[-1])])
-    else:
-        cdf = np.cumsum(w) / w.sum()
-        lut = uniq[np.minimum(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), len(uniq) - 1)]
-        for _ in range(AWARE_ITERATIONS):
-            lut = np.unique(lut)
-            edges = (lut[1:] + lut[:-1]) / 2
-            cluster = np.searchsorted(edges, uniq)
-            mass = np.bincount(cluster, weights=w, minlength=len(lut))
-            total = np.bincount(cluster, weights=w * uniq, minlength=len(lut))
-            new = np.where(mass > 0, total / np.where(mass > 0, mass, 1), lut)
-            if np.array_equal(new, lut):
-                break
-            lut = new
-        lut = np.sort(np.concatenate([lut, np.full(k - len(lut), lut[-1])]))
+    """Optimal 1-D k-means of fp16 ``values`` minimising sum weights * (v - c)^2: (LUT of k fp16 values, int64
+    indices). The distinct values carry their summed weights into the same exact dynamic programme coremltools
+    uses unweighted (:func:`.optimal1d.cluster`); each value then takes its nearest fp16 entry (ties: lower)."""
+    distinct, inverse, _ = fp16_unique(values)
+    w = np.bincount(inverse, weights=weights.reshape(-1).astype(np.float64), minlength=len(distinct))
+    w = w + 1e-12 * max(float(w.max()), 1e-30)  # a weight whose input is always zero still counts, barely
+    _, centroids = cluster(distinct.astype(np.float64), w, k)
+    lut = np.sort(np.concatenate([centroids, np.full(k - len(centroids), centroids[-1])]))
     lut16 = lut.astype(np.float16).astype(np.float64)
-    order = np.argsort(lut16, kind="stable")
-    sorted_lut = lut16[order]
-    edges = (sorted_lut[1:] + sorted_lut[:-1]) / 2
-    idx = order[np.searchsorted(edges, values.astype(np.float64).reshape(-1), side="left")]
+    edges = (lut16[1:] + lut16[:-1]) / 2
+    idx = np.searchsorted(edges, values.astype(np.float64).reshape(-1), side="left")
     return lut16.astype(np.float16), idx.astype(np.int64)
 
 
