@@ -30,7 +30,7 @@ from coreml_opt.simulate import apply_plan, collect_statistics, using_statistics
 from coreml_opt.zoo import efficientnet_lite0
 
 WHOLE = "pal4,pal4+bc,pal4+aw,pal4+aw+bc,pal4/pcs,pal4/pcs+aw+bc,pal4/g16,pal4/g16+aw+bc,int4/block32,int4/block32+bc"
-SINGLE = ("pal2", "pal2+bc", "pal2+aw", "pal2+aw+bc", "pal4", "pal4+aw+bc")
+SINGLE = "pal2,pal2+bc,pal2+aw,pal2+aw+bc,pal4,pal4+aw+bc"
 
 
 def _run(model: nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="photos (half for statistics, half for the figures)")
     parser.add_argument("--layers", type=int, default=8, help="layers sampled for the single-layer table")
     parser.add_argument("--whole", default=WHOLE, help="comma-separated uniform specs for the whole-model table")
+    parser.add_argument("--single", default=SINGLE, help="comma-separated specs for the single-layer table")
+    parser.add_argument("--no-bn", action="store_true", help="skip the BN lead (unfolded vs folded LUTs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.manual_seed(0)
@@ -85,23 +87,41 @@ def main() -> None:
         print(f"{spec:28s} {agreement:9.3f} {kl:8.4f} {len(fit):5d}", flush=True)
     out["whole"] = whole
 
-    step = max(1, len(paths) // max(1, args.layers))
-    sample = paths[::step][: args.layers]
+    singles = [s for s in args.single.split(",") if s]
+    kinds: dict[str, list[str]] = {}
+    for path in paths:
+        module = folded.get_submodule(path.rpartition(".")[0])
+        kind = ("linear" if isinstance(module, nn.Linear) else "depthwise conv" if module.groups > 1
+                else "conv 1x1" if module.kernel_size == (1, 1) else "conv")
+        kinds.setdefault(kind, []).append(path)
+    sample = []
+    for kind, members in kinds.items():  # up to --layers per kind, evenly spaced through the network
+        step = max(1, len(members) // max(1, args.layers))
+        sample += members[::step][: args.layers]
     print(f"\nsingle-layer KL (x1e3), {len(sample)} layers")
-    print(f"{'layer':40s} " + " ".join(f"{s:>11s}" for s in SINGLE))
+    print(f"{'layer':40s} " + " ".join(f"{s:>11s}" for s in singles))
     single = {}
     for path in sample:
         row = {}
-        for spec in SINGLE:
+        for spec in singles:
             row[spec] = measure(folded, {path: spec})[1] if _fits(spec, folded, path) else None
         single[path] = row
         print(f"{path:40s} " + " ".join(f"{1e3 * v:11.3f}" if v is not None else f"{'-':>11s}" for v in row.values()),
               flush=True)
     out["single"] = single
-    totals = {s: sum(r[s] for r in single.values() if r[s] is not None) for s in SINGLE}
+    totals = {s: sum(r[s] for r in single.values() if r[s] is not None) for s in singles}
+    for kind, members in kinds.items():
+        rows = [single[p] for p in sample if p in members]
+        if rows:
+            print(f"{'sum ' + kind + f' ({len(rows)})':40s} " + " ".join(
+                f"{1e3 * sum(r[s] for r in rows if r[s] is not None):11.3f}" for s in singles))
     print(f"{'sum':40s} " + " ".join(f"{1e3 * v:11.3f}" for v in totals.values()))
     out["single_sum"] = totals
 
+    if args.no_bn:
+        out["wall_s"] = round(time.time() - start, 1)
+        print(json.dumps(out))
+        return
     # The BN lead: palettize the unfolded conv weights (per-tensor k-means), then fold BN's scale in.
     unfolded = copy.deepcopy(original)
     bn_paths = [p for p in _weights(unfolded)]

@@ -280,3 +280,27 @@ def test_compress_measure_runs_the_simulated_biases_too(converted, tmp_path):
     measured = json.loads(stdout)["measured"]
     assert measured["simulated"] == pytest.approx(measured["measured"], abs=1e-3)
     assert measured["measured"] < measured["reference"]
+
+
+def test_ladder_candidates_try_each_layer_kind_s_rungs(converted):
+    """candidates="ladder": each layer tries only its kind's ladder, with +bc rungs given data and their plain
+    bases without (a data-free sweep); conv, depthwise conv, linear and embedding are told apart."""
+    from coreml_opt.sensitivity import analyse
+    from coreml_opt.sensitivity.ladder import LADDERS, layer_kind, ladder_for
+
+    assert layer_kind("conv(groups=16)", (16, 1, 3, 3)) == "depthwise conv"
+    assert layer_kind("conv(groups=4)", (32, 8, 3, 3)) == "conv"
+    assert layer_kind("gather+linear", (100, 16)) == "embedding" and layer_kind("linear", (8, 4)) == "linear"
+    assert not any("+" in s for s in ladder_for("conv", (8, 8, 3, 3), calibrated=False))
+    model, _, _, _ = converted
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5
+    result = analyse(model, (1, 3, 12, 12), x, metric="kl", candidates="ladder", progress=False, include_all=True)
+    tried = {(t.layer, t.spec) for t in result.trials} | {(t["layer"], t["spec"]) for t in result.skipped_trials}
+    assert tried == {(layer.layer, spec) for layer in result.layers for spec in ladder_for(layer.op_type, layer.shape)}
+    dw = next(layer for layer in result.layers if layer.layer == "dw.weight")
+    assert layer_kind(dw.op_type, dw.shape) == "depthwise conv"
+    data_free = analyse(model, (1, 3, 12, 12), None, metric="kl", candidates="ladder", progress=False,
+                        include_all=True, max_trials=0)
+    assert any("+bc" in s for s in result.candidates) and not any("+" in s for s in data_free.candidates)
+    assert set(LADDERS) == {"conv", "depthwise conv", "linear", "embedding"}

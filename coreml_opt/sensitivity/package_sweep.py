@@ -28,8 +28,8 @@ from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
-from .sweep import (SweepResult, _data_reference, _progress, collect_trials, finish_sweep, open_store, plan_trials,
-                    resolve_candidates, run_trials)
+from .sweep import (BY_KIND, SweepResult, _data_reference, _progress, collect_trials, finish_sweep, open_store,
+                    plan_trials, resolve_candidates, run_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     if target_rank(target) > ios:
         raise ModelError(label, f"targets iOS{ios}, the sweep asks for {target}",
                          f"pass --target iOS{ios} or lower, or reconvert the model for {target}")
-    specs, skipped_candidates = resolve_candidates(candidates, target)
+    specs, skipped_candidates = resolve_candidates(candidates, target, calibrated=False)
     compensated = [str(s) for s in specs if isinstance(s, CompensatedSpec)]
     if compensated:  # a package trial swaps const values in the runtime; a corrected bias is another op's input
         raise SpecError(f"candidate {compensated[0]}", "a package-only sweep cannot measure compensated specs "
@@ -115,7 +115,8 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
 
     out_path, store = open_store(out_dir, package_hash(package), evaluator, kmeans)
     cache = SimCache()
-    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing)
+    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing,
+                                      by_kind=False if candidates == BY_KIND else None)  # no calibration here
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)

@@ -26,6 +26,7 @@ from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
 from ..simulate.calibration import statistics_if_needed
+from .ladder import default_ladder, ladder_for
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
@@ -38,6 +39,7 @@ from .suffix import SuffixRunner
 logger = logging.getLogger(__name__)
 
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "int4/block32", "pal6", "pal4", "pal2", "prune50")
+BY_KIND = "ladder"  # candidates="ladder": each layer tries its kind's ladder (ladder.py), +bc with calibration data
 
 
 @dataclass
@@ -134,11 +136,12 @@ def _skip_reason(layer: Layer, spec: Spec, weight: torch.Tensor, cache: SimCache
 
 
 def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
-                       target: str) -> tuple[list[Spec], list[dict[str, str]]]:
-    """Parsed candidates; the default ladder drops (and reports) specs the target cannot run."""
+                       target: str, calibrated: bool = True) -> tuple[list[Spec], list[dict[str, str]]]:
+    """Parsed candidates; the default ladder (or ``"ladder"``, every kind's ladder) drops (and reports) specs the
+    target cannot run; without calibration data (``calibrated`` False) compensated rungs (+bc) are their bases."""
     rank = target_rank(target)
-    if candidates is None:
-        specs = [parse_spec(s) for s in DEFAULT_LADDER]
+    if candidates is None or candidates == BY_KIND:
+        specs = [parse_spec(s) for s in (default_ladder(calibrated) if candidates == BY_KIND else DEFAULT_LADDER)]
         kept = [s for s in specs if s.min_target <= rank]
         skipped = [{"spec": str(s), "reason": f"needs iOS{s.min_target}, target is {target}"}
                    for s in specs if s.min_target > rank]
@@ -185,10 +188,13 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             out_dir: Union[str, Path, None] = None, max_trials: Optional[int] = None,
             time_budget: Optional[float] = None, progress: bool = True, *,
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
-            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact") -> SweepResult:
+            batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
+            compensate: bool = True) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
-    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids."""
+    ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
+    With ``candidates="ladder"`` each layer tries its kind's ladder (``ladder.py``); its compensated rungs
+    (+bc) need ``data``, and are their plain bases without it or with ``compensate=False``."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -197,7 +203,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     input_spec = single_input(example_input_shape)
     shape = input_spec.shape
     target = target_name(target)
-    specs, skipped_candidates = resolve_candidates(candidates, target)
+    calibrated = compensate and data is not None and not (callable(metric) or ":" in str(metric))
+    specs, skipped_candidates = resolve_candidates(candidates, target, calibrated)
     module, factory = resolve_model(model)
     label = factory or type(module).__name__
     if callable(metric) or ":" in str(metric):
@@ -224,7 +231,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     ios18 = target_rank(target) >= 18
     weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
     cache = SimCache(statistics=statistics_if_needed(specs, base, evaluator.batches, label))  # for +aw/+bc
-    plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
+    plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing,
+                                      by_kind=calibrated if candidates == BY_KIND else None)
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)
@@ -292,15 +300,18 @@ def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evalu
 
 
 def plan_trials(layers: Sequence[Layer], specs: Sequence[Spec], weights: dict[str, torch.Tensor], cache: SimCache,
-                kmeans: str, store: ResultStore,
-                timing: dict[str, float]) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
+                kmeans: str, store: ResultStore, timing: dict[str, float],
+                by_kind: Optional[bool] = None) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
     """(every (layer, spec) compress could emit, those not yet in the store, the book holding the skips and
-    the stored values)."""
+    the stored values); ``by_kind`` (not None): each layer only tries its kind's default ladder (``ladder.py``),
+    with its compensated rungs when True (calibration data), their plain bases when False."""
     done = store.finished()
     plan: list[tuple[Layer, Spec]] = []
     skipped_trials: list[dict[str, str]] = []
     for layer in layers:
         for spec in specs:
+            if by_kind is not None and str(spec) not in ladder_for(layer.op_type, layer.shape, by_kind):
+                continue
             problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
             if problem:
                 skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})
