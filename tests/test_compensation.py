@@ -304,3 +304,39 @@ def test_ladder_candidates_try_each_layer_kind_s_rungs(converted):
                         include_all=True, max_trials=0)
     assert any("+bc" in s for s in result.candidates) and not any("+" in s for s in data_free.candidates)
     assert set(LADDERS) == {"conv", "depthwise conv", "linear", "embedding"}
+
+
+def test_workflow_data_free_stage_calibrates_with_its_data(tmp_path):
+    """A data_free stage whose plan holds +bc specs takes `data:` for calibration and reports the metric of the
+    package it wrote (biases included); without `data:` the stage fails in one line naming it."""
+    from coreml_opt.workflows.config import parse_workflow
+    from coreml_opt.workflows.runner import run_workflow
+
+    doc = {"name": "bc", "model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8], "target": "iOS18",
+           "plan": {"global": "pal2+bc", "weight_threshold": 0},
+           "eval": {"data": "digits-test", "metric": "accuracy", "measure": True},
+           "stages": [{"data_free": {"data": "digits-train"}}]}
+    result = run_workflow(parse_workflow(doc), out=tmp_path / "ok", progress=False)
+    assert result.ok, result.failed and result.failed.error
+    stage = result.stages[0]
+    assert stage.outcome.runtime_metric == pytest.approx(stage.outcome.metric, abs=0.01)  # torch vs package runtime
+    doc["stages"] = [{"data_free": {}}]
+    failed = run_workflow(parse_workflow(doc), out=tmp_path / "bad", progress=False)
+    assert not failed.ok and "data" in failed.failed.error and len(failed.failed.error.splitlines()) == 1
+
+
+def test_package_weights_model_gets_the_bias_bc_added(converted, tmp_path):
+    """load_consts (the torch model of a package's weights, used by workflows and reports) takes the bias +bc
+    added to a bias-free conv, so it computes what the package does."""
+    from coreml_opt.evaluation.weights import load_consts
+
+    model, path, stats, _ = converted
+    out = tmp_path / "pw.mlpackage"
+    compress(path, Plan(layers={"pw": parse_spec("pal4+bc")}), out, statistics=stats)
+    consts, _ = _package_values(out)
+    loaded = load_consts(model, consts)
+    assert model.pw.bias is None and loaded.pw.bias is not None
+    assert np.array_equal(loaded.pw.bias.detach().numpy(), consts["pw_weight_to_fp16_corrected_bias"].astype(np.float32))
+    with using_statistics(stats), apply_plan(model, {"pw.weight": "pal4+bc"}):
+        x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+        assert torch.allclose(loaded(x), model(x), atol=1e-4)

@@ -15,7 +15,7 @@ from ..spec import readers
 # (report half): every LUT and 4-bit rung of a conv or linear carries it. Embeddings (gather) have no bias.
 LADDERS: dict[str, tuple[str, ...]] = {
     "conv": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc", "prune50"),
-    "depthwise conv": ("int8", "int4+bc", "pal6+bc", "pal4/pcs+bc", "pal4+bc", "pal2+bc"),
+    "depthwise conv": ("int8", "int4+bc", "pal6+bc", "pal4/g8+bc", "pal4/pcs+bc", "pal4+bc", "pal2+bc"),
     "linear": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc", "prune50"),
     "embedding": ("int8", "int4/block32", "pal6", "pal4/g8", "pal4", "pal2", "prune50"),
 }
