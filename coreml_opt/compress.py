@@ -94,7 +94,7 @@ def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
     skipped.update(_data_dependent_skips(loaded, resolved, plan.named_weights(before)))
     resolved.update({name: NoneSpec() for name in skipped})
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
-    deltas, tables = _compensations(loaded, resolved, statistics, model)
+    deltas, tables = _compensations(loaded, resolved, statistics, model, plan.kmeans)
     fast = plan.kmeans == "fast"
     lut_function = None
     if tables or fast:
@@ -130,9 +130,9 @@ def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
     return CompressionReport(Path(output), rows, after, [p.function for p in passes], skipped)
 
 
-def _compensations(loaded, resolved: dict[str, Spec], statistics, model) -> tuple[dict, list]:
-    """({weight: bias delta} of +bc specs, [LUT tables of +aw specs]) from the simulation (cached), so the
-    package stores exactly what was simulated. One line when statistics are missing."""
+def _compensations(loaded, resolved: dict[str, Spec], statistics, model, kmeans: str) -> tuple[dict, list]:
+    """({weight: bias delta} of +bc specs, [LUT tables of +aw specs]) from the simulation (cached) with the plan's
+    k-means, so the package stores exactly what was simulated. One line when statistics are missing."""
     import torch
 
     from .simulate import default_cache
@@ -147,7 +147,7 @@ def _compensations(loaded, resolved: dict[str, Spec], statistics, model) -> tupl
             raise PlanError(f"layer {weight.torch_name or name} (spec {spec})",
                             f"has no calibration statistics: no conv/linear of the calibration model holds "
                             f"these weights", f"collect statistics on the model {model} was converted from")
-        result = default_cache().get(spec, values, weight.reader_type, precision=weight.dtype)
+        result = default_cache().get(spec, values, weight.reader_type, kmeans, precision=weight.dtype)
         if result.skipped:
             continue
         if "bias_delta" in result.params:

@@ -340,3 +340,17 @@ def test_package_weights_model_gets_the_bias_bc_added(converted, tmp_path):
     with using_statistics(stats), apply_plan(model, {"pw.weight": "pal4+bc"}):
         x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
         assert torch.allclose(loaded(x), model(x), atol=1e-4)
+
+
+def test_fast_kmeans_plans_ship_bias_corrected_palettes(converted, tmp_path):
+    """kmeans: fast with +bc: the fast palettes are shipped (lut_function of the base) and the biases follow."""
+    model, path, stats, _ = converted
+    out = tmp_path / "fast.mlpackage"
+    plan = Plan(layers={"grouped": parse_spec("pal4+bc"), "fc": parse_spec("pal2+bc")}, kmeans="fast")
+    compress(path, plan, out, statistics=stats)
+    consts, torch_names = _package_values(out)
+    with using_statistics(stats), apply_plan(model, {"grouped.weight": "pal4+bc", "fc.weight": "pal2+bc"},
+                                             kmeans="fast"):
+        assert np.array_equal(model.grouped.weight.detach().numpy(),
+                              consts["grouped_weight_to_fp16_palettized"].astype(np.float32))
+        assert np.array_equal(model.fc.bias.detach().numpy(), consts["fc_bias_to_fp16"].astype(np.float32))

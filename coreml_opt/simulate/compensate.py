@@ -143,7 +143,12 @@ def aware_lut_function(tables: list[dict[bytes, tuple]]):
     """A coremltools ``lut_function`` returning, for each group it is handed, the LUT the simulation chose."""
     merged: dict[bytes, tuple] = {}
     for table in tables:
-        merged.update(table)
+        for key, (lut, idx) in table.items():
+            if key in merged and not (np.array_equal(merged[key][0], lut) and np.array_equal(merged[key][1], idx)):
+                raise SpecError("activation-aware LUT", "two weights hold a group of identical values that their "
+                                "input statistics palettize differently; coremltools hands lut_function the values "
+                                "only", "use +aw on one of them only")
+            merged[key] = (lut, idx)
 
     def lut_function(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = np.ascontiguousarray(values).astype(np.float16).tobytes()
