@@ -322,6 +322,12 @@ class Plan:
         if self.single_technique() is None:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
+        compensated = [str(s) for s in self._all_specs() if getattr(s, "bias_correction", False)
+                       or getattr(s, "activation_aware", False)]
+        if compensated:
+            raise PlanError(f"spec {compensated[0]}", "compensates from calibration data (biases, LUTs chosen by input "
+                            "statistics), which no OptimizationConfig can express",
+                            "compress with coreml-opt (compress --data), or drop +aw/+bc")
         resolved = self.resolve(inventory)  # refuse an invalid plan before exporting it
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory, resolved)), sort_keys=False)
 

@@ -354,3 +354,12 @@ def test_fast_kmeans_plans_ship_bias_corrected_palettes(converted, tmp_path):
         assert np.array_equal(model.grouped.weight.detach().numpy(),
                               consts["grouped_weight_to_fp16_palettized"].astype(np.float32))
         assert np.array_equal(model.fc.bias.detach().numpy(), consts["fc_bias_to_fp16"].astype(np.float32))
+
+
+def test_coremltools_yaml_export_refuses_compensated_plans(converted):
+    """An OptimizationConfig YAML cannot hold corrected biases or statistics-chosen LUTs: refused, not dropped."""
+    _, path, _, _ = converted
+    inventory = load_package(path).inventory
+    with pytest.raises(PlanError, match="calibration data"):
+        Plan.from_spec("pal4+bc").coreml_yaml(inventory)
+    assert "PalettizerConfig" in Plan.from_spec("pal4").coreml_yaml(inventory)
