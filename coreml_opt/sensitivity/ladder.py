@@ -16,7 +16,8 @@ from ..spec import readers
 LADDERS: dict[str, tuple[str, ...]] = {
     "conv": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc", "prune50"),
     "depthwise conv": ("int8", "int4+bc", "pal6+bc", "pal4/g8+bc", "pal4/pcs+bc", "pal4+bc", "pal2+bc"),
-    "linear": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc", "prune50"),
+    "linear": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4/pcs+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc",
+               "prune50"),
     "embedding": ("int8", "int4/block32", "pal6", "pal4/g8", "pal4", "pal2", "prune50"),
 }
 
