@@ -306,6 +306,7 @@ def test_ladder_candidates_try_each_layer_kind_s_rungs(converted):
     assert set(LADDERS) == {"conv", "depthwise conv", "linear", "embedding"}
 
 
+@pytest.mark.slow  # a whole digits workflow (convert, compress, evaluate twice): about 20 s on a quiet machine
 def test_workflow_data_free_stage_calibrates_with_its_data(tmp_path):
     """A data_free stage whose plan holds +bc specs takes `data:` for calibration and reports the metric of the
     package it wrote (biases included); without `data:` the stage fails in one line naming it."""
