@@ -146,7 +146,11 @@ class _Accumulator:
         else:
             s, sq, n = x.sum(0), (x * x).sum(0), x.shape[0]
         if self.total is not None and self.total.shape != s.shape:
-            raise ValueError(f"calibration inputs change shape ({tuple(self.total.shape)} then {tuple(s.shape)})")
+            from ..errors import DataError
+
+            raise DataError("calibration data", f"reaches a layer in different shapes ({tuple(self.total.shape)} "
+                            f"then {tuple(s.shape)}), so its mean input patch is undefined",
+                            "give inputs of one size (resize or crop them)")
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.count += n
