@@ -405,3 +405,12 @@ def test_efficientnet_lite0_compensated_package_equals_the_simulation(tmp_path):
                 assert np.array_equal(folded.get_parameter(path).detach().numpy(), weight.astype(np.float32)), path
                 bias = folded.get_submodule(path.rpartition(".")[0]).bias.detach().numpy()
                 assert np.array_equal(bias, consts[const.replace("weight", "bias")].astype(np.float32)), path
+
+
+def test_coremltools_yardstick_refuses_compensated_specs():
+    """The one-pass coremltools reference (bench/sensitivity's yardstick) cannot emit +bc/+aw: refused, not
+    silently measured without the corrected biases."""
+    from coreml_opt.sensitivity.reference import compress_one_layer
+
+    with pytest.raises(SpecError, match="calibration data"):
+        compress_one_layer(None, None, "pal4+bc")
