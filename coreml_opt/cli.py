@@ -108,21 +108,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import compress
+    from .compress import calibration_statistics, compress, needs_statistics
     from .plan import load_plan
     from .report.tables import compression_table
 
     plan = load_plan(args.config, spec=args.spec, target=args.target)
     if args.kmeans:
         plan.kmeans = args.kmeans
-    check_measure_args(args)
+    calibrated = needs_statistics(plan)
+    check_measure_args(args, data_used=calibrated)
+    statistics = None
+    if calibrated:  # +aw/+bc specs: statistics of the package's own layer inputs over --data
+        if args.data is None:
+            given = f"--spec {args.spec}" if args.spec else f"-c {args.config}"
+            raise CoreMLOptError(given, "has compensated specs (+aw, +bc) that need calibration data",
+                                 "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
+        statistics = calibration_statistics(args.model, args.data)
     measure = None
     if args.measure:  # data, metric and reference are checked before anything is written
         from .measure import CompressMeasure
 
         measure = CompressMeasure(args.model, args.data, args.metric or "accuracy", reference=args.reference)
-    report = compress(args.model, plan, args.output)
-    measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans) if measure else None
+    report = compress(args.model, plan, args.output, statistics=statistics)
+    measured = None
+    if measure:
+        from .simulate import using_statistics
+
+        with using_statistics(statistics):
+            measured = measure.run(report.output, {w.name: w.spec for w in report.weights}, plan.kmeans)
     if args.json:
         print(json.dumps({"output": str(report.output), "passes": report.passes,
                           "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
@@ -139,11 +152,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_measure_args(args: argparse.Namespace) -> None:
-    """--measure needs --data (compress); --data/--metric/--reference without --measure are refused, not ignored."""
+def check_measure_args(args: argparse.Namespace, data_used: bool = False) -> None:
+    """--measure needs --data (compress); --data/--metric/--reference without --measure are refused, not ignored
+    (``data_used``: --data also feeds compensated specs' calibration)."""
     if args.measure and getattr(args, "data", "") is None:
         raise CoreMLOptError("--measure", "needs evaluation data", "pass --data FOLDER|FILE.npz|package.module:fn")
-    given = [f"--{k}" for k in ("data", "metric", "reference") if getattr(args, k, None) is not None]
+    given = [f"--{k}" for k in ("data", "metric", "reference") if getattr(args, k, None) is not None
+             and not (k == "data" and data_used)]
     if given and not args.measure:
         raise CoreMLOptError(given[0], "is used only with --measure", "add --measure, or drop " + given[0])
 
@@ -153,7 +168,8 @@ def add_measure_arguments(p: argparse.ArgumentParser, data: bool = True) -> None
     p.add_argument("--measure", action="store_true", help="also run the written package with the package runtime "
                    "and print its metric next to the simulated figure")
     if data:
-        p.add_argument("--data", help="with --measure: calibration folder, .npz or package.module:fn")
+        p.add_argument("--data", help="with --measure, or for compensated specs (+aw, +bc): calibration folder, "
+                       ".npz or package.module:fn")
         p.add_argument("--metric", help="with --measure: accuracy (labels; the default), top1, kl, psnr, ...")
         p.add_argument("--reference", help="with --measure: reference .mlpackage or factory (default: the input "
                                            "package)")

@@ -5,13 +5,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import PlanError
 from .model.inventory import Inventory
 from .model.package import atomic_output, check_package_output, load_package, normalize_package
 from .plan import Plan
-from .spec import NoneSpec, Spec
+from .spec import CompensatedSpec, NoneSpec, Spec
+
+if TYPE_CHECKING:
+    from .simulate import Statistics
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,21 @@ def _fast_lut_function(spec: Spec) -> Callable:
     return fast_lut_function(spec)
 
 
-def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) -> CompressionReport:
-    """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed."""
+def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
+             statistics: "Statistics | None" = None) -> CompressionReport:
+    """Compress ``model`` by ``plan`` into ``output`` atomically; verify every planned weight was compressed.
+
+    ``statistics`` (``coreml_opt.simulate.collect_statistics`` on the model the package was converted
+    from, over calibration data) are needed by compensated specs (``pal4+aw+bc``): their corrected biases
+    and activation-aware LUTs are written exactly as simulated."""
+    from .simulate import using_statistics
+
+    with using_statistics(statistics):
+        return _compress(model, plan, output, statistics)
+
+
+def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
+              statistics: "Statistics | None") -> CompressionReport:
     check_package_output(output, model)  # an .mlpackage path outside the input, before any work
     loaded = load_package(model)
     if loaded.multifunction:
@@ -73,13 +89,28 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
         raise PlanError(f"kmeans: fast (model {model})", f"clusters fp16 values, and {fp32[0]} is stored in fp32",
                         "use kmeans: exact for a package converted with compute_precision=FLOAT32")
     resolved, skipped = plan.resolve_with_skips(before)  # shape misfits of a global/op-type spec stay fp16
+    _check_statistics(resolved, statistics)
     _check_finite_weights(loaded, resolved)
     skipped.update(_data_dependent_skips(loaded, resolved, plan.named_weights(before)))
     resolved.update({name: NoneSpec() for name in skipped})
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
-    passes = plan.to_coreml(before, lut_function=_fast_lut_function if plan.kmeans == "fast" else None,
-                            resolved=resolved)
+    deltas, tables = _compensations(loaded, resolved, statistics, model, plan.kmeans)
+    fast = plan.kmeans == "fast"
+    lut_function = None
+    if tables or fast:
+        aware = _aware_lut_function(tables)
+
+        def lut_function(spec: Spec) -> Callable | None:
+            if getattr(spec, "activation_aware", False):
+                return aware
+            return _fast_lut_function(spec) if fast else None
+
+    passes = plan.to_coreml(before, lut_function=lut_function, resolved=resolved)
     mlmodel = loaded.mlmodel
+    if deltas:
+        from .model.bias import write_biases
+
+        mlmodel = write_biases(mlmodel, deltas)  # before the passes: they leave biases (rank 1) as they are
     for compression_pass in passes:
         logger.info("running %s (joint=%s)", compression_pass.function, compression_pass.joint_compression)
         mlmodel = compression_pass.apply(mlmodel)
@@ -97,6 +128,72 @@ def compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike) ->
     for name, reason in skipped.items():
         logger.info("%s left in fp16: %s", name, reason)
     return CompressionReport(Path(output), rows, after, [p.function for p in passes], skipped)
+
+
+def _compensations(loaded, resolved: dict[str, Spec], statistics, model, kmeans: str) -> tuple[dict, list]:
+    """({weight: bias delta} of +bc specs, [LUT tables of +aw specs]) from the simulation (cached) with the plan's
+    k-means, so the package stores exactly what was simulated. One line when statistics are missing."""
+    import torch
+
+    from .simulate import default_cache
+
+    deltas: dict[str, torch.Tensor] = {}
+    tables: list[dict] = []
+    compensated = {name: spec for name, spec in resolved.items() if isinstance(spec, CompensatedSpec)}
+    for name, spec in compensated.items():
+        weight = loaded.inventory.by_name()[name]
+        values = torch.from_numpy(loaded.weight_values(name).astype("float32"))
+        if statistics.get(values) is None:
+            raise PlanError(f"layer {weight.torch_name or name} (spec {spec})",
+                            f"has no calibration statistics: no conv/linear of the calibration model holds "
+                            f"these weights", f"collect statistics on the model {model} was converted from")
+        result = default_cache().get(spec, values, weight.reader_type, kmeans, precision=weight.dtype)
+        if result.skipped:
+            continue
+        if "bias_delta" in result.params:
+            deltas[name] = result.params["bias_delta"]
+        if "aware_groups" in result.params:
+            tables.append(result.params["aware_groups"])
+    return deltas, tables
+
+
+def needs_statistics(plan: Plan) -> bool:
+    """Whether any spec of ``plan`` compensates from calibration statistics (``+aw``, ``+bc``)."""
+    from .simulate.calibration import needs_statistics as any_compensated
+
+    return any_compensated(plan._all_specs())
+
+
+def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32) -> "Statistics":
+    """Input statistics of every conv/linear weight of the package ``model`` over ``data`` (a folder, .npz or
+    ``package.module:fn``; labels unused), collected by running the package itself with the package runtime."""
+    from .errors import DataError
+    from .evaluation import resolve_data
+    from .evaluation.data import package_input
+    from .runtime import load_graph
+    from .simulate.calibration import package_statistics
+
+    spec, vocab = package_input(load_graph(model))
+    dataset = resolve_data(data, spec, vocab=vocab)
+    if dataset is None:
+        raise DataError("--data", "is needed by compensated specs (+aw, +bc)",
+                        "pass the calibration data the plan was made on: --data FOLDER|FILE.npz|package.module:fn")
+    return package_statistics(model, [x for x, _ in dataset.batches(batch_size)])
+
+
+def _check_statistics(resolved: dict[str, Spec], statistics) -> None:
+    """One line, before any work, when a compensated spec has no calibration statistics to work from."""
+    compensated = {name: spec for name, spec in resolved.items() if isinstance(spec, CompensatedSpec)}
+    if compensated and statistics is None:
+        name, spec = next(iter(compensated.items()))
+        raise PlanError(f"spec {spec} ({name})", "compensation needs calibration statistics of the model",
+                        "give the data the plan was made on (compress --data, or plan --emit from a sweep)")
+
+
+def _aware_lut_function(tables: list[dict]) -> Callable:
+    from .simulate.compensate import aware_lut_function
+
+    return aware_lut_function(tables)
 
 
 def _check_finite_weights(loaded, resolved: dict[str, Spec]) -> None:

@@ -67,19 +67,27 @@ def _check_shape(dataset: Any, module: Any, data: Any) -> None:
 def simulated_overrides(source: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> dict:
     """{weight variable: simulated compressed value in its stored precision} for the uncompressed package ``source``, one entry per
     weight name in ``specs`` (const name -> spec; ``none`` entries are left out)."""
+    return _simulated(source, specs, kmeans)[0]
+
+
+def _simulated(source: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> tuple[dict, dict]:
+    """(:func:`simulated_overrides`, {weight key of the simulated weight: bias delta} of bias-corrected specs)."""
     from .model.package import load_package
-    from .simulate import simulate
+    from .simulate import default_cache
+    from .simulate.calibration import weight_key
 
     loaded = load_package(source, load_weights=False)
-    out = {}
+    out, deltas = {}, {}
     for weight in loaded.inventory.weights:
         spec = specs.get(weight.name, "none")
         if spec == "none":
             continue
         values = torch.from_numpy(loaded.weight_values(weight.name).astype("float32"))
-        value = simulate(spec, values, weight.reader_type, kmeans=kmeans, precision=weight.dtype).weight
-        out[weight.var] = value.half() if weight.dtype == "fp16" else value
-    return out
+        result = default_cache().get(spec, values, weight.reader_type, kmeans, precision=weight.dtype)
+        out[weight.var] = result.weight.half() if weight.dtype == "fp16" else result.weight
+        if "bias_delta" in result.params:
+            deltas[weight_key(result.weight)] = result.params["bias_delta"]
+    return out, deltas
 
 
 class CompressMeasure:
@@ -108,7 +116,11 @@ class CompressMeasure:
 
     def run(self, output: str | os.PathLike, specs: dict[str, str], kmeans: str = "exact") -> PackageMeasure:
         """Measure ``output`` (compressed from ``source`` by ``specs``: const name -> spec)."""
-        simulated = float(self.evaluator(package_model(self.source, simulated_overrides(self.source, specs, kmeans))))
+        from .simulate.calibration import CorrectedBiases
+
+        overrides, deltas = _simulated(self.source, specs, kmeans)
+        with CorrectedBiases(deltas):  # bias-corrected specs (+bc): their biases, as compress writes them
+            simulated = float(self.evaluator(package_model(self.source, overrides)))
         measured = measure_with(self.evaluator, output)
         return PackageMeasure(self.evaluator.name, measured, simulated, self.reference,
                               self.evaluator.drop(self.reference, measured))

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import PlanError, SpecError
 from .model.inventory import Inventory, WeightInfo
-from .spec import JointSpec, NoneSpec, Spec, parse_spec
+from .spec import NoneSpec, Spec, parse_spec
 from .storage import predicted_bytes
 from .targets import target_rank
 from .yaml_files import read_yaml_mapping
@@ -291,7 +291,7 @@ class Plan:
                             # A joint spec's later part: the earlier pass renamed the const, and coremltools
                             # then looks the config up by the op reading the weight.
                             configs.update({op_name: config for op_name in consumers[name]})
-                        joint = joint or (isinstance(spec, JointSpec) and position > 0)
+                        joint = joint or position > 0  # a joint spec's later part (also under +bc)
             if configs:
                 passes.append(CoreMLPass(function, cto.OptimizationConfig(op_name_configs=configs), joint))
         return passes
@@ -322,6 +322,12 @@ class Plan:
         if self.single_technique() is None:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
+        compensated = [str(s) for s in self._all_specs() if getattr(s, "bias_correction", False)
+                       or getattr(s, "activation_aware", False)]
+        if compensated:
+            raise PlanError(f"spec {compensated[0]}", "compensates from calibration data (biases, LUTs chosen by input "
+                            "statistics), which no OptimizationConfig can express",
+                            "compress with coreml-opt (compress --data), or drop +aw/+bc")
         resolved = self.resolve(inventory)  # refuse an invalid plan before exporting it
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory, resolved)), sort_keys=False)
 

@@ -42,4 +42,23 @@ def load_consts(model: nn.Module, consts: dict[str, np.ndarray]) -> nn.Module:
                 param.copy_(param.to(torch.float16).to(param.dtype))
             else:
                 param.copy_(torch.from_numpy(value.astype(np.float32)))
+        _add_corrected_biases(out, consts)
     return out
+
+
+def _add_corrected_biases(model: nn.Module, consts: dict[str, np.ndarray]) -> None:
+    """Give a bias-free conv/linear the bias a bias-corrected spec (+bc) added to its op in the package
+    (``<weight const>_corrected_bias``), so the torch model computes what the package does."""
+    added = {name[: -len("_corrected_bias")]: value for name, value in consts.items()
+             if name.endswith("_corrected_bias")}
+    if not added:
+        return
+    shapes = {name: value.shape for name, value in consts.items()}
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module.bias is not None or weight is None:
+            continue
+        name = find_const(f"{path}.weight" if path else "weight", tuple(weight.shape), shapes, allow_renamed=True)
+        base = next((b for b in added if name is not None and name.startswith(b)), None)
+        if base is not None:
+            module.bias = nn.Parameter(torch.from_numpy(added[base].astype(np.float32)), requires_grad=False)

@@ -21,6 +21,7 @@ from .planner import PlanResult, plan_budget
 
 if TYPE_CHECKING:
     from ..measure import PackageMeasure
+    from ..simulate import Statistics
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class PlanningSession:
     evaluator: Callable[[Any], float] | None = None
     kmeans: str = "exact"
     _cache: dict[frozenset, float] = field(default_factory=dict)
+    _statistics: Any = None  # calibration statistics for +aw/+bc specs, collected on first use
 
     @classmethod
     def open(cls, sweep_dir: str | os.PathLike, *, model: Any = None, evaluator: Callable[[Any], float] | None = None,
@@ -101,7 +103,7 @@ class PlanningSession:
 
     def measure(self, specs: Mapping[str, str]) -> float:
         """The metric with every layer of ``specs`` compressed together (fixed weights fp16)."""
-        from ..simulate import apply_plan
+        from ..simulate import apply_plan, using_statistics
 
         if not self.can_measure:
             raise PlanError("plan validation", "the sweep names no model or data to measure with",
@@ -113,7 +115,8 @@ class PlanningSession:
         if key not in self._cache:
             assignment = {path: "none" for path in self.problem.fixed}
             assignment.update(specs)
-            with apply_plan(self.model, assignment, kmeans=self.kmeans):
+            with using_statistics(self.statistics(specs.values())), \
+                    apply_plan(self.model, assignment, kmeans=self.kmeans):
                 self._cache[key] = float(self.evaluator(self.model))
         return self._cache[key]
 
@@ -144,6 +147,21 @@ class PlanningSession:
             plot_front(self.problem, points, plot)
         return points
 
+    def statistics(self, specs) -> "Statistics | None":
+        """Calibration statistics of the swept model over the sweep's data when ``specs`` hold compensated ones
+        (``+aw``, ``+bc``), computed once; None otherwise. A package-only sweep has none (it refuses them)."""
+        from ..simulate.calibration import needs_statistics, statistics_if_needed
+
+        if not needs_statistics(list(specs)):
+            return None
+        if self._statistics is None:
+            if self.model is None or hasattr(self.model, "backend"):
+                raise PlanError("plan", "has compensated specs (+aw, +bc) but the sweep names no torch model",
+                                "plan from a sweep of a model factory, or drop +aw/+bc candidates")
+            batches = getattr(self.evaluator, "batches", None)
+            self._statistics = statistics_if_needed(specs, self.model, batches, "the sweep's data")
+        return self._statistics
+
     def emit(self, result: PlanResult, output: str | os.PathLike, *, model_package: str | os.PathLike | None = None):
         """Write the swept model compressed by the plan (data-free path); returns the CompressionReport."""
         from ..compress import compress
@@ -151,8 +169,11 @@ class PlanningSession:
 
         if model_package is None and hasattr(self.model, "backend"):  # a package-only sweep: compress it
             model_package = self.model.path
+        plan_specs = [s for s in [result.plan.global_spec, *result.plan.op_types.values(), *result.plan.layers.values()]
+                      if s is not None]
+        statistics = self.statistics(plan_specs)  # the sweep model's: the converted package holds its weights
         if model_package is not None:
-            return compress(model_package, result.plan, output)
+            return compress(model_package, result.plan, output, statistics=statistics)
         sweep = self.problem.sweep
         if self.model is None or not sweep.get("input_shape"):
             raise PlanError("emit", "the sweep names no model and input shape to convert",
@@ -163,7 +184,7 @@ class PlanningSession:
                 convert(self.model, inputs=sweep["inputs"], target=self.problem.target, output_path=package)
             else:
                 convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
-            return compress(package, result.plan, output)
+            return compress(package, result.plan, output, statistics=statistics)
 
     def measure_package(self, package: str | os.PathLike, result: PlanResult) -> "PackageMeasure":
         """The emitted ``package`` run by the package runtime with this sweep's evaluator (same data, metric and

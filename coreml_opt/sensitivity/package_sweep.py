@@ -18,18 +18,18 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, SpecError
 from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, PackageBackend, backend_for, resolve_data, run_batches
 from ..evaluation.data import package_input
 from ..metrics import MetricError, get_metric
 from ..simulate import NonFiniteWeightError, SimCache
-from ..spec import Spec
+from ..spec import CompensatedSpec, Spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer
-from .sweep import (SweepResult, _data_reference, _progress, check_executor, collect_trials, finish_sweep, open_store,
-                    plan_trials, resolve_candidates, run_trials)
+from .sweep import (BY_KIND, SweepResult, _data_reference, _progress, check_executor, collect_trials, finish_sweep,
+                    open_store, plan_trials, resolve_candidates, run_trials)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
     if target_rank(target) > ios:
         raise ModelError(label, f"targets iOS{ios}, the sweep asks for {target}",
                          f"pass --target iOS{ios} or lower, or reconvert the model for {target}")
-    specs, skipped_candidates = resolve_candidates(candidates, target)
+    specs, skipped_candidates = resolve_candidates(candidates, target, calibrated=False)
+    compensated = [str(s) for s in specs if isinstance(s, CompensatedSpec)]
+    if compensated:  # a package trial swaps const values in the runtime; a corrected bias is another op's input
+        raise SpecError(f"candidate {compensated[0]}", "a package-only sweep cannot measure compensated specs "
+                        "(+aw, +bc)", "sweep the torch model (a package.module:fn factory), or drop +aw/+bc")
     if not layers:
         raise ModelError(label, f"has no uncompressed weight above {weight_threshold} elements",
                          "pass --all-layers or a lower --weight-threshold, or sweep the uncompressed package")
@@ -108,7 +112,8 @@ def analyse_package(package: Union[str, os.PathLike], data: Any = None, metric: 
 
     out_path, store = open_store(out_dir, package_hash(package), evaluator, kmeans)
     cache = SimCache()
-    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing)
+    plan, pending, book = plan_trials(layers, specs, stored, cache, kmeans, store, timing,
+                                      by_kind=False if candidates == BY_KIND else None)  # no calibration here
     reused = len(plan) - len(pending)
     runnable = pending[:max_trials] if max_trials is not None else pending
     bar = _progress(len(runnable), progress)

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..determinism import single_threaded
 from ..evaluation.weights import decompressed_consts, load_consts
-from ..spec import Spec, parse_spec
+from ..errors import SpecError
+from ..spec import CompensatedSpec, Spec, parse_spec
 from .layers import Layer
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ def compress_one_layer(mlmodel, layer: Layer, spec: Spec | str, lut_function: Op
     import coremltools.optimize.coreml as cto
 
     spec = parse_spec(spec)
+    if isinstance(spec, CompensatedSpec):  # its biases and LUTs come from calibration statistics, not a config
+        raise SpecError(f"spec {spec}", "is not one coremltools pass (compensated from calibration data)",
+                        "measure it with coreml_opt.compress.compress(..., statistics=...)")
     out = mlmodel
     for position, part in enumerate(spec.parts):
         if part.technique == "palettize" and lut_function is not None:

@@ -8,6 +8,7 @@ where the model allows (see suffix.py), which changes no result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +30,8 @@ from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
 from ..evaluation.heap import reused_heap
 from ..evaluation.placement import exact_kernels, resolve_device
+from ..simulate.calibration import statistics_if_needed
+from .ladder import default_ladder, ladder_for
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..simulate.cache import content_hash
 from ..spec import Spec, parse_spec
@@ -46,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "int4/block32", "pal6", "pal4", "pal2", "prune50")
 EXECUTORS = ("local", "ray")  # who runs the trials: this process, or the actors of a Ray cluster
+BY_KIND = "ladder"  # candidates="ladder": each layer tries its kind's ladder (ladder.py), +bc with calibration data
 
 
 @dataclass
@@ -148,11 +153,12 @@ def _skip_reason(layer: Layer, spec: Spec, weight: torch.Tensor, cache: SimCache
 
 
 def resolve_candidates(candidates: Union[str, Sequence[Union[str, Spec]], None],
-                       target: str) -> tuple[list[Spec], list[dict[str, str]]]:
-    """Parsed candidates; the default ladder drops (and reports) specs the target cannot run."""
+                       target: str, calibrated: bool = True) -> tuple[list[Spec], list[dict[str, str]]]:
+    """Parsed candidates; the default ladder (or ``"ladder"``, every kind's ladder) drops (and reports) specs the
+    target cannot run; without calibration data (``calibrated`` False) compensated rungs (+bc) are their bases."""
     rank = target_rank(target)
-    if candidates is None:
-        specs = [parse_spec(s) for s in DEFAULT_LADDER]
+    if candidates is None or candidates == BY_KIND:
+        specs = [parse_spec(s) for s in (default_ladder(calibrated) if candidates == BY_KIND else DEFAULT_LADDER)]
         kept = [s for s in specs if s.min_target <= rank]
         skipped = [{"spec": str(s), "reason": f"needs iOS{s.min_target}, target is {target}"}
                    for s in specs if s.min_target > rank]
@@ -201,7 +207,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, include_all: bool = False,
             batch_size: int = DEFAULT_BATCH_SIZE, use_suffix: bool = True, kmeans: str = "exact",
             groups: GroupsArg = None, executor: str = "local", address: Optional[str] = None,
-            memory: Union[str, int, None] = None, device: str = "cpu", dedupe: bool = True) -> SweepResult:
+            memory: Union[str, int, None] = None, device: str = "cpu", dedupe: bool = True,
+            compensate: bool = True) -> SweepResult:
     """Rank layers by the metric drop each candidate spec causes when only that layer is compressed.
 
     ``example_input_shape`` is the model's one input: a shape, or ``["ids:1,16:int32"]`` for token ids.
@@ -213,7 +220,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     a model given as a factory is then held once. Results are identical with or without it.
     ``device`` (cpu or cuda) runs the built-in metrics' forward passes there (k-means stays on the CPU).
     ``dedupe``: a trial whose simulated weight equals the layer's fp16 weight or an evaluated trial's of the
-    same layer takes that metric without a forward pass (the metric is a function of the weights: exact)."""
+    same layer takes that metric without a forward pass (the metric is a function of the weights: exact).
+    With ``candidates="ladder"`` each layer tries its kind's ladder (``ladder.py``); its compensated rungs
+    (+bc) need ``data``, and are their plain bases without it or with ``compensate=False``."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -223,7 +232,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     input_spec = single_input(example_input_shape)
     shape = input_spec.shape
     target = target_name(target)
-    specs, skipped_candidates = resolve_candidates(candidates, target)
+    calibrated = compensate and data is not None and not (callable(metric) or ":" in str(metric))
+    specs, skipped_candidates = resolve_candidates(candidates, target, calibrated)
     check_executor(executor)
     resolve_device(device)  # an absent GPU fails before the model and data load
     if executor == "ray":
@@ -259,9 +269,11 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
     largest = max(w.numel() * w.element_size() for w in weights.values())
     simulation = SIMULATION_WEIGHTS * largest
-    cache = SimCache(simulation) if budget is not None else SimCache()
+    statistics = statistics_if_needed(specs, base, evaluator.batches, label)  # for +aw/+bc
+    cache = SimCache(simulation, statistics=statistics) if budget is not None else SimCache(statistics=statistics)
     if grouped is None:
-        plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing)
+        plan, pending, book = plan_trials(layers, specs, weights, cache, kmeans, store, timing,
+                                          by_kind=calibrated if candidates == BY_KIND else None)
     else:
         plan, pending, book, store = plan_group_trials(grouped, specs, weights, cache, kmeans, store, timing)
     reused = len(plan) - len(pending)
@@ -306,7 +318,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
             del baseline_outputs
             recipe = dict(model=model, input=[str(input_spec)] if input_spec.dtype else list(shape), data=data,
                           metric=metric, batch_size=batch_size, kmeans=kmeans, use_suffix=use_suffix,
-                          weight_threshold=weight_threshold, include_all=include_all, target=target, device=device)
+                          weight_threshold=weight_threshold, include_all=include_all, target=target, device=device,
+                          candidates=[str(spec) for spec in specs])
             run_on_ray(address, "factory", recipe, runnable, store, book, bar, deadline, label)
         else:
             t0 = time.perf_counter()
@@ -420,7 +433,7 @@ def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRun
             simulated = [applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type,
                                                           kmeans=kmeans, cache=cache)) for member in members]
             t1 = time.perf_counter()
-            known = seen.lookup(layer, simulated[0].weight) if seen is not None and grouped is None else None
+            known = seen.lookup(layer, simulated[0]) if seen is not None and grouped is None else None
             if known is not None:
                 return known, t1
             if evaluator.user_fn is not None:
@@ -430,28 +443,36 @@ def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRun
                     outputs = runner.outputs(layer.layer) if runner is not None else None
                 value = evaluator.score(outputs if outputs is not None else evaluator.outputs(base))
             if seen is not None and grouped is None:
-                seen.add(layer, simulated[0].weight, value)
+                seen.add(layer, simulated[0], value)
             return value, t1
 
     return trial
 
 
 class _Seen:
-    """Metrics of evaluated trials by (layer, content hash of the simulated weight), the fp16 weights included:
-    a trial's metric is a function of its one changed weight, so an equal weight has the same metric."""
+    """Metrics of evaluated trials by (layer, content hash of what the simulation changed: the weight and, for a
+    bias-corrected spec, the bias), the fp16 weights included: a trial's metric is a function of those alone, so
+    an equal change has the same metric."""
 
     def __init__(self, layers: Sequence[Layer], weights: dict[str, torch.Tensor], baseline: float) -> None:
-        self.known = {(layer.layer, content_hash(weights[layer.layer], layer.precision)): baseline
+        self.known = {(layer.layer, content_hash(weights[layer.layer], layer.precision), None): baseline
                       for layer in layers}
         self.hits = 0
 
-    def lookup(self, layer: Layer, weight: torch.Tensor) -> Optional[float]:
-        found = self.known.get((layer.layer, content_hash(weight, layer.precision)))
+    @staticmethod
+    def key(layer: Layer, simulated: Any) -> tuple:
+        delta = simulated.params.get("bias_delta")
+        bias = None if delta is None else hashlib.sha256(np.ascontiguousarray(
+            torch.as_tensor(delta).detach().cpu().numpy()).tobytes()).hexdigest()
+        return layer.layer, content_hash(simulated.weight, layer.precision), bias
+
+    def lookup(self, layer: Layer, simulated: Any) -> Optional[float]:
+        found = self.known.get(self.key(layer, simulated))
         self.hits += found is not None
         return found
 
-    def add(self, layer: Layer, weight: torch.Tensor, value: float) -> None:
-        self.known[(layer.layer, content_hash(weight, layer.precision))] = value
+    def add(self, layer: Layer, simulated: Any, value: float) -> None:
+        self.known[self.key(layer, simulated)] = value
 
 
 def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evaluator,
@@ -468,15 +489,18 @@ def open_store(out_dir: Union[str, Path, None], model_key: str, evaluator: Evalu
 
 
 def plan_trials(layers: Sequence[Layer], specs: Sequence[Spec], weights: dict[str, torch.Tensor], cache: SimCache,
-                kmeans: str, store: ResultStore,
-                timing: dict[str, float]) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
+                kmeans: str, store: ResultStore, timing: dict[str, float],
+                by_kind: Optional[bool] = None) -> tuple[list[tuple[Layer, Spec]], list[tuple[Layer, Spec]], "TrialBook"]:
     """(every (layer, spec) compress could emit, those not yet in the store, the book holding the skips and
-    the stored values)."""
+    the stored values); ``by_kind`` (not None): each layer only tries its kind's default ladder (``ladder.py``),
+    with its compensated rungs when True (calibration data), their plain bases when False."""
     done = store.finished()
     plan: list[tuple[Layer, Spec]] = []
     skipped_trials: list[dict[str, str]] = []
     for layer in layers:
         for spec in specs:
+            if by_kind is not None and str(spec) not in ladder_for(layer.op_type, layer.shape, by_kind):
+                continue
             problem = _skip_reason(layer, spec, weights[layer.layer], cache, kmeans)
             if problem:
                 skipped_trials.append({"layer": layer.layer, "spec": str(spec), "reason": problem})

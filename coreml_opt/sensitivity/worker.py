@@ -42,7 +42,7 @@ class PreparedTrials:
 
 def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size: int, kmeans: str,
                     use_suffix: bool, weight_threshold: int, include_all: bool, target: str,
-                    device: str = "cpu") -> PreparedTrials:
+                    device: str = "cpu", candidates: Sequence[str] = ()) -> PreparedTrials:
     """A factory sweep's model prepared as ``analyse`` prepares it: BN folded, fp16 weights, the fp32 reference and
     the activation cache."""
     from ..model.inputs import single_input
@@ -56,7 +56,11 @@ def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size:
     _, baseline_outputs = measure_baseline(base, evaluator)
     runner = activation_runner(base, layers, evaluator, baseline_outputs, use_suffix)
     del baseline_outputs
-    cache = SimCache()
+    from ..simulate.calibration import statistics_if_needed
+    from ..spec import parse_spec
+
+    # +aw/+bc candidates: the same calibration statistics as the driver's, from the same data
+    cache = SimCache(statistics=statistics_if_needed([parse_spec(c) for c in candidates], base, evaluator.batches))
     weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
     return PreparedTrials(make_trial(base, evaluator, runner, cache, kmeans), {x.layer: x for x in layers}, weights,
                           cache, kmeans, (model_hash(base), evaluator.data_hash, evaluator.name, kmeans))

@@ -58,6 +58,7 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
     ``precision`` is the package's weight precision ("fp32" when converted with ``compute_precision=FLOAT32``)."""
     cache = cache if cache is not None else default_cache()
     saved: dict[str, torch.Tensor] = {}
+    saved_bias: dict[nn.Module, torch.Tensor | None] = {}
     results: dict[str, SimResult] = {}
     try:
         for path, spec in assignments.items():
@@ -74,11 +75,37 @@ def apply_plan(model: nn.Module, assignments: Mapping[str, Spec | str], op_types
                 saved[path] = param.detach().clone()
             with torch.no_grad():
                 param.copy_(result.weight.to(device=param.device, dtype=param.dtype))
+            if "bias_delta" in result.params:
+                _correct_bias(module, result.params["bias_delta"], precision, saved_bias)
         yield results
     finally:
         with torch.no_grad():
             for path, original in saved.items():
                 model.get_parameter(path).copy_(original)
+            for module, bias in saved_bias.items():
+                if bias is None:
+                    module.register_parameter("bias", None)
+                else:
+                    module.bias.copy_(bias)
+
+
+def _correct_bias(module: nn.Module, delta: torch.Tensor, precision: str,
+                  saved_bias: dict[nn.Module, torch.Tensor | None]) -> None:
+    """Give ``module`` the bias the package stores after bias correction (a zero bias plus the delta where
+    it has none); the original is kept in ``saved_bias`` to restore."""
+    from .compensate import corrected_bias
+
+    bias = getattr(module, "bias", None)
+    if module not in saved_bias:
+        saved_bias[module] = None if bias is None else bias.detach().clone()
+    original = saved_bias[module]
+    new = corrected_bias(None if original is None else original.cpu().numpy(), delta, precision)
+    with torch.no_grad():
+        if bias is None:
+            weight = module.weight
+            module.bias = nn.Parameter(new.to(device=weight.device, dtype=weight.dtype), requires_grad=False)
+        else:
+            bias.copy_(new.to(device=bias.device, dtype=bias.dtype))
 
 
 @contextlib.contextmanager

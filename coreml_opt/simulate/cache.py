@@ -11,7 +11,8 @@ from collections import OrderedDict
 
 import torch
 
-from ..spec import Spec, parse_spec
+from ..spec import CompensatedSpec, Spec, parse_spec
+from .calibration import Statistics, active_statistics, thread_statistics
 from .core import SimResult, simulate
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -29,8 +30,9 @@ def content_hash(weight: torch.Tensor, precision: str = "fp16") -> str:
 class SimCache:
     """LRU of :class:`SimResult` by (hash, spec, op_type, kmeans); thread-safe."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, statistics: Statistics | None = None) -> None:
         self.max_bytes = max_bytes
+        self.statistics = statistics  # calibration statistics for compensated specs (else the active ones)
         self._items: OrderedDict[tuple, SimResult] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -45,14 +47,17 @@ class SimCache:
             precision: str = "fp16") -> SimResult:
         """The simulated result, computed once per distinct key (``precision``: the stored const's)."""
         spec = parse_spec(spec)
-        key = (content_hash(weight, precision), str(spec), op_type, kmeans, str(weight.device), precision)
+        stats = self.statistics if self.statistics is not None else active_statistics()
+        key = (content_hash(weight, precision), str(spec), op_type, kmeans, str(weight.device), precision,
+               stats.token if stats is not None and isinstance(spec, CompensatedSpec) else None)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return found
-        result = simulate(spec, weight, op_type, kmeans=kmeans, precision=precision)
+        with thread_statistics(stats):
+            result = simulate(spec, weight, op_type, kmeans=kmeans, precision=precision)
         size = result.weight.numel() * result.weight.element_size()
         with self._lock:
             self.misses += 1

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from ..spec import JointSpec, PalettizeSpec, Spec, parse_spec
+from ..spec import CompensatedSpec, JointSpec, PalettizeSpec, Spec, parse_spec
 from .kmeans import kmeans_scalar_fast, kmeans_vector_fast
 from .palettize import _group_vectors
 
@@ -19,6 +19,8 @@ def fast_lut_function(spec: Spec | str) -> Callable[[np.ndarray], tuple[np.ndarr
     batch independent, so the palettes coremltools stores equal ``simulate(..., kmeans="fast")``.
     """
     spec = parse_spec(spec)
+    if isinstance(spec, CompensatedSpec):  # +bc: the base's palettes (a +aw LUT has its own lut_function)
+        spec = spec.base
     if isinstance(spec, JointSpec):
         spec = next((s for s in spec.steps if isinstance(s, PalettizeSpec)), None)
     if not isinstance(spec, PalettizeSpec) or spec.mode != "kmeans":

@@ -37,7 +37,7 @@ _SWEEP_OPTIONS = {"data", "metric", "candidates", "weight_threshold", "batch_siz
 _BUDGET_KEYS = {"bpw", "size", "ratio", "max_drop"}
 _EVAL_KEYS = {"data", "metric", "batch_size", "measure"}
 _STAGE_KEYS = {
-    "data_free": {"kmeans"},
+    "data_free": {"kmeans", "data"},  # data: calibration data for compensated specs (+aw, +bc)
     "calibration": {"method", "data", "samples", "batch_size", "layers"},
     "finetune": {"method", "data", "epochs", "batch_size", "lr", "distill", "train_step", "max_steps"},
 }

@@ -151,6 +151,7 @@ def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, A
     source = sweep_options.pop("data", workflow.eval_data)
     data = load_data(source) if isinstance(source, str) and source in BUILTIN_DATA else source
     sweep_dir = out_dir / "sensitivity"
+    sweep_options.setdefault("compensate", False)  # the workflow's compress stages run without calibration data
     analyse(workflow.model, workflow.input_shape, data, target=workflow.target, out_dir=sweep_dir, progress=progress,
             **sweep_options)
     model = workflow.model if not isinstance(workflow.model, str) else None

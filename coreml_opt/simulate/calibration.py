@@ -1,0 +1,302 @@
+"""Input statistics of every conv/linear weight over unlabeled calibration data, for error compensation.
+
+For each weight W of shape (O, I/G, *k) read by ``F.conv1d``/``F.conv2d`` (G groups) or ``F.linear``
+((O, I), G = 1) we keep the mean of the layer's im2col patch and of its square, per group:
+``patch_mean``/``patch_sq`` of shape (G, I/G, *k). The patch is taken as the op sees it, after the
+op's own zero padding (and any padding module before it), so border positions, stride and
+dilation are exact: the expected output shift of channel o is ``(W_q - W)[o] . patch_mean[g(o)]``.
+Calls are caught with a ``TorchFunctionMode``, so functional convs and padding subclasses
+(EfficientNet's static same padding) need no special cases. Statistics are keyed by the content
+hash of the weight's fp16 values, so the package's weights find them without a name mapping.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Mean im2col patch and mean squared patch of one weight's input, (G, I/G, *kernel), float64."""
+
+    patch_mean: torch.Tensor
+    patch_sq: torch.Tensor
+    samples: int  # calibration inputs seen
+
+    @property
+    def groups(self) -> int:
+        return int(self.patch_mean.shape[0])
+
+
+@dataclass
+class Statistics:
+    """LayerStats by weight content hash (see :func:`weight_key`), plus a token that identifies the set."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+
+    @functools.cached_property
+    def token(self) -> str:
+        """A digest of every statistic (computed once; do not add layers after reading it): cached
+        simulations of compensated specs are keyed by it."""
+        digest = hashlib.blake2b(digest_size=12)
+        for key in sorted(self.layers):
+            stats = self.layers[key]
+            digest.update(key.encode())
+            digest.update(stats.patch_mean.numpy().tobytes())
+            digest.update(stats.patch_sq.numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, weight: torch.Tensor) -> LayerStats | None:
+        return self.layers.get(weight_key(weight))
+
+
+def weight_key(weight: torch.Tensor) -> str:
+    """Content hash of a weight's fp16 values and shape: the same for the torch weight and the package's."""
+    from .cache import content_hash
+
+    return content_hash(weight, "fp16")
+
+
+# Process-wide, not a context variable: sweeps simulate in worker threads, which must see them too.
+_ACTIVE: list[Statistics | None] = [None]
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def using_statistics(stats: Statistics | None) -> Iterator[Statistics | None]:
+    """Within the block, compensated specs read their calibration statistics from ``stats`` (in every thread);
+    blocks nest, the innermost wins."""
+    with _LOCK:
+        previous, _ACTIVE[0] = _ACTIVE[0], stats
+    try:
+        yield stats
+    finally:
+        with _LOCK:
+            _ACTIVE[0] = previous
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def thread_statistics(stats: Statistics | None) -> Iterator[None]:
+    """Within the block, in this thread only, ``stats`` win over :func:`using_statistics` (a cache that owns
+    its statistics simulates under it, whichever thread runs the simulation)."""
+    previous = getattr(_LOCAL, "stats", None)
+    _LOCAL.stats = stats
+    try:
+        yield
+    finally:
+        _LOCAL.stats = previous
+
+
+def active_statistics() -> Statistics | None:
+    """This thread's statistics (:func:`thread_statistics`), else those of :func:`using_statistics`, or None."""
+    local = getattr(_LOCAL, "stats", None)
+    return local if local is not None else _ACTIVE[0]
+
+
+def needs_statistics(specs: Iterable) -> bool:
+    """Whether any of ``specs`` compensates from calibration statistics (``+aw``, ``+bc``)."""
+    from ..spec import CompensatedSpec, parse_spec
+
+    return any(isinstance(parse_spec(s), CompensatedSpec) for s in specs)
+
+
+def statistics_if_needed(specs: Iterable, model: torch.nn.Module, batches: list | None,
+                         label: str = "model") -> Statistics | None:
+    """:func:`collect_statistics` of ``model`` over ``batches`` when a spec needs them, else None; DataError
+    (one line) when they are needed and there is no data."""
+    if not needs_statistics(list(specs)):
+        return None
+    if not batches:
+        from ..errors import DataError
+
+        raise DataError(label, "has no calibration data for the compensated candidates (+aw, +bc)",
+                        "pass --data with the sweep's inputs, or drop +aw/+bc candidates")
+    return collect_statistics(model, batches)
+
+
+class _Accumulator:
+    """Running sums of the (batch-summed) input map and its square for one weight."""
+
+    def __init__(self, op: str, geometry: dict) -> None:
+        self.op, self.geometry = op, geometry
+        self.total: torch.Tensor | None = None
+        self.total_sq: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        if self.op == "linear":
+            flat = x.reshape(-1, x.shape[-1])
+            s, sq, n = flat.sum(0), (flat * flat).sum(0), flat.shape[0]
+        else:
+            s, sq, n = x.sum(0), (x * x).sum(0), x.shape[0]
+        if self.total is not None and self.total.shape != s.shape:
+            from ..errors import DataError
+
+            raise DataError("calibration data", f"reaches a layer in different shapes ({tuple(self.total.shape)} "
+                            f"then {tuple(s.shape)}), so its mean input patch is undefined",
+                            "give inputs of one size (resize or crop them)")
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.count += n
+
+    def finish(self, weight_shape: tuple[int, ...]) -> LayerStats:
+        mean, sq = self.total / self.count, self.total_sq / self.count
+        if self.op == "linear":
+            return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count)
+        g = self.geometry
+        kernel = tuple(weight_shape[2:])
+        two_d = len(kernel) == 1  # conv1d as a conv2d of height 1
+        maps = torch.stack([mean, sq])  # (2, C, *spatial)
+        if two_d:
+            maps = maps[:, :, None, :]
+            kernel, stride, padding, dilation = (1, *kernel), (1, *g["stride"]), (0, *g["padding"]), (1, *g["dilation"])
+        else:
+            stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
+        cols = F.unfold(maps, kernel, dilation=dilation, padding=padding, stride=stride).mean(-1)  # (2, C*prod(k))
+        groups = g["groups"]
+        shape = (groups, weight_shape[1], *weight_shape[2:])
+        return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count)
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _conv_padding(padding, weight: torch.Tensor, dilation: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    n = weight.dim() - 2
+    if padding == "valid":
+        return (0,) * n
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total) or any(s != 1 for s in stride):
+            raise ValueError("padding='same' with an even kernel extent is not symmetric; pad explicitly instead")
+        return tuple(t // 2 for t in total)
+    return _tuple(padding, n)
+
+
+class _Recorder(TorchFunctionMode):
+    """Catches F.conv1d/F.conv2d/F.linear calls and accumulates their inputs per weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[int, tuple[torch.Tensor, _Accumulator]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d):
+            self._conv(*args, **kwargs)
+        elif func in (F.linear, torch._C._nn.linear):
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            self._entry(weight, "linear", {}).add(x)
+        return func(*args, **kwargs)
+
+    def _conv(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> None:
+        n = weight.dim() - 2
+        stride, dilation = _tuple(stride, n), _tuple(dilation, n)
+        geometry = dict(stride=stride, dilation=dilation, groups=groups,
+                        padding=_conv_padding(padding, weight, dilation, stride))
+        self._entry(weight, "conv", geometry).add(x)
+
+    def _entry(self, weight: torch.Tensor, op: str, geometry: dict) -> _Accumulator:
+        found = self.found.get(id(weight))
+        if found is None or found[0] is not weight:
+            found = (weight, _Accumulator(op, geometry))
+            self.found[id(weight)] = found
+        elif found[1].geometry != geometry:
+            raise ValueError(f"a weight of shape {tuple(weight.shape)} is used by convs of different geometry; "
+                             "its input statistics are ambiguous")
+        return found[1]
+
+
+@torch.no_grad()
+def collect_statistics(model: torch.nn.Module, batches: Iterable) -> Statistics:
+    """Run ``model`` on ``batches`` (tensors, or tuples of forward arguments) and keep every conv/linear
+    weight's input statistics (float64 sums, so the batch split does not change them beyond rounding)."""
+    recorder = _Recorder()
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder:
+            for batch in batches:
+                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        model.train(was_training)
+    out = Statistics()
+    for weight, acc in recorder.found.values():
+        if acc.count:
+            out.layers[weight_key(weight)] = acc.finish(tuple(weight.shape))
+    logger.info("calibration statistics of %d weights", len(out.layers))
+    return out
+
+
+def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor]) -> Statistics:
+    """:func:`collect_statistics` of an ``.mlpackage`` run by the package runtime (fp32): its conv/linear ops
+    call F.conv*/F.linear with the stored weights and Core ML's own padding, so no torch model is needed."""
+    from ..evaluation.backends import PackageBackend
+
+    backend = PackageBackend(path)
+    batches = list(batches)
+    with torch.no_grad():
+        backend(batches[0][:2])  # the runtime's one-time batching check runs outside the recording
+        recorder = _Recorder()
+        with recorder:
+            for batch in batches:
+                backend(batch)
+    out = Statistics()
+    for weight, acc in recorder.found.values():
+        if acc.count:
+            out.layers[weight_key(weight)] = acc.finish(tuple(weight.shape))
+    return out
+
+
+class CorrectedBiases(TorchFunctionMode):
+    """Within the block, every F.conv1d/F.conv2d/F.linear call whose weight holds one of the given (compressed)
+    values adds its bias delta, rounded as the package stores it: runs a package (runtime) or model with
+    simulated weights AND bias-corrected biases, where the op's bias is not a replaceable value (or absent).
+    ``deltas``: {:func:`weight_key` of the simulated weight: bias delta (O,)}."""
+
+    def __init__(self, deltas: dict[str, torch.Tensor], precision: str = "fp16") -> None:
+        super().__init__()
+        self.deltas, self.precision = deltas, precision
+        self._keys: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def _delta(self, weight: torch.Tensor) -> torch.Tensor | None:
+        found = self._keys.get(id(weight))
+        if found is None or found[0] is not weight:
+            found = (weight, weight_key(weight))
+            self._keys[id(weight)] = found
+        return self.deltas.get(found[1])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if self.deltas and func in (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d, F.linear, torch._C._nn.linear):
+            args = list(args)
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            delta = self._delta(weight)
+            if delta is not None:
+                from .compensate import corrected_bias
+
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                new = corrected_bias(None if bias is None else bias.detach().cpu().numpy(), delta, self.precision)
+                new = new.to(device=weight.device, dtype=weight.dtype)
+                if len(args) > 2:
+                    args[2] = new
+                else:
+                    kwargs["bias"] = new
+        return func(*args, **kwargs)
