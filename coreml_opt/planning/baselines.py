@@ -16,8 +16,9 @@ from .costs import Problem
 from .pareto import greedy
 from .planner import solve_budget
 
-# The per-tensor LUT ladder the baselines choose from (a sweep with these candidates).
-LUT_LADDER: tuple[str, ...] = tuple(f"pal{n}" for n in PALETTE_NBITS)
+# The per-tensor LUT ladder the baselines choose from (a sweep with these candidates). 1-bit LUTs are left out:
+# the budgets here are 3 bits per weight and up, and they would add a sixth to the sweep.
+LUT_LADDER: tuple[str, ...] = tuple(f"pal{n}" for n in PALETTE_NBITS if n > 1)
 BASELINES: tuple[str, ...] = ("uniform", "greedy", "exact-additive")
 
 
