@@ -6,6 +6,7 @@ by the simulation engine, which equals the weights Core ML stores.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -60,14 +61,12 @@ class PlanningSession:
             logger.warning("%s names no model: weights outside the sweep are not counted, plans are not measured",
                            sweep_dir)
         problem = build_problem(sweep, trials, fixed, fixed_params, candidates)
-        evaluator_for = None
+        evaluator_for = None  # data -> the sweep's metric against the fp32 model on that data
         if folded is not None:
             from ..evaluation import make_evaluator
 
             shape = sweep.get("inputs") or (tuple(sweep["input_shape"]) if sweep.get("input_shape") else None)
-
-            def evaluator_for(other: Any) -> Callable[[Any], float]:
-                return make_evaluator(original, other, problem.metric, input_shape=shape)
+            evaluator_for = functools.partial(make_evaluator, original, metric=problem.metric, input_shape=shape)
         if measure and evaluator is None and folded is not None:
             if data is None and sweep.get("data") is None:
                 logger.warning("sweep.json records no data (it was not a path or factory): measuring on what the "
@@ -112,8 +111,6 @@ class PlanningSession:
 
     def measure(self, specs: Mapping[str, str]) -> float:
         """The metric with every layer of ``specs`` compressed together (fixed weights fp16)."""
-        from ..simulate import apply_plan
-
         if not self.can_measure:
             raise PlanError("plan validation", "the sweep names no model or data to measure with",
                             "pass model= and data= to PlanningSession.open, or skip validation")
