@@ -36,6 +36,17 @@ PLAN_FACTORY = "coreml_opt.sensitivity.examples:photos_plan_half"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coreml_opt.errors import CoreMLOptError
+
+    try:
+        return run(argv)
+    except CoreMLOptError as exc:  # e.g. the EfficientNet or scikit-image packages absent: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse the options, run the sweeps, plans, packages and measurements, print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench-imagenet", help="folder for the sweeps and packages")
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
