@@ -99,3 +99,21 @@ def test_baselines_meet_their_budget_exactly_in_bytes_and_the_package_agrees(swe
         assert report.bytes_after == size, name  # the byte model is exact: every byte the package stores
     spec, uniform = uniform_lut(problem, bpw)
     assert spec == {3.0: "pal3", 4.0: "pal4", 5.0: "pal4"}[bpw] and set(uniform.values()) == {spec}
+
+
+def test_report_data_on_a_package_sweep_runs_the_package_on_the_report_half(example_mlpackage, tmp_path):
+    from coreml_opt.evaluation import evaluate_package
+    from coreml_opt.sensitivity import analyse_package
+
+    sweep = tmp_path / "sweep"
+    analyse_package(example_mlpackage, "calibration_data/digits", metric="kl", candidates="pal4,pal2", progress=False,
+                    out_dir=sweep)
+    emitted = tmp_path / "planned.mlpackage"
+    code, out, err = plan_cli(str(sweep), "--bpw", "4", "--emit", str(emitted), "--report-data", REPORT_HALF, "--json")
+    assert code == 0, err
+    report_side = json.loads(out)["measured_on_report_data"]
+    # proxies compare with the uncompressed package itself, on the report half: its baseline KL is 0
+    assert report_side["reference"] == 0.0
+    shipped = evaluate_package(emitted, REPORT_HALF, "kl", reference=str(example_mlpackage))
+    assert report_side["measured"] == pytest.approx(shipped.metric, rel=1e-6, abs=1e-12)
+    assert report_side["simulated"] == pytest.approx(shipped.metric, rel=1e-4, abs=1e-10)
