@@ -12,6 +12,7 @@ examples:
   coreml-opt plan out/sens --size 12MiB --emit model-plan.mlpackage
   coreml-opt plan out/sens --max-drop 0.5 -o plan.yaml        # at most 0.5 percentage points of accuracy lost
   coreml-opt plan out/sens --front front.png --bits 2,3,4,5,6,8
+  coreml-opt plan out/sens --bpw 4 --emit m.mlpackage --report-data coreml_opt.sensitivity.examples:photos_report_half
 
 Sizes count every weight Core ML stores (layers outside the sweep stay fp16), so --bpw 4 is the
 whole model's bits per weight. Sizes are bytes; KB/KiB = 1024 bytes and MB/MiB = 2^20, as the tables
@@ -48,6 +49,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="with --emit: run the emitted package with the package "
                                                          "runtime on the sweep's data and print its metric next to "
                                                          "the simulated one")
+    p.add_argument("--report-data", metavar="DATA",
+                   help="with --emit: also measure the plan on data it was not planned on (calibration folder, .npz "
+                        "or package.module:fn, e.g. the report half) and print plan-data and report-data figures "
+                        "side by side (implies --measure)")
     p.add_argument("--no-validate", action="store_true", help="do not measure the plan (prediction only)")
     p.add_argument("--rounds", type=int, default=10, help="most repair rounds for --max-drop (default 10)")
     p.add_argument("--front", metavar="PNG", help="also plot solved/greedy/uniform plans over --bits")
@@ -69,6 +74,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.max_drop is not None and not args.max_drop >= 0:
         raise PlanError(f"--max-drop {args.max_drop:g}", "is not a drop of 0 or more",
                         "give e.g. --max-drop 0.5 (percentage points for accuracy-like metrics)")
+    if args.report_data is not None:
+        if not args.emit or args.no_validate:
+            raise PlanError(f"--report-data {args.report_data}", "needs --emit and the plan's own measurement"
+                            if not args.emit else "compares with the plan-data figures, which --no-validate turns off",
+                            "pass --emit OUT.mlpackage without --no-validate" if not args.emit else "drop --no-validate")
+        args.measure = True
     if args.measure and (not args.emit or args.no_validate):
         raise PlanError("--measure", "needs --emit and the plan's own measurement" if not args.emit else
                         "compares the package with the simulated figure, which --no-validate turns off",
@@ -78,6 +89,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.measure and not session.can_measure:
         raise PlanError(f"--measure ({args.sweep})", "the sweep names no model or data to measure with",
                         "rerun the sweep with --model package.module:fn and --data")
+    report_evaluator = None
+    if args.report_data is not None:  # bad report data fails here, before anything is solved or written
+        report_evaluator = _report_evaluator(session, args.report_data)
     out: dict = {}
     if has_size or args.max_drop is not None:
         max_drop = user_drop(args.max_drop, problem) if args.max_drop is not None else None
@@ -87,6 +101,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             result.plan.save(args.output)
         report = session.emit(result, args.emit, model_package=args.model_package) if args.emit else None
         measured = session.measure_package(args.emit, result) if args.measure else None
+        on_report = session.measure_package(args.emit, result, report_evaluator) if report_evaluator else None
         out = {"budget": result.budget, "bytes": result.bytes, "bits_per_weight": round(result.bits_per_weight, 4),
                "predicted_drop": result.predicted_drop, "measured_metric": result.measured_metric,
                "measured_drop": result.measured_drop, "baseline": problem.baseline,
@@ -95,7 +110,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                "repair_rounds": len(result.attempts) - 1, "plan": args.output,
                "emitted": str(args.emit) if args.emit else None,
                "emitted_bytes": report.bytes_after if report else None,
-               "measured_on_package": measured.to_dict() if measured else None}
+               "measured_on_package": measured.to_dict() if measured else None,
+               "measured_on_report_data": on_report.to_dict() if on_report else None}
         if not args.json:
             drops = {c.layer: {o.spec: o for o in c.options} for c in problem.choices}
             rows = [[info.layer, info.shape, result.specs[info.layer], drops[info.layer][result.specs[info.layer]].bytes,
@@ -109,7 +125,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print(f"wrote {args.output}")
             if report is not None:
                 print(f"wrote {args.emit}: {report.bytes_after:,} weight bytes (plan predicted {result.bytes:,})")
-            if measured is not None:
+            if on_report is not None:
+                print(_halves_table(problem, result, measured, on_report, args.report_data))
+            elif measured is not None:
                 print(measured.line())
     if args.front:
         unreachable: dict[float, str] = {}
@@ -127,3 +145,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     return 0
+
+
+def _report_evaluator(session, data: str):
+    """The sweep's metric and reference on ``data`` (DataError names ``--report-data DATA`` when it cannot be read)."""
+    from ..errors import DataError, PlanError
+
+    if session.evaluator_for is None or not session.can_measure:
+        raise PlanError(f"--report-data {data}", "the sweep names no model to measure with",
+                        "rerun the sweep with --model package.module:fn and --data")
+    try:
+        return session.evaluator_for(data)
+    except DataError as exc:
+        inner = "" if exc.input_name in (data, repr(data)) else f"{exc.input_name}: "
+        raise DataError(f"--report-data {data}", f"{inner}{exc.problem}", exc.fix) from None
+
+
+def _halves_table(problem, result, on_plan, on_report, data: str) -> str:
+    """Plan-data and report-data figures side by side: baseline, plan predicted, simulated, package, drop."""
+    from ..report.tables import format_table
+
+    source = problem.sweep.get("data") or "the sweep's data"
+    sign = 1.0 if problem.higher_is_better else -1.0  # a drop is how much worse: lower accuracy, higher KL
+    rows = [["fp16 baseline", problem.metric_text(on_plan.reference), problem.metric_text(on_report.reference)],
+            ["plan, predicted (additive)", problem.metric_text(problem.baseline - sign * result.predicted_drop), ""],
+            ["plan, simulated", problem.metric_text(on_plan.simulated), problem.metric_text(on_report.simulated)],
+            ["plan, package (runtime)", problem.metric_text(on_plan.measured), problem.metric_text(on_report.measured)],
+            ["drop on the package", problem.drop_text(on_plan.drop), problem.drop_text(on_report.drop)]]
+    return (format_table([problem.metric, "plan data", "report data"], rows)
+            + f"\nplan data: {source} (planned on); report data: {data} (never planned on)")

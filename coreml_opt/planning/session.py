@@ -6,6 +6,7 @@ by the simulation engine, which equals the weights Core ML stores.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -34,6 +35,8 @@ class PlanningSession:
     model: Any = None  # the BN-folded torch model, or None (sizes only, no measurement)
     evaluator: Callable[[Any], float] | None = None
     kmeans: str = "exact"
+    # data -> an evaluator with this sweep's metric and reference on other data (the report half)
+    evaluator_for: Callable[[Any], Callable[[Any], float]] | None = None
     _cache: dict[frozenset, float] = field(default_factory=dict)
     _statistics: Any = None  # calibration statistics for +aw/+bc specs, collected on first use
 
@@ -60,24 +63,27 @@ class PlanningSession:
             logger.warning("%s names no model: weights outside the sweep are not counted, plans are not measured",
                            sweep_dir)
         problem = build_problem(sweep, trials, fixed, fixed_params, candidates)
+        evaluator_for = None  # data -> the sweep's metric against the fp32 model on that data
+        if folded is not None:
+            from ..evaluation import make_evaluator
+
+            shape = sweep.get("inputs") or (tuple(sweep["input_shape"]) if sweep.get("input_shape") else None)
+            evaluator_for = functools.partial(make_evaluator, original, metric=problem.metric, input_shape=shape)
         if measure and evaluator is None and folded is not None:
             if data is None and sweep.get("data") is None:
                 logger.warning("sweep.json records no data (it was not a path or factory): measuring on what the "
                                "analyser uses without data; pass data= if the sweep used other data")
-            from ..evaluation import make_evaluator
-
-            shape = sweep.get("inputs") or (tuple(sweep["input_shape"]) if sweep.get("input_shape") else None)
             recorded = data_beside(sweep.get("data"), sweep_dir)  # relative: beside sweep.json, never the cwd
             try:
-                evaluator = make_evaluator(original, data if data is not None else recorded, problem.metric,
-                                           input_shape=shape)
+                evaluator = evaluator_for(data if data is not None else recorded)
             except DataError as exc:
                 if data is not None or recorded is None:
                     raise
                 raise DataError(f"{Path(sweep_dir) / 'sweep.json'}: data {sweep['data']!r}",
                                 f"{exc.input_name}: {exc.problem}",
                                 "restore the data the sweep used, or rerun the sweep with --data") from None
-        return cls(problem, folded, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
+        return cls(problem, folded, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"),
+                   evaluator_for=evaluator_for)
 
     @classmethod
     def _open_package(cls, sweep: dict, trials: list, sweep_dir: str | os.PathLike, evaluator: Any, data: Any,
@@ -89,13 +95,17 @@ class PlanningSession:
         package = PackageModel(path, sweep.get("layers", []), sweep.get("kmeans", "exact"))
         fixed, fixed_params = package.fixed_weights([row["layer"] for row in sweep.get("layers", [])])
         problem = build_problem(sweep, trials, fixed, fixed_params, candidates)
+        reference = sweep.get("reference")
+        if isinstance(reference, str) and ":" not in reference:
+            reference = str(Path(sweep_dir) / reference)
+
+        def evaluator_for(other: Any) -> Callable[[Any], float]:
+            return package_evaluator(package, other, problem.metric, reference)
         if measure and evaluator is None:
             recorded = data_beside(sweep.get("data"), sweep_dir)
-            reference = sweep.get("reference")
-            if isinstance(reference, str) and ":" not in reference:
-                reference = str(Path(sweep_dir) / reference)
-            evaluator = package_evaluator(package, data if data is not None else recorded, problem.metric, reference)
-        return cls(problem, package, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"))
+            evaluator = evaluator_for(data if data is not None else recorded)
+        return cls(problem, package, evaluator if measure else None, kmeans=sweep.get("kmeans", "exact"),
+                   evaluator_for=evaluator_for)
 
     @property
     def can_measure(self) -> bool:
@@ -103,22 +113,28 @@ class PlanningSession:
 
     def measure(self, specs: Mapping[str, str]) -> float:
         """The metric with every layer of ``specs`` compressed together (fixed weights fp16)."""
-        from ..simulate import apply_plan, using_statistics
-
         if not self.can_measure:
             raise PlanError("plan validation", "the sweep names no model or data to measure with",
                             "pass model= and data= to PlanningSession.open, or skip validation")
         specs = self.problem.expand(specs)  # a grouped sweep's plan: each group's spec on its members
         key = frozenset(specs.items())
-        if key not in self._cache and hasattr(self.model, "backend"):  # a package-only sweep
-            self._cache[key] = self.model.measure(specs, self.evaluator)
         if key not in self._cache:
-            assignment = {path: "none" for path in self.problem.fixed}
-            assignment.update(specs)
-            with using_statistics(self.statistics(specs.values())), \
-                    apply_plan(self.model, assignment, kmeans=self.kmeans):
-                self._cache[key] = float(self.evaluator(self.model))
+            self._cache[key] = self.measure_with(specs, self.evaluator)
         return self._cache[key]
+
+    def measure_with(self, specs: Mapping[str, str], evaluator: Callable[[Any], float]) -> float:
+        """``evaluator`` (e.g. one on the report half) on the model with every layer of ``specs`` compressed together
+        (simulated); ``{}`` gives the uncompressed fp16 baseline. Not cached."""
+        from ..simulate import apply_plan, using_statistics
+
+        specs = self.problem.expand(specs)  # a grouped sweep's plan: each group's spec on its members
+        if hasattr(self.model, "backend"):  # a package-only sweep
+            return self.model.measure(specs, evaluator)
+        assignment = {path: "none" for path in self.problem.fixed}
+        assignment.update(specs)
+        with using_statistics(self.statistics(specs.values())), \
+                apply_plan(self.model, assignment, kmeans=self.kmeans):
+            return float(evaluator(self.model))
 
     def plan(self, *, size: str | int | None = None, bpw: float | None = None, ratio: float | None = None,
              max_drop: float | None = None, validate: bool = True, max_rounds: int = 10) -> PlanResult:
@@ -186,18 +202,23 @@ class PlanningSession:
                 convert(self.model, tuple(sweep["input_shape"]), target=self.problem.target, output_path=package)
             return compress(package, result.plan, output, statistics=statistics)
 
-    def measure_package(self, package: str | os.PathLike, result: PlanResult) -> "PackageMeasure":
+    def measure_package(self, package: str | os.PathLike, result: PlanResult,
+                        evaluator: Callable[[Any], float] | None = None) -> "PackageMeasure":
         """The emitted ``package`` run by the package runtime with this sweep's evaluator (same data, metric and
-        reference outputs), next to the plan's simulated figure; a ``measure.PackageMeasure``."""
+        reference outputs), next to the plan's simulated figure; a ``measure.PackageMeasure``. With ``evaluator``
+        (``evaluator_for(report data)``) all three figures are measured on that evaluator's data instead."""
         from ..measure import PackageMeasure, measure_with
 
         if not self.can_measure:
             raise PlanError("--measure", "the sweep names no model or data to measure with",
                             "rerun the sweep with --model package.module:fn and --data")
-        measured = measure_with(self.evaluator, package)
-        baseline = self.problem.baseline
-        return PackageMeasure(self.problem.metric, measured, result.measured_metric, baseline,
-                              self.evaluator.drop(baseline, measured) if hasattr(self.evaluator, "drop") else None)
+        if evaluator is None:
+            evaluator, simulated, baseline = self.evaluator, result.measured_metric, self.problem.baseline
+        else:
+            simulated, baseline = self.measure_with(result.specs, evaluator), self.measure_with({}, evaluator)
+        measured = measure_with(evaluator, package)
+        return PackageMeasure(self.problem.metric, measured, simulated, baseline,
+                              evaluator.drop(baseline, measured) if hasattr(evaluator, "drop") else None)
 
 
 def _swept_package(sweep: Mapping[str, Any], sweep_dir: str | os.PathLike) -> Path | None:

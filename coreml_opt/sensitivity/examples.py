@@ -12,6 +12,22 @@ def digits_heldout() -> Dataset:
     return Dataset(x_te, y_te, source="digits held-out split")
 
 
+def digits_plan_half() -> Dataset:
+    """The even samples of the held-out split (180): the half a sweep and plan see."""
+    from ..zoo import digits_split
+
+    _, _, x_te, y_te = digits_split()
+    return Dataset(x_te[0::2], y_te[0::2], source="digits held-out split, plan half (even samples)")
+
+
+def digits_report_half() -> Dataset:
+    """The odd samples of the held-out split (180): never planned on, to report on."""
+    from ..zoo import digits_split
+
+    _, _, x_te, y_te = digits_split()
+    return Dataset(x_te[1::2], y_te[1::2], source="digits held-out split, report half (odd samples)")
+
+
 def fashion_heldout() -> Dataset:
     """The first 1,000 Fashion-MNIST test images (never trained on) for the zoo's ViT; DataError when absent."""
     from ..fashion_vit import fashion_mnist
