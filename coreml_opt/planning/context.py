@@ -1,10 +1,13 @@
 """Plans that hold when combined: re-measure candidate drops in the context of the other layers' compression.
 
 Single-layer drops do not add (compressing two layers loses more, or less, than the two alone). After the
-additive plan P is measured, each round measures, for every layer L, its options next to P's choice on L's
-Pareto front (the next smaller and the next larger) with every other layer compressed per P. The metric is
-then modelled around P, coordinate-wise: drop(Q) ~ drop(P) + sum over L of [drop(P with L <- Q_L) - drop(P)],
-the measured change where L's option was measured, the single-layer change (alone(Q_L) - alone(P_L))
+additive plan P is measured, each round measures, for every layer L, its options next to P's choice (the
+nearest smaller and the nearest larger, see :func:`neighbours`) with every other layer compressed per P. The
+metric is then modelled around P, coordinate-wise:
+
+    drop(Q) ~ drop(P) + sum over L of [drop(P with L <- Q_L) - drop(P)]
+
+with the measured change where L's option was measured and the single-layer change (alone(Q_L) - alone(P_L))
 elsewhere. This is separable, so the exact solver re-solves it exactly; the solved plan is measured and
 becomes the next round's P. Every measured plan within the budget (solved plans and the neighbours measured
 on the way, which all hold every layer compressed) competes, and the best measured is returned: rounds never
@@ -32,13 +35,15 @@ Variants = Callable[[Mapping[str, str], Sequence[tuple[str, str]]], list[float]]
 
 
 def neighbours(choices: Choices, current: str) -> list[str]:
-    """The layer's next smaller and next larger options (by bytes) on its single-layer Pareto front."""
-    by_spec = {o.spec: o for o in choices.options}
-    size = by_spec[current].bytes
-    front = [choices.options[i] for i in pareto_options(choices.options)]  # ascending bytes
-    smaller = [o for o in front if o.bytes < size]
-    larger = [o for o in front if o.bytes > size]
-    return [o.spec for o in (smaller[-1:] + larger[:1])]
+    """The layer's options next to ``current``: on each side (fewer bytes, more bytes) the one nearest in bytes
+    that no option on the same side beats on both bytes and single-layer drop. Sides are taken apart so that a
+    wrong single-layer drop (an option that looks free) cannot hide the neighbours the context may need."""
+    size = next(o.bytes for o in choices.options if o.spec == current)
+    smaller = [o for o in choices.options if o.bytes < size]
+    larger = [o for o in choices.options if o.bytes > size]
+    below = [smaller[i] for i in pareto_options(smaller)][-1:]  # ascending bytes: the nearest is last
+    above = [larger[i] for i in pareto_options(larger)][:1]
+    return [o.spec for o in below + above]
 
 
 def context_choices(problem: Problem, plan: Mapping[str, str], plan_drop: float,

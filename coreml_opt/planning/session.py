@@ -37,6 +37,7 @@ class PlanningSession:
     kmeans: str = "exact"
     _cache: dict[frozenset, float] = field(default_factory=dict)
     _variants: Any = None
+    variant_runner: Any = None  # the PlanVariants behind variants(), when the model and metric allow one
 
     @classmethod
     def open(cls, sweep_dir: str | os.PathLike, *, model: Any = None, evaluator: Callable[[Any], float] | None = None,
@@ -131,6 +132,7 @@ class PlanningSession:
                 rows = self.problem.sweep.get("layers", [])
                 fast = PlanVariants(self.model, self.evaluator, {row["layer"]: (row["layer"], *row.get("aliases", []))
                                                                  for row in rows}, list(self.problem.fixed), self.kmeans)
+            self.variant_runner = fast
             slow = one_by_one(self.measure)
 
             def measured(plan: Mapping[str, str], changes: Sequence[tuple[str, str]]) -> list[float]:
