@@ -5,6 +5,8 @@ measures the whole plan; when it misses an accuracy budget, the measured excess 
 plan's compressed layers (in proportion to the bytes each saves) and the problem is re-solved. The
 failed plan is then predicted at its measured loss, so it can never come back, and the fp16 plan
 (no loss) is always feasible: repair ends with a plan that meets the budget or says it cannot.
+Under a size budget, drops are instead re-measured in the context of the measured plan and re-solved
+(:mod:`.context`), keeping the best measured plan.
 """
 from __future__ import annotations
 
