@@ -87,6 +87,9 @@ def refine_in_context(problem: Problem, first: Attempt, *, max_bytes: int, measu
     solved = {frozenset(first.specs.items())}
     order = sorted(problem.choices, key=lambda c: -c.options[0].bytes)
     for round_no in range(rounds):
+        if used >= limit:
+            logger.info("context rounds: evaluation budget (%d) spent after %d round(s)", limit, round_no)
+            break
         changes = [(c.layer, spec) for c in order for spec in neighbours(c, current.specs[c.layer])]
         todo = [(layer, spec) for layer, spec in changes if frozenset({**current.specs, layer: spec}.items())
                 not in known][:max(limit - used - 1, 0)]  # one evaluation kept for the solved plan
