@@ -36,8 +36,9 @@ def test_in_context_costs_are_what_the_evaluator_measures(session):
     and the context model predicts each measured neighbour plan at exactly its measured drop."""
     problem = session.problem
     plan = {c.layer: "pal2" for c in problem.choices}
-    changes = [(c.layer, spec) for c in problem.choices for spec in neighbours(c, "pal2")]
-    assert changes and all(spec in ("pal1", "pal4") for _, spec in changes)
+    ends = (problem.choices[0], problem.choices[-1])  # the first layer's cut keeps least, the last's most
+    changes = [(c.layer, spec) for c in ends for spec in neighbours(c, "pal2")]
+    assert sorted(spec for _, spec in changes) == ["pal1", "pal1", "pal4", "pal4"]
     cut = PlanningSession(problem, session.model, session.evaluator, session.kmeans)  # nothing cached yet
     fast = cut.variants()(plan, changes)
     assert cut.variant_runner.evaluations == len(changes)  # the cut path ran, not whole measurements
@@ -130,8 +131,6 @@ def test_cli_plan_records_alone_in_context_and_measured_drops(sweep_dir):
     assert all(a["predicted_context_drop"] is not None and a["measured_drop"] is not None for a in rest)
     assert out["measured_drop"] <= min(a["measured_drop"] for a in out["attempts"])
     assert out["bytes"] <= 45_660  # 3 bits per weight of the digits CNN's 121,760 weights
-    code, stdout, _ = run_cli("plan", str(sweep_dir), "--bpw", "3", "--json", "--context-rounds", "0")
-    assert code == 0 and json.loads(stdout)["context_evaluations"] == 0
 
 
 def test_cli_negative_context_rounds_is_one_line(sweep_dir):
