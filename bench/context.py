@@ -24,28 +24,29 @@ import warnings
 from pathlib import Path
 
 CANDIDATES = ["int8", "pal4", "pal3", "pal2"]
-PHOTOS_ENV = "COREML_OPT_BENCH_PHOTOS"
-
-
-def _halves():
-    from coreml_opt.photos import photo_halves
-
-    return photo_halves(int(os.environ.get(PHOTOS_ENV, "64")))
+PHOTOS_ENV, REPORT_ENV = "COREML_OPT_BENCH_PHOTOS", "COREML_OPT_BENCH_REPORT_PHOTOS"
 
 
 def plan_photos():
-    """The plan half (a data factory the sweep records)."""
-    return _halves()[0]
+    """The plan half (a data factory the sweep records): the even crops of the first N."""
+    from coreml_opt.photos import photo_halves
+
+    return photo_halves(int(os.environ.get(PHOTOS_ENV, "64")))[0]
 
 
 def report_photos():
-    """The report half: never seen by the sweep or the planner."""
-    return _halves()[1]
+    """The report half: the odd crops of the first M >= N (crop i is seeded by i alone), never seen by the sweep
+    or the planner."""
+    from coreml_opt.photos import photo_halves
+
+    return photo_halves(int(os.environ.get(REPORT_ENV) or os.environ.get(PHOTOS_ENV, "64")))[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=64, help="photos in both halves together (default 64)")
+    parser.add_argument("--report-photos", type=int, help="report on the odd crops of this many photos "
+                                                             "(default --photos; more gives a larger unseen half)")
     parser.add_argument("--bits", default="4", help="comma-separated bits per weight (default 4)")
     parser.add_argument("--out", default="out/bench-context", help="folder for the sweep")
     parser.add_argument("--max-evaluations", type=int, help="bound the context rounds' extra evaluations "
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kmeans", default="fast", choices=("exact", "fast"), help="k-means of the sweep and plans")
     args = parser.parse_args(argv)
     os.environ[PHOTOS_ENV] = str(args.photos)
+    os.environ[REPORT_ENV] = str(max(args.report_photos or args.photos, args.photos))
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("coreml_opt.planning").setLevel(logging.INFO)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return {f"{half} {metric}": ev(session.model) for (half, metric), ev in evaluators.items()}
 
     print(f"EfficientNet-Lite0: {len(problem.layers)} swept layers, {problem.total_params:,} weights; "
-          f"sweep {swept:.0f} s ({args.photos // 2} plan images, candidates {', '.join(CANDIDATES)})")
+          f"sweep {swept:.0f} s ({args.photos // 2} plan images, {int(os.environ[REPORT_ENV]) // 2} report images, "
+          f"candidates {', '.join(CANDIDATES)})")
     rows, results = [], {}
     for bits in [float(b) for b in args.bits.split(",")]:
         t0 = time.perf_counter()
