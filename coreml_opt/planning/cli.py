@@ -20,7 +20,9 @@ print them. Drops (--max-drop and every printed drop) are percentage points (pp)
 (accuracy, top1, top5: 0.5 pp = 0.005 in metric units, shown as %%) and metric units otherwise (kl nats,
 psnr dB); --json keeps every figure in metric units. Plans are
 measured with every layer compressed together (simulated, equal to Core ML's weights) and repaired
-until they meet --max-drop.
+until they meet --max-drop. Under a size budget, single-layer drops do not add: --context-rounds re-measure
+each layer's neighbouring options with the other layers compressed per the measured plan and re-solve, and
+the best measured plan is kept (predicted alone, predicted in context and measured drops are printed).
 """
 
 
@@ -55,6 +57,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                         "side by side (implies --measure)")
     p.add_argument("--no-validate", action="store_true", help="do not measure the plan (prediction only)")
     p.add_argument("--rounds", type=int, default=10, help="most repair rounds for --max-drop (default 10)")
+    p.add_argument("--context-rounds", type=int, default=3, metavar="N",
+                   help="size budgets: rounds that re-measure each layer's neighbouring options with every other "
+                        "layer compressed per the plan and re-solve (default 3; 0 = single-layer drops only)")
+    p.add_argument("--max-evaluations", type=int, metavar="N",
+                   help="bound the context rounds' extra evaluations (default: 2 per layer and 1 per round)")
     p.add_argument("--front", metavar="PNG", help="also plot solved/greedy/uniform plans over --bits")
     p.add_argument("--bits", type=_bits, default=[2, 3, 4, 5, 6, 8], help="bits per weight for --front")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -80,6 +87,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             if not args.emit else "compares with the plan-data figures, which --no-validate turns off",
                             "pass --emit OUT.mlpackage without --no-validate" if not args.emit else "drop --no-validate")
         args.measure = True
+    for flag, value in (("--context-rounds", args.context_rounds), ("--max-evaluations", args.max_evaluations)):
+        if value is not None and value < 0:
+            raise PlanError(f"{flag} {value}", "is negative", f"give {flag} 0 or more (0 turns context rounds off)")
     if args.measure and (not args.emit or args.no_validate):
         raise PlanError("--measure", "needs --emit and the plan's own measurement" if not args.emit else
                         "compares the package with the simulated figure, which --no-validate turns off",
@@ -96,7 +106,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if has_size or args.max_drop is not None:
         max_drop = user_drop(args.max_drop, problem) if args.max_drop is not None else None
         result = session.plan(size=args.size, bpw=args.bpw, ratio=args.ratio, max_drop=max_drop,
-                              validate=not args.no_validate, max_rounds=args.rounds)
+                              validate=not args.no_validate, max_rounds=args.rounds,
+                              context_rounds=args.context_rounds, max_evaluations=args.max_evaluations)
         if args.output:
             result.plan.save(args.output)
         report = session.emit(result, args.emit, model_package=args.model_package) if args.emit else None
@@ -107,6 +118,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                "measured_drop": result.measured_drop, "baseline": problem.baseline,
                "layers": problem.expand(result.specs),  # per weight, as the plan YAML (a group's spec on its members)
                **({"groups": result.specs} if problem.groups else {}),
+               "predicted_context_drop": result.predicted_context_drop, "plan_source": result.source,
+               "context_evaluations": result.context_evaluations,
+               "attempts": [{"bytes": a.bytes, "predicted_drop": a.predicted_drop,
+                             "predicted_context_drop": a.predicted_context_drop, "measured_drop": a.measured_drop,
+                             "source": a.source} for a in result.attempts],
                "repair_rounds": len(result.attempts) - 1, "plan": args.output,
                "emitted": str(args.emit) if args.emit else None,
                "emitted_bytes": report.bytes_after if report else None,

@@ -5,13 +5,15 @@ measures the whole plan; when it misses an accuracy budget, the measured excess 
 plan's compressed layers (in proportion to the bytes each saves) and the problem is re-solved. The
 failed plan is then predicted at its measured loss, so it can never come back, and the fp16 plan
 (no loss) is always feasible: repair ends with a plan that meets the budget or says it cannot.
+Under a size budget, drops are instead re-measured in the context of the measured plan and re-solved
+(:mod:`.context`), keeping the best measured plan.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..errors import PlanError
 from ..metrics import check_finite_value
@@ -20,6 +22,9 @@ from ..plan import Plan
 from ..spec import parse_spec
 from .costs import Problem
 from .solver import Choices, Option, Solution, smallest, solve
+
+if TYPE_CHECKING:
+    from .context import Variants
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ class Attempt:
     predicted_drop: float
     measured_metric: float | None = None
     measured_drop: float | None = None
+    predicted_context_drop: float | None = None  # the in-context model's prediction (context rounds only)
+    source: str = "additive"  # "additive" (single-layer drops), "in context" (re-solved), "neighbour" (measured)
 
 
 @dataclass
@@ -49,6 +56,9 @@ class PlanResult:
     measured_metric: float | None = None
     measured_drop: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    predicted_context_drop: float | None = None
+    source: str = "additive"
+    context_evaluations: int = 0  # extra evaluations the context rounds spent
 
     @property
     def bits_per_weight(self) -> float:
@@ -64,7 +74,13 @@ class PlanResult:
                  f"{p.metric}: baseline {p.metric_text(p.baseline)}, predicted drop {p.drop_text(self.predicted_drop)}"
                  + (f", measured {p.metric_text(self.measured_metric)} (drop {p.drop_text(self.measured_drop)})"
                     if self.measured_metric is not None else " (not measured)")]
-        if len(self.attempts) > 1:
+        if self.context_evaluations:
+            lines.append(f"in context: {len(self.attempts) - 1} re-solved plan(s) from {self.context_evaluations} "
+                         "extra evaluations (predicted alone / in context -> measured drop): " + "; ".join(
+                             f"{p.drop_text(a.predicted_drop)} / {p.drop_text(a.predicted_context_drop)} -> "
+                             f"{p.drop_text(a.measured_drop)}" for a in self.attempts)
+                         + f"; kept the best measured ({self.source} plan)")
+        elif len(self.attempts) > 1:
             lines.append(f"{len(self.attempts)} plans solved and measured (predicted -> measured drop): "
                          + "; ".join(f"{p.drop_text(a.predicted_drop)} -> {p.drop_text(a.measured_drop)}"
                                      for a in self.attempts if a.measured_drop is not None) + "; kept the last "
@@ -101,12 +117,15 @@ def solve_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: fl
 
 def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: float | None = None,
                 measure: Measure | None = None, max_rounds: int = 10, refine_rounds: int = 3,
-                label: str = "") -> PlanResult:
+                label: str = "", context_rounds: int = 0, variants: "Variants | None" = None,
+                max_evaluations: int | None = None) -> PlanResult:
     """Solve, then (with ``measure``) validate and repair.
 
     With ``max_drop`` (metric units) repair runs until a plan measures within it, up to ``max_rounds``.
-    With a size budget alone, a plan that measures worse than predicted is repaired up to
-    ``refine_rounds`` times, and the best measured plan within the budget is returned."""
+    With a size budget alone and ``context_rounds``, drops are re-measured in the context of the measured plan
+    and re-solved (:mod:`.context`, ``variants`` measures one-layer changes, ``max_evaluations`` bounds them);
+    without, a plan that measures worse than predicted is repaired up to ``refine_rounds`` times. Either way the
+    best measured plan within the budget is returned."""
     if max_bytes is None and max_drop is None:
         raise PlanError("budget", "none given", "give a size budget (--bpw, --size, --ratio) or --max-drop")
     if max_drop is not None and max_drop < 0:
@@ -139,6 +158,15 @@ def plan_budget(problem: Problem, *, max_bytes: int | None = None, max_drop: flo
                     attempt.predicted_drop, attempt.measured_drop)
         if max_drop is not None and attempt.measured_drop <= max_drop + 1e-12:
             return _result(problem, attempt, label, attempts)
+        if max_drop is None and context_rounds > 0:
+            from .context import refine_in_context
+
+            attempts, best, used = refine_in_context(problem, attempt, max_bytes=max_bytes, measure=measure,
+                                                     variants=variants, rounds=context_rounds,
+                                                     max_evaluations=max_evaluations)
+            result = _result(problem, best, label, attempts)
+            result.context_evaluations = used
+            return result
         if max_drop is None and attempt.measured_drop <= solution.drop + 1e-12:
             break  # the prediction held
         if round_no + 1 < rounds:
@@ -180,7 +208,7 @@ def predicted_drop(problem: Problem, specs: Mapping[str, str]) -> float:
     return math.fsum(by_layer[layer][spec] for layer, spec in specs.items())
 
 
-def _drop(problem: Problem, metric: float) -> float:
+def measured_drop(problem: Problem, metric: float) -> float:
     """Measured drop against the sweep's baseline; a NaN/inf either side would compare as "met"."""
     if not math.isfinite(problem.baseline):
         raise PlanError("sweep", f"its baseline {problem.metric} is {problem.baseline}, so no plan can be measured "
@@ -188,9 +216,12 @@ def _drop(problem: Problem, metric: float) -> float:
     return metric_drop(problem.baseline, check_finite_value(problem.metric, metric), problem.higher_is_better)
 
 
+_drop = measured_drop
+
+
 def _result(problem: Problem, attempt: Attempt, label: str, attempts: list[Attempt]) -> PlanResult:
     return PlanResult(problem, attempt.specs, attempt.bytes, attempt.predicted_drop, label, attempt.measured_metric,
-                      attempt.measured_drop, attempts)
+                      attempt.measured_drop, attempts, attempt.predicted_context_drop, attempt.source)
 
 
 def plan_bytes(problem: Problem, specs: Mapping[str, str]) -> int:

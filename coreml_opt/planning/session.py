@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from ..errors import DataError, PlanError
 from ..yaml_files import data_beside, model_beside
 from .costs import Problem, build_problem, drop_unit, fixed_weights
+from .context import DEFAULT_CONTEXT_ROUNDS
 from .pareto import Point, front, plot_front
 from .planner import PlanResult, plan_budget
 
 if TYPE_CHECKING:
+    from .context import Variants
     from ..measure import PackageMeasure
     from ..simulate import Statistics
 
@@ -39,6 +41,8 @@ class PlanningSession:
     evaluator_for: Callable[[Any], Callable[[Any], float]] | None = None
     _cache: dict[frozenset, float] = field(default_factory=dict)
     _statistics: Any = None  # calibration statistics for +aw/+bc specs, collected on first use
+    _variants: Any = None
+    variant_runner: Any = None  # the PlanVariants behind variants(), when the model and metric allow one
 
     @classmethod
     def open(cls, sweep_dir: str | os.PathLike, *, model: Any = None, evaluator: Callable[[Any], float] | None = None,
@@ -136,9 +140,47 @@ class PlanningSession:
                 apply_plan(self.model, assignment, kmeans=self.kmeans):
             return float(evaluator(self.model))
 
+    def variants(self) -> "Variants":
+        """The metric of a plan with one layer changed, for many changes: from each layer's cut where the model and
+        metric allow (:class:`.variants.PlanVariants`), else one whole measurement each; cached like ``measure``."""
+        from .context import one_by_one
+        from .variants import PlanVariants
+
+        if self._variants is None:
+            fast = None
+            if (not hasattr(self.model, "backend") and not self.problem.groups  # a per-layer torch model
+                    and PlanVariants.supports(self.evaluator)):
+                rows = self.problem.sweep.get("layers", [])
+                fast = PlanVariants(self.model, self.evaluator, {row["layer"]: (row["layer"], *row.get("aliases", []))
+                                                                 for row in rows}, list(self.problem.fixed), self.kmeans)
+            self.variant_runner = fast
+            slow = one_by_one(self.measure)
+
+            def measured(plan: Mapping[str, str], changes: Sequence[tuple[str, str]]) -> list[float]:
+                keys = [frozenset({**plan, layer: spec}.items()) for layer, spec in changes]
+                todo = [(c, k) for c, k in zip(changes, keys) if k not in self._cache]
+                if todo:
+                    if fast is None:
+                        values = slow(plan, [c for c, _ in todo])
+                    else:
+                        from ..simulate import using_statistics
+
+                        specs = [*plan.values(), *(spec for (_, spec), _ in todo)]
+                        with using_statistics(self.statistics(specs)):  # +aw/+bc rungs
+                            values = fast(plan, [c for c, _ in todo])
+                    self._cache.update({k: float(v) for (_, k), v in zip(todo, values)})
+                return [self._cache[k] for k in keys]
+
+            self._variants = measured
+        return self._variants
+
     def plan(self, *, size: str | int | None = None, bpw: float | None = None, ratio: float | None = None,
-             max_drop: float | None = None, validate: bool = True, max_rounds: int = 10) -> PlanResult:
-        """The optimal plan for a size budget and/or a drop budget (metric units), validated when possible."""
+             max_drop: float | None = None, validate: bool = True, max_rounds: int = 10,
+             context_rounds: int = DEFAULT_CONTEXT_ROUNDS, max_evaluations: int | None = None) -> PlanResult:
+        """The optimal plan for a size budget and/or a drop budget (metric units), validated when possible.
+
+        A size budget alone gets ``context_rounds`` of drops re-measured in the plan's context (0: off;
+        ``max_evaluations`` bounds their extra evaluations), see :mod:`.context`."""
         max_bytes = None
         if any(v is not None for v in (size, bpw, ratio)):
             max_bytes = self.problem.budget_bytes(size=size, bpw=bpw, ratio=ratio)
@@ -152,7 +194,9 @@ class PlanningSession:
         if validate and max_drop is not None and measure is None:
             logger.warning("cannot measure: the plan meets the drop budget by prediction only")
         return plan_budget(self.problem, max_bytes=max_bytes, max_drop=max_drop, measure=measure,
-                           max_rounds=max_rounds, label=label)
+                           max_rounds=max_rounds, label=label, context_rounds=context_rounds,
+                           variants=self.variants() if measure is not None and context_rounds > 0 else None,
+                           max_evaluations=max_evaluations)
 
     def front(self, bits: Sequence[float] = (2, 3, 4, 5, 6, 8), plot: str | os.PathLike | None = None,
               validate: bool = True, unreachable: dict[float, str] | None = None) -> list[Point]:
