@@ -229,3 +229,21 @@ def test_sweep_file_fields_are_checked_like_options(tmp_path, field, value, frag
     code, _, stderr = run_cli("sensitivity", str(path))
     assert code == 2 and stderr.count("\n") == 1 and fragment in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_options_override_the_sweep_file(tmp_path):
+    """`sensitivity sweep.yaml --out elsewhere --candidates int8` writes elsewhere with int8 only: a flag the user
+    typed wins over the file's field (it used to be silently ignored)."""
+    import json
+
+    from conftest import run_cli
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("model: coreml_opt.zoo:digits_cnn\ninput_shape: [1, 1, 8, 8]\n"
+                     "data: coreml_opt.sensitivity.examples:digits_heldout\nmetric: kl\n"
+                     "candidates: [int8, pal4]\nout: from_file\n")
+    code, out, err = run_cli("sensitivity", str(sweep), "--out", str(tmp_path / "from_flag"), "--candidates", "int8",
+                             "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "from_flag" / "sweep.json").exists() and not (tmp_path / "from_file").exists()
+    assert json.loads((tmp_path / "from_flag" / "sweep.json").read_text())["candidates"] == ["int8"]

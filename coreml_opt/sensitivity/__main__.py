@@ -23,7 +23,8 @@ candidates, target, out, max_trials, time_budget, weight_threshold, all_layers, 
 reference, groups, executor, address, memory, device); `groups:` is role, block or layer, or a mapping of group
 name -> list of glob patterns over layer names (e.g. `groups: {q: ['blocks.*.attn.q.weight']}`; unmatched layers
 stay groups of one);
-relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory.
+relative data, out and .mlpackage model paths in it resolve beside the file, not the current directory;
+options given on the command line override the file's fields (e.g. `--out elsewhere`).
 A model given as an .mlpackage is swept with the package runtime (no --input-shape: the package declares it);
 proxy metrics then compare against the uncompressed package, or against --reference PKG_OR_FACTORY.
 Rerunning a sweep resumes it: trials already in DIR/sensitivity.sqlite are not run again.
@@ -88,14 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def _given(argv: Optional[Sequence[str]]) -> set[str]:
+    """The options the command line itself gave (whatever their values), so they override a sweep file's fields."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _from_yaml(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+               given: frozenset[str] = frozenset()) -> argparse.Namespace:
     """Sweep-file fields, checked and converted like the matching command-line options; relative ``data`` and
-    ``out`` paths resolve beside the sweep file."""
+    ``out`` paths resolve beside the sweep file; a field whose option the command line gave (``given``) keeps the
+    command line's value."""
     from ..yaml_files import data_beside, model_beside, path_beside, read_yaml_mapping
 
     doc = read_yaml_mapping(path, DataError, "sweep", SWEEP_KEYS)
     actions = {action.dest: action for action in parser._actions}
     for key, value in doc.items():
+        if key in given:  # `coreml-opt sensitivity sweep.yaml --out elsewhere`: the flag wins
+            continue
         if key == "candidates" and isinstance(value, list):
             value = ",".join(map(str, value))
         if key == "groups" and isinstance(value, dict):  # group name -> patterns: checked by the analyser
@@ -130,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_coremltools(args.verbose)
     try:
         if args.sweep:
-            args = _from_yaml(args.sweep, args, parser)
+            args = _from_yaml(args.sweep, args, parser, frozenset(_given(argv)))
         from ..evaluation import is_package
 
         package = bool(args.model) and is_package(args.model)
