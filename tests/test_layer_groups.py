@@ -250,6 +250,8 @@ def test_report_costs_a_grouped_plan_by_its_groups(swept, tmp_path):
     from coreml_opt.report.collect import collect
     from coreml_opt.report.summary import sensitivity_lines
 
+    # a copy at the same depth as the sweep: sweep.json records its file.py:fn model relative to itself
+    tmp_path = swept["role"].parent.parent / "report"
     shutil.copytree(swept["role"], tmp_path / "sens")
     code, out, err = run_cli("plan", str(tmp_path / "sens"), "--bpw", "5", "--json", "-o", str(tmp_path / "plan.yaml"))
     assert code == 0, err
