@@ -267,6 +267,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     # The model's own weights, not copies: trials swap a weight in place and restore it, and the simulator's
     # workers read weights only while no trial runs (between chunks, or during the baseline pass).
     weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
+    if budget is None:  # copies the k-means workers read whatever a trial swaps in (a budget holds the model once)
+        weights = {name: weight.clone() for name, weight in weights.items()}
     largest = max(w.numel() * w.element_size() for w in weights.values())
     simulation = SIMULATION_WEIGHTS * largest
     statistics = statistics_if_needed(specs, base, evaluator.batches, label)  # for +aw/+bc

@@ -61,7 +61,7 @@ def prepare_factory(model: str, input: list, data: Any, metric: str, batch_size:
 
     # +aw/+bc candidates: the same calibration statistics as the driver's, from the same data
     cache = SimCache(statistics=statistics_if_needed([parse_spec(c) for c in candidates], base, evaluator.batches))
-    weights = {layer.layer: base.get_parameter(layer.layer).detach() for layer in layers}
+    weights = {layer.layer: base.get_parameter(layer.layer).detach().clone() for layer in layers}
     return PreparedTrials(make_trial(base, evaluator, runner, cache, kmeans), {x.layer: x for x in layers}, weights,
                           cache, kmeans, (model_hash(base), evaluator.data_hash, evaluator.name, kmeans))
 
