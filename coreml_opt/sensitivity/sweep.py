@@ -8,7 +8,6 @@ where the model allows (see suffix.py), which changes no result.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -18,28 +17,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CoreMLOptError, ModelError, SpecError
 from ..evaluation import DEFAULT_BATCH_SIZE, Evaluator, resolve_data, resolve_model, run_batches
+from ..evaluation.heap import reused_heap
+from ..evaluation.placement import exact_kernels, resolve_device
 from ..metrics import drop as metric_drop
 from ..metrics import MetricError, get_metric
 from ..model.convert import example_inputs, fold_batchnorm
 from ..model.inputs import InputSpec, single_input
-from ..evaluation.heap import reused_heap
-from ..evaluation.placement import exact_kernels, resolve_device
-from ..simulate.calibration import statistics_if_needed
-from .ladder import default_ladder, ladder_for
+from ..model.precision import round_to_fp16_
 from ..simulate import NonFiniteWeightError, SimCache, apply_spec
 from ..simulate.cache import content_hash
+from ..simulate.calibration import statistics_if_needed
 from ..spec import Spec, parse_spec
 from ..storage import predicted_bytes
 from ..targets import target_name, target_rank
 from .chunks import ChunkSimulator
-from ..model.precision import round_to_fp16_
 from .groups import Group, GroupSimulator, GroupStore, GroupsArg, GroupTrials, resolve_groups
+from .ladder import default_ladder, ladder_for
 from .layers import DEFAULT_WEIGHT_THRESHOLD, Layer, find_layers, identical_weights, model_hash
 from .memory import (SIMULATION_WEIGHTS, MemoryBudget, model_bytes, parse_memory, peak_rss_bytes, reset_peak,
                      rss_bytes, tensor_bytes)
@@ -291,7 +289,7 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         flat, offsets = grouped.member_trials(runnable)
         simulator = GroupSimulator(ChunkSimulator(flat, weights, cache, kmeans, deadline=deadline, **chunk), offsets)
     runner = None
-    seen = _Seen(layers, weights, 0.0) if dedupe and grouped is None and executor == "local" else None
+    seen: Optional[_Seen] = None
     heap = contextlib.ExitStack()
     heap.enter_context(reused_heap())  # a trial's activations reuse the last trial's memory: no page faults
     try:
@@ -300,8 +298,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
         before = rss_bytes()
         measured = reset_peak() if budget is not None else False
         baseline, baseline_outputs = measure_baseline(base, evaluator)
-        if seen is not None:  # the fp16 weights score the baseline
-            seen.known = {key: baseline for key in seen.known}
+        if dedupe and grouped is None and executor == "local":  # the fp16 weights score the baseline
+            seen = _Seen(layers, weights, baseline)
         timing["baseline"] += time.perf_counter() - t0
         if budget is not None:
             budget.model, budget.simulation = model_bytes(base), simulation
@@ -428,14 +426,14 @@ def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRun
                seen: Optional["_Seen"] = None) -> Callable[[Layer, Spec], tuple[float, float]]:
     """``trial(layer, spec) -> (metric, time the compression ended)``: ``base`` with only that layer's weight
     simulated (a group trial: every member that takes the spec, at once), evaluated from the cached
-    activations where ``runner`` has them; ``seen`` (per-layer sweeps) skips weights already evaluated."""
+    activations where ``runner`` has them; ``seen`` (per-layer sweeps only) skips weights already evaluated."""
     def trial(layer: Layer, spec: Spec) -> tuple[float, float]:
         members = grouped.members(layer, spec) if grouped is not None else (layer,)
         with contextlib.ExitStack() as applied:
             simulated = [applied.enter_context(apply_spec(base, member.layer, spec, op_type=member.op_type,
                                                           kmeans=kmeans, cache=cache)) for member in members]
             t1 = time.perf_counter()
-            known = seen.lookup(layer, simulated[0]) if seen is not None and grouped is None else None
+            known = seen.lookup(layer, simulated[0]) if seen is not None else None
             if known is not None:
                 return known, t1
             if evaluator.user_fn is not None:
@@ -444,7 +442,7 @@ def make_trial(base: nn.Module, evaluator: Evaluator, runner: Optional[SuffixRun
                 with exact_kernels(evaluator.device):
                     outputs = runner.outputs(layer.layer) if runner is not None else None
                 value = evaluator.score(outputs if outputs is not None else evaluator.outputs(base))
-            if seen is not None and grouped is None:
+            if seen is not None:
                 seen.add(layer, simulated[0], value)
             return value, t1
 
@@ -463,9 +461,8 @@ class _Seen:
 
     @staticmethod
     def key(layer: Layer, simulated: Any) -> tuple:
-        delta = simulated.params.get("bias_delta")
-        bias = None if delta is None else hashlib.sha256(np.ascontiguousarray(
-            torch.as_tensor(delta).detach().cpu().numpy()).tobytes()).hexdigest()
+        delta = simulated.params.get("bias_delta")  # finer than the fp16 bias it corrects
+        bias = None if delta is None else content_hash(torch.as_tensor(delta), "fp32")
         return layer.layer, content_hash(simulated.weight, layer.precision), bias
 
     def lookup(self, layer: Layer, simulated: Any) -> Optional[float]:
