@@ -123,7 +123,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             given = f"--spec {args.spec}" if args.spec else f"-c {args.config}"
             raise CoreMLOptError(given, "has compensated specs (+aw, +bc) that need calibration data",
                                  "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
-        statistics = calibration_statistics(args.model, args.data)
+        statistics = calibration_statistics(args.model, args.data, specs=plan._all_specs())
     measure = None
     if args.measure:  # data, metric and reference are checked before anything is written
         from .measure import CompressMeasure

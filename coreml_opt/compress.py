@@ -5,7 +5,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import PlanError
 from .model.inventory import Inventory
@@ -101,7 +101,7 @@ def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
         aware = _aware_lut_function(tables)
 
         def lut_function(spec: Spec) -> Callable | None:
-            if getattr(spec, "activation_aware", False):
+            if getattr(spec, "activation_aware", False) or getattr(spec, "error_feedback", False):
                 return aware
             return _fast_lut_function(spec) if fast else None
 
@@ -164,21 +164,24 @@ def needs_statistics(plan: Plan) -> bool:
     return any_compensated(plan._all_specs())
 
 
-def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32) -> "Statistics":
+def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32,
+                           specs: "Iterable | None" = None) -> "Statistics":
     """Input statistics of every conv/linear weight of the package ``model`` over ``data`` (a folder, .npz or
-    ``package.module:fn``; labels unused), collected by running the package itself with the package runtime."""
+    ``package.module:fn``; labels unused), collected by running the package itself with the package runtime;
+    with second moments when one of ``specs`` (a plan's) is ``+gptq``."""
     from .errors import DataError
     from .evaluation import resolve_data
     from .evaluation.data import package_input
     from .runtime import load_graph
-    from .simulate.calibration import package_statistics
+    from .simulate.calibration import needs_second_moments, package_statistics
 
     spec, vocab = package_input(load_graph(model))
     dataset = resolve_data(data, spec, vocab=vocab)
     if dataset is None:
-        raise DataError("--data", "is needed by compensated specs (+aw, +bc)",
+        raise DataError("--data", "is needed by compensated specs (+aw, +gptq, +bc)",
                         "pass the calibration data the plan was made on: --data FOLDER|FILE.npz|package.module:fn")
-    return package_statistics(model, [x for x, _ in dataset.batches(batch_size)])
+    return package_statistics(model, [x for x, _ in dataset.batches(batch_size)],
+                              second_moments=needs_second_moments(specs or ()))
 
 
 def _check_statistics(resolved: dict[str, Spec], statistics) -> None:

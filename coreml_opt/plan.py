@@ -323,11 +323,11 @@ class Plan:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
         compensated = [str(s) for s in self._all_specs() if getattr(s, "bias_correction", False)
-                       or getattr(s, "activation_aware", False)]
+                       or getattr(s, "activation_aware", False) or getattr(s, "error_feedback", False)]
         if compensated:
             raise PlanError(f"spec {compensated[0]}", "compensates from calibration data (biases, LUTs chosen by input "
                             "statistics), which no OptimizationConfig can express",
-                            "compress with coreml-opt (compress --data), or drop +aw/+bc")
+                            "compress with coreml-opt (compress --data), or drop +aw/+gptq/+bc")
         resolved = self.resolve(inventory)  # refuse an invalid plan before exporting it
         return yaml.safe_dump(optimization_config_dict(self._mirrored_config(inventory, resolved)), sort_keys=False)
 

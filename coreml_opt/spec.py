@@ -25,7 +25,7 @@ _SPEC_TYPES: list[type["Spec"]] = []
 SPEC_HELP = (
     "use e.g. none, int8, uint8/asym, int8/tensor, int4/block32, pal4, pal3/g16, pal4/uniform, pal6/pcs, "
     "pal2/vec2, unique, prune50, prune75/block4, prune2:4, thresh0.001, prune50+pal4, prune2:4+int8, "
-    "pal4+lut8, pal4+aw+bc (calibrated)"
+    "pal4+lut8, pal4+aw+bc, pal4/g8+gptq+bc (calibrated)"
 )
 
 
@@ -540,28 +540,35 @@ class JointSpec(Spec):
 
 
 COMPENSATIONS = {"aw": "activation-aware LUT (k-means weighted by E[x^2])",
+                 "gptq": "GPTQ error feedback with a least-squares LUT refit (from E[x x^T])",
                  "bc": "bias correction (b - (W_q - W) E[x])"}
 
 
 @dataclass(frozen=True)
 class CompensatedSpec(Spec):
     """A spec plus error compensation from calibration statistics (unlabeled data): ``pal4+aw``,
-    ``int4/block32+bc``, ``pal4/g16+aw+bc``. Same stored weight bytes as ``base``; ``bc`` rewrites the
-    reading op's bias, ``aw`` chooses the LUT by k-means weighted by each weight's E[x^2]."""
+    ``int4/block32+bc``, ``pal4/g16+aw+bc``, ``pal4/g8+gptq+bc``. Same stored weight bytes as ``base``; ``bc``
+    rewrites the reading op's bias, ``aw`` chooses the LUT by k-means weighted by each weight's E[x^2], ``gptq``
+    chooses indices column by column with GPTQ's error feedback and refits the LUT by least squares."""
 
     base: Spec = field(default_factory=NoneSpec)
     activation_aware: bool = False
     bias_correction: bool = False
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.activation_aware or self.bias_correction):
-            raise SpecError(str(self.base), "a compensated spec needs +aw or +bc", "write e.g. pal4+bc")
+        if not (self.activation_aware or self.bias_correction or self.error_feedback):
+            raise SpecError(str(self.base), "a compensated spec needs +aw, +gptq or +bc", "write e.g. pal4+bc")
+        if self.activation_aware and self.error_feedback:
+            raise SpecError(f"spec {str(self)!r}", "+gptq already starts from the activation-aware LUT",
+                            "drop +aw, e.g. pal4/g8+gptq+bc")
         if self.base.is_none or isinstance(self.base, CompensatedSpec):
             raise SpecError(f"spec {str(self)!r}", "compensation needs one compression to compensate",
                             "write it after a spec, e.g. pal4+aw+bc")
-        if self.activation_aware and not (isinstance(self.base, PalettizeSpec) and self.base.mode == "kmeans"
-                                          and self.base.cluster_dim == 1):
-            raise SpecError(f"spec {str(self)!r}", "+aw weights the k-means of a scalar LUT",
+        if (self.activation_aware or self.error_feedback) and not (
+                isinstance(self.base, PalettizeSpec) and self.base.mode == "kmeans" and self.base.cluster_dim == 1):
+            flag = "+aw weights the k-means of" if self.activation_aware else "+gptq chooses the indices of"
+            raise SpecError(f"spec {str(self)!r}", f"{flag} a scalar LUT",
                             "use it after palN, palN/gK or palN/pcs (k-means, no /vecN, no joint form)")
 
     @property
@@ -581,7 +588,8 @@ class CompensatedSpec(Spec):
         return getattr(self.base, "nbits", None)
 
     def __str__(self) -> str:
-        return str(self.base) + ("+aw" if self.activation_aware else "") + ("+bc" if self.bias_correction else "")
+        return (str(self.base) + ("+aw" if self.activation_aware else "") + ("+gptq" if self.error_feedback else "")
+                + ("+bc" if self.bias_correction else ""))
 
     @property
     def parts(self) -> tuple[Spec, ...]:
@@ -594,12 +602,16 @@ class CompensatedSpec(Spec):
     def coreml_config(self, weight_threshold: int = 2048, lut_function: Callable | None = None) -> Any:
         if lut_function is not None:
             return self.base.coreml_config(weight_threshold, lut_function=lut_function)
-        if self.activation_aware:
-            raise SpecError(str(self), "an activation-aware LUT is shipped through its own lut_function",
+        if self.activation_aware or self.error_feedback:
+            raise SpecError(str(self), "a calibrated LUT (+aw, +gptq) is shipped through its own lut_function",
                             "compress it with coreml_opt.compress.compress(..., statistics=...)")
         return self.base.coreml_config(weight_threshold)
 
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
+        if self.error_feedback and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
+            return f"GPTQ error feedback applies to weights read by conv and linear ops only, not {op_type}"
+        if self.error_feedback and "+" in op_type:
+            return "GPTQ error feedback needs a weight read by one op (one input Hessian)"
         if self.bias_correction and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
             return f"bias correction applies to weights read by conv and linear ops only, not {op_type}"
         if self.bias_correction and "+" in op_type:
@@ -620,8 +632,8 @@ def parse_spec(text: str | Spec) -> Spec:
         flags.append(pieces.pop())
     if flags:
         if len(set(flags)) < len(flags):
-            raise SpecError(f"spec {text!r}", "repeats a compensation", "write each of +aw, +bc once")
-        return CompensatedSpec(parse_spec("+".join(pieces)), "aw" in flags, "bc" in flags)
+            raise SpecError(f"spec {text!r}", "repeats a compensation", "write each of +aw, +gptq, +bc once")
+        return CompensatedSpec(parse_spec("+".join(pieces)), "aw" in flags, "bc" in flags, "gptq" in flags)
     steps = [_parse_one(piece, text) for piece in pieces]
     if len(steps) == 1:
         if isinstance(steps[0], LutQuantSpec):

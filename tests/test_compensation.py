@@ -51,7 +51,7 @@ def converted(tmp_path_factory):
     convert(model, (1, 3, 12, 12), target="iOS18", output_path=path)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)]  # non-zero mean inputs
-    return model, path, collect_statistics(model, batches), folder
+    return model, path, collect_statistics(model, batches, second_moments=True), folder
 
 
 def _package_values(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -60,7 +60,8 @@ def _package_values(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 @pytest.mark.parametrize("spec_text", ["pal4+bc", "pal4+aw", "pal3/g2+aw+bc", "pal2/pcs+aw+bc", "int4+bc",
-                                       "prune50+pal4+bc", "int8+bc"])
+                                       "prune50+pal4+bc", "int8+bc", "pal4+gptq+bc", "pal3/g2+gptq",
+                                       "pal2/pcs+gptq+bc", "pal6/g2+gptq+bc"])
 def test_package_stores_the_simulated_weights_and_biases(converted, spec_text):
     model, path, stats, folder = converted
     out = folder / f"{spec_text.replace('/', '_').replace('+', '-')}.mlpackage"
@@ -123,6 +124,63 @@ def test_statistics_follow_padding_stride_and_groups(converted):
         assert torch.allclose(shift.mean((0, 2, 3)).double(), predicted, atol=1e-5)
 
 
+def test_second_moments_give_the_mean_squared_output_of_any_weight(converted):
+    """E[patch patch^T] per group is the input Hessian: for any weight dW the conv's mean squared output per
+    channel is dW_o^T G dW_o, exact at padded borders, strides and per group (stem, depthwise, grouped, linear)."""
+    model, _, stats, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(8, 3, 12, 12, generator=gen) * 2 - 0.5 for _ in range(2)])
+    h1 = torch.relu(model.stem(x))
+    h2 = torch.relu(model.dw(h1))
+    h3 = torch.relu(model.pw(h2))
+    for conv, inp in ((model.stem, x), (model.dw, h1), (model.grouped, h3)):
+        d_w = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+        out = torch.nn.functional.conv2d(inp.double(), d_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        layer = stats.get(conv.weight)
+        g = layer.groups
+        rows = d_w.reshape(g, conv.out_channels // g, -1)
+        predicted = torch.einsum("god,gde,goe->go", rows, layer.patch_gram, rows).reshape(-1)
+        assert torch.allclose((out ** 2).mean((0, 2, 3)), predicted, rtol=1e-9), conv
+    feats = torch.relu(model.grouped(h3)).mean((2, 3)).double()
+    layer = stats.get(model.fc.weight)
+    assert torch.allclose(layer.patch_gram[0], feats.T @ feats / len(feats), rtol=1e-9)
+
+
+def test_gptq_lowers_the_output_error_below_the_activation_aware_lut():
+    """With correlated inputs (a low-rank Hessian, as real activations have), GPTQ's error feedback and the LUT
+    refit cut E||(W_q - W) x||^2 well below the activation-aware LUT's, which never looks off the diagonal."""
+    from coreml_opt.simulate.calibration import LayerStats, Statistics
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 64, generator=gen, dtype=torch.float64)
+    x += 0.05 * torch.randn(4096, 64, generator=gen, dtype=torch.float64)
+    weight = torch.randn(32, 64, generator=gen).half().float()
+    layer = LayerStats(x.mean(0)[None], (x * x).mean(0)[None], len(x), (x.T @ x / len(x))[None])
+    stats = Statistics({__import__("coreml_opt.simulate.calibration", fromlist=["weight_key"]).weight_key(weight): layer})
+
+    def output_error(spec: str) -> float:
+        with using_statistics(stats):
+            result = simulate(spec, weight, "linear")
+        diff = result.weight.double() - weight.double()
+        return float(((x @ diff.T) ** 2).mean())
+
+    aware, gptq = output_error("pal3/g8+aw"), output_error("pal3/g8+gptq")
+    assert gptq < 0.5 * aware, (aware, gptq)
+    with using_statistics(stats):
+        result = simulate("pal3/g8+gptq", weight, "linear")
+    lut, idx = result.params["lut"], result.params["indices"]
+    assert lut.shape == (4, 8, 1) and idx.shape == (4, 8 * 64) and int(idx.max()) < 8
+    assert torch.equal(lut, lut.half().float())  # fp16 LUT values, as the package stores them
+
+
+def test_gptq_needs_second_moments(converted):
+    model, _, _, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    plain = collect_statistics(model, [torch.rand(4, 3, 12, 12, generator=gen)])
+    with using_statistics(plain), pytest.raises(SpecError, match="second moments"):
+        simulate("pal4+gptq", model.fc.weight.detach(), "linear")
+
+
 def test_activation_aware_lut_lowers_the_weighted_error():
     """Where one input channel carries most energy, the E[x^2]-weighted LUT fits its weights better."""
     gen = torch.Generator().manual_seed(3)
@@ -138,13 +196,16 @@ def test_activation_aware_lut_lowers_the_weighted_error():
 
 
 def test_spec_grammar_round_trips_and_refuses_misuse():
-    for text in ["pal4+bc", "pal4/g16+aw", "pal3/g8/pcs+aw+bc", "int4/block32+bc", "prune50+pal4+bc"]:
+    for text in ["pal4+bc", "pal4/g16+aw", "pal3/g8/pcs+aw+bc", "int4/block32+bc", "prune50+pal4+bc",
+                 "pal4/g8+gptq+bc", "pal3+gptq"]:
         spec = parse_spec(text)
         assert isinstance(spec, CompensatedSpec) and str(spec) == text
         assert parse_spec(str(spec)) == spec
     assert str(parse_spec("pal4+bc+aw")) == "pal4+aw+bc"
+    assert str(parse_spec("pal4+bc+gptq")) == "pal4+gptq+bc"
     assert predicted_bytes("pal4/g16+aw+bc", (64, 32, 3, 3), "conv") == predicted_bytes("pal4/g16", (64, 32, 3, 3), "conv")
-    for bad in ["int4+aw", "pal4/uniform+aw", "pal2/vec2+aw", "bc", "pal4+bc+bc", "none+bc"]:
+    for bad in ["int4+aw", "pal4/uniform+aw", "pal2/vec2+aw", "bc", "pal4+bc+bc", "none+bc", "int4+gptq",
+                "pal4+aw+gptq", "pal2/vec2+gptq", "prune50+pal4+gptq"]:
         with pytest.raises(SpecError):
             parse_spec(bad)
     assert parse_spec("pal4+bc").shape_problem((100, 16), "gather")
@@ -385,12 +446,13 @@ def test_efficientnet_lite0_compensated_package_equals_the_simulation(tmp_path):
     package = tmp_path / "eff.mlpackage"
     convert(model, (1, 3, 224, 224), target="iOS18", output_path=package)
     folded = fp16_copy(fold_batchnorm(model, (plan_half.x[:1],)))
-    stats = collect_statistics(folded, [plan_half.x])
-    from_package = package_statistics(package, [plan_half.x])
+    stats = collect_statistics(folded, [plan_half.x], second_moments=True)
+    from_package = package_statistics(package, [plan_half.x], second_moments=True)
     assert set(stats.layers) == set(from_package.layers) and len(stats.layers) == 50
     for key, layer in stats.layers.items():
         assert torch.allclose(layer.patch_mean, from_package.layers[key].patch_mean, rtol=1e-6, atol=1e-9)
-    for spec in ("pal4+bc", "pal4/g8+aw+bc"):
+        assert torch.allclose(layer.patch_gram, from_package.layers[key].patch_gram, rtol=1e-5, atol=1e-8)
+    for spec in ("pal4+bc", "pal4/g8+aw+bc", "pal3/g8+gptq+bc"):
         out = tmp_path / f"{spec.replace('/', '_')}.mlpackage"
         report = compress(package, Plan.from_spec(spec), out, statistics=stats)
         assert report.bytes_after == report.bytes_predicted

@@ -26,9 +26,11 @@ def heldout():
 
 @pytest.fixture(scope="module")
 def full_sweep(tmp_path_factory, digits_model, heldout):
-    """All layers x the default ladder, accuracy on the held-out split, written to a directory."""
+    """All layers x the plain ladder (the default without data), accuracy on the held-out split, written to a
+    directory."""
     out = tmp_path_factory.mktemp("sweep") / "digits"
-    return analyse(digits_model, SHAPE, heldout, metric="accuracy", out_dir=out, progress=False), out
+    return analyse(digits_model, SHAPE, heldout, metric="accuracy", out_dir=out, progress=False,
+                   candidates=list(DEFAULT_LADDER)), out
 
 
 def test_full_sweep_covers_every_layer_and_candidate(full_sweep):

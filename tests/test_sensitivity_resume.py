@@ -15,7 +15,7 @@ import torch
 
 from coreml_opt import zoo
 from coreml_opt.errors import CoreMLOptError
-from coreml_opt.sensitivity import STORE_NAME, analyse, load_sweep
+from coreml_opt.sensitivity import DEFAULT_LADDER, STORE_NAME, analyse, load_sweep
 from coreml_opt.sensitivity.__main__ import main
 from coreml_opt.sensitivity.examples import digits_heldout
 
@@ -95,7 +95,7 @@ def test_changed_model_never_reuses_rows(tmp_path):
 
 def test_time_budget_stops_cleanly_with_partial_results(tmp_path):
     result = analyse(zoo.digits_cnn(), SHAPE, digits_heldout(), metric="top1", out_dir=tmp_path, progress=False,
-                     time_budget=0.0)
+                     time_budget=0.0, candidates=list(DEFAULT_LADDER))
     assert result.ran == 0 and result.pending == 30 and (tmp_path / "sweep.json").is_file()
 
 
@@ -141,10 +141,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, bad_folders)
 
 
 def test_default_ladder_is_filtered_to_the_target_and_reported():
-    result = analyse(zoo.digits_cnn(), SHAPE, digits_heldout(), metric="top1", target="iOS16", progress=False,
+    result = analyse(zoo.digits_cnn(), SHAPE, None, metric="top1", target="iOS16", progress=False,
                      max_trials=0)
-    assert "int4/block32" not in result.candidates
+    assert result.candidates == [s for s in DEFAULT_LADDER if s != "int4/block32"]
     assert result.skipped_candidates == [{"spec": "int4/block32", "reason": "needs iOS18, target is iOS16"}]
+    # with data the default is each kind's calibrated ladder: grouped-channel LUTs need iOS18
+    calibrated = analyse(zoo.digits_cnn(), SHAPE, digits_heldout(), metric="top1", target="iOS16", progress=False,
+                         max_trials=0)
+    assert "int8+bc" in calibrated.candidates and "pal4+gptq+bc" in calibrated.candidates
+    assert {"spec": "pal4/g8+gptq+bc", "reason": "needs iOS18, target is iOS16"} in calibrated.skipped_candidates
     with pytest.raises(CoreMLOptError, match="needs iOS18"):
         analyse(zoo.digits_cnn(), SHAPE, None, candidates="pal4/g16", target="iOS17")
 

@@ -2,7 +2,7 @@
 
 A sweep without ``--candidates`` tries on each layer only its kind's ladder; the ladders were chosen by
 measurement on pretrained EfficientNet-Lite0 (``bench/compensation.py``; see the README, "Default
-candidate ladder"). Compensated rungs (``+bc``) need calibration data: a sweep without data (or a
+candidate ladder"). Compensated rungs (``+gptq``, ``+bc``) need calibration data: a sweep without data (or a
 package-only sweep, or a workflow whose compress stages run data-free) tries their plain base instead.
 """
 from __future__ import annotations
@@ -11,13 +11,19 @@ from typing import Sequence
 
 from ..spec import readers
 
-# Bias correction (+bc) cut whole-model KL of uniform per-tensor pal4 on EfficientNet-Lite0 from 1.84 to 0.47
-# (report half): every LUT and 4-bit rung of a conv or linear carries it. Embeddings (gather) have no bias.
+# Measured on pretrained EfficientNet-Lite0, 128 plan-half photos, KL on the report half (bench/imagenet.py; the
+# README's "Default candidate ladder"): bias correction (+bc) matters even at 8 bits (int8 on every layer: KL
+# 0.027, int8+bc: 0.0044), and GPTQ error feedback with a refit LUT (+gptq) is what makes 3 and 4 bits usable
+# (the 11 largest layers at pal4/g8, the rest int8+bc: KL 0.066 with +aw+bc, 0.018 with +gptq+bc; at pal3/g8
+# 0.295 and 0.065). Grouped-channel LUTs (/g8) pay on wide layers; per-tensor LUTs stay for narrow ones, where
+# eight rows' LUT would cost more than it saves (the planner counts every LUT byte). Embeddings (gather) have no
+# bias and no input Hessian: plain rungs.
 LADDERS: dict[str, tuple[str, ...]] = {
-    "conv": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc", "prune50"),
-    "depthwise conv": ("int8", "int4+bc", "pal6+bc", "pal4/g8+bc", "pal4/pcs+bc", "pal4+bc", "pal2+bc"),
-    "linear": ("int8", "int4/block32+bc", "pal6+bc", "pal4/g8+bc", "pal4/pcs+bc", "pal4+bc", "pal3/g8+bc", "pal2+bc",
-               "prune50"),
+    "conv": ("int8+bc", "pal6+gptq+bc", "pal4/g8+gptq+bc", "pal4+gptq+bc", "pal3/g8+gptq+bc", "pal3+gptq+bc",
+             "pal2/g8+gptq+bc"),
+    "depthwise conv": ("int8+bc", "pal6+gptq+bc", "pal4/g8+gptq+bc", "pal4+gptq+bc"),
+    "linear": ("int8+bc", "pal6+gptq+bc", "pal4/g8+gptq+bc", "pal4+gptq+bc", "pal3/g8+gptq+bc", "pal3+gptq+bc",
+               "pal2/g8+gptq+bc"),
     "embedding": ("int8", "int4/block32", "pal6", "pal4/g8", "pal4", "pal2", "prune50"),
 }
 
@@ -35,7 +41,7 @@ def layer_kind(op_type: str, shape: Sequence[int]) -> str:
 
 
 def _plain(spec: str, calibrated: bool) -> str:
-    return spec if calibrated else spec.replace("+aw", "").replace("+bc", "")
+    return spec if calibrated else spec.replace("+aw", "").replace("+gptq", "").replace("+bc", "")
 
 
 def ladder_for(op_type: str, shape: Sequence[int], calibrated: bool = True) -> tuple[str, ...]:

@@ -219,8 +219,9 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     ``device`` (cpu or cuda) runs the built-in metrics' forward passes there (k-means stays on the CPU).
     ``dedupe``: a trial whose simulated weight equals the layer's fp16 weight or an evaluated trial's of the
     same layer takes that metric without a forward pass (the metric is a function of the weights: exact).
-    With ``candidates="ladder"`` each layer tries its kind's ladder (``ladder.py``); its compensated rungs
-    (+bc) need ``data``, and are their plain bases without it or with ``compensate=False``."""
+    With ``candidates="ladder"``, the default when there is ``data`` and a built-in metric, each layer tries its
+    kind's ladder (``ladder.py``); its compensated rungs (+gptq, +bc) need ``data``; without data, or with
+    ``compensate=False``, the default is ``DEFAULT_LADDER``."""
     start = time.perf_counter()
     timing = {"setup": 0.0, "baseline": 0.0, "activation_cache": 0.0, "compression": 0.0, "evaluation": 0.0,
               "store": 0.0, "outputs": 0.0}
@@ -231,6 +232,8 @@ def analyse(model: Union[nn.Module, str], example_input_shape: Union[Sequence[in
     shape = input_spec.shape
     target = target_name(target)
     calibrated = compensate and data is not None and not (callable(metric) or ":" in str(metric))
+    if candidates is None and calibrated:  # with data, each layer kind's ladder with its compensated rungs
+        candidates = BY_KIND
     specs, skipped_candidates = resolve_candidates(candidates, target, calibrated)
     check_executor(executor)
     resolve_device(device)  # an absent GPU fails before the model and data load

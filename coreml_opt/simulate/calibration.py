@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ class LayerStats:
     patch_mean: torch.Tensor
     patch_sq: torch.Tensor
     samples: int  # calibration inputs seen
+    # E[patch patch^T] per group, (G, D, D) with D = I/G * prod(kernel) in the weight's C order; only when
+    # collected with ``second_moments`` (the input Hessian of GPTQ, ``+gptq``), else None
+    patch_gram: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -56,6 +60,8 @@ class Statistics:
             digest.update(key.encode())
             digest.update(stats.patch_mean.numpy().tobytes())
             digest.update(stats.patch_sq.numpy().tobytes())
+            if stats.patch_gram is not None:
+                digest.update(stats.patch_gram.numpy().tobytes())
         return digest.hexdigest()
 
     def get(self, weight: torch.Tensor) -> LayerStats | None:
@@ -109,42 +115,54 @@ def active_statistics() -> Statistics | None:
 
 
 def needs_statistics(specs: Iterable) -> bool:
-    """Whether any of ``specs`` compensates from calibration statistics (``+aw``, ``+bc``)."""
+    """Whether any of ``specs`` compensates from calibration statistics (``+aw``, ``+bc``, ``+gptq``)."""
     from ..spec import CompensatedSpec, parse_spec
 
     return any(isinstance(parse_spec(s), CompensatedSpec) for s in specs)
 
 
+def needs_second_moments(specs: Iterable) -> bool:
+    """Whether any of ``specs`` needs each layer's full input second moment E[x x^T] (``+gptq``)."""
+    from ..spec import CompensatedSpec, parse_spec
+
+    return any(isinstance(p, CompensatedSpec) and p.error_feedback for p in map(parse_spec, specs))
+
+
 def statistics_if_needed(specs: Iterable, model: torch.nn.Module, batches: list | None,
                          label: str = "model") -> Statistics | None:
-    """:func:`collect_statistics` of ``model`` over ``batches`` when a spec needs them, else None; DataError
-    (one line) when they are needed and there is no data."""
-    if not needs_statistics(list(specs)):
+    """:func:`collect_statistics` of ``model`` over ``batches`` when a spec needs them (with second moments when
+    one is ``+gptq``), else None; DataError (one line) when they are needed and there is no data."""
+    specs = list(specs)
+    if not needs_statistics(specs):
         return None
     if not batches:
         from ..errors import DataError
 
-        raise DataError(label, "has no calibration data for the compensated candidates (+aw, +bc)",
-                        "pass --data with the sweep's inputs, or drop +aw/+bc candidates")
-    return collect_statistics(model, batches)
+        raise DataError(label, "has no calibration data for the compensated candidates (+aw, +bc, +gptq)",
+                        "pass --data with the sweep's inputs, or drop +aw/+bc/+gptq candidates")
+    return collect_statistics(model, batches, second_moments=needs_second_moments(specs))
 
 
 class _Accumulator:
     """Running sums of the (batch-summed) input map and its square for one weight."""
 
-    def __init__(self, op: str, geometry: dict) -> None:
-        self.op, self.geometry = op, geometry
+    def __init__(self, op: str, geometry: dict, second_moments: bool = False) -> None:
+        self.op, self.geometry, self.second_moments = op, geometry, second_moments
         self.total: torch.Tensor | None = None
         self.total_sq: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.positions = 0  # im2col patches summed into ``gram``
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight_shape: tuple[int, ...]) -> None:
         x = x.detach().to(torch.float64)
         if self.op == "linear":
             flat = x.reshape(-1, x.shape[-1])
             s, sq, n = flat.sum(0), (flat * flat).sum(0), flat.shape[0]
         else:
             s, sq, n = x.sum(0), (x * x).sum(0), x.shape[0]
+        if self.second_moments:
+            self._add_gram(x, weight_shape)
         if self.total is not None and self.total.shape != s.shape:
             from ..errors import DataError
 
@@ -155,10 +173,36 @@ class _Accumulator:
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.count += n
 
+    def _add_gram(self, x: torch.Tensor, weight_shape: tuple[int, ...]) -> None:
+        """Sum patch patch^T per group over every im2col position (chunked: an unfolded depthwise input at
+        112x112 would be gigabytes at once)."""
+        if self.op == "linear":
+            flat = x.reshape(-1, x.shape[-1])
+            gram, positions = (flat.T @ flat)[None], flat.shape[0]
+        else:
+            g = self.geometry
+            kernel = tuple(weight_shape[2:])
+            if len(kernel) == 1:  # conv1d as a conv2d of height 1
+                x = x[:, :, None, :]
+                kernel, stride, padding, dilation = (1, *kernel), (1, *g["stride"]), (0, *g["padding"]), (1, *g["dilation"])
+            else:
+                stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
+            groups, per = g["groups"], weight_shape[1] * math.prod(kernel)
+            gram, positions = torch.zeros(groups, per, per, dtype=torch.float64), 0
+            step = max(1, (1 << 24) // max(1, x[0].numel() * math.prod(kernel)))
+            for i in range(0, x.shape[0], step):
+                cols = F.unfold(x[i:i + step], kernel, dilation=dilation, padding=padding, stride=stride)
+                cols = cols.reshape(cols.shape[0], groups, per, -1)  # (N, G, D, L)
+                gram += torch.einsum("ngdl,ngel->gde", cols, cols)
+                positions += cols.shape[0] * cols.shape[-1]
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.positions += positions
+
     def finish(self, weight_shape: tuple[int, ...]) -> LayerStats:
         mean, sq = self.total / self.count, self.total_sq / self.count
+        gram = None if self.gram is None else (self.gram / self.positions).contiguous()
         if self.op == "linear":
-            return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count)
+            return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count, gram)
         g = self.geometry
         kernel = tuple(weight_shape[2:])
         two_d = len(kernel) == 1  # conv1d as a conv2d of height 1
@@ -171,7 +215,7 @@ class _Accumulator:
         cols = F.unfold(maps, kernel, dilation=dilation, padding=padding, stride=stride).mean(-1)  # (2, C*prod(k))
         groups = g["groups"]
         shape = (groups, weight_shape[1], *weight_shape[2:])
-        return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count)
+        return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count, gram)
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -193,8 +237,9 @@ def _conv_padding(padding, weight: torch.Tensor, dilation: tuple[int, ...], stri
 class _Recorder(TorchFunctionMode):
     """Catches F.conv1d/F.conv2d/F.linear calls and accumulates their inputs per weight tensor."""
 
-    def __init__(self) -> None:
+    def __init__(self, second_moments: bool = False) -> None:
         super().__init__()
+        self.second_moments = second_moments
         self.found: dict[int, tuple[torch.Tensor, _Accumulator]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -203,7 +248,7 @@ class _Recorder(TorchFunctionMode):
             self._conv(*args, **kwargs)
         elif func in (F.linear, torch._C._nn.linear):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            self._entry(weight, "linear", {}).add(x)
+            self._entry(weight, "linear", {}).add(x, tuple(weight.shape))
         return func(*args, **kwargs)
 
     def _conv(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> None:
@@ -211,12 +256,12 @@ class _Recorder(TorchFunctionMode):
         stride, dilation = _tuple(stride, n), _tuple(dilation, n)
         geometry = dict(stride=stride, dilation=dilation, groups=groups,
                         padding=_conv_padding(padding, weight, dilation, stride))
-        self._entry(weight, "conv", geometry).add(x)
+        self._entry(weight, "conv", geometry).add(x, tuple(weight.shape))
 
     def _entry(self, weight: torch.Tensor, op: str, geometry: dict) -> _Accumulator:
         found = self.found.get(id(weight))
         if found is None or found[0] is not weight:
-            found = (weight, _Accumulator(op, geometry))
+            found = (weight, _Accumulator(op, geometry, self.second_moments))
             self.found[id(weight)] = found
         elif found[1].geometry != geometry:
             raise ValueError(f"a weight of shape {tuple(weight.shape)} is used by convs of different geometry; "
@@ -225,10 +270,11 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def collect_statistics(model: torch.nn.Module, batches: Iterable) -> Statistics:
+def collect_statistics(model: torch.nn.Module, batches: Iterable, second_moments: bool = False) -> Statistics:
     """Run ``model`` on ``batches`` (tensors, or tuples of forward arguments) and keep every conv/linear
-    weight's input statistics (float64 sums, so the batch split does not change them beyond rounding)."""
-    recorder = _Recorder()
+    weight's input statistics (float64 sums, so the batch split does not change them beyond rounding);
+    ``second_moments`` adds each one's E[patch patch^T] (``+gptq``)."""
+    recorder = _Recorder(second_moments)
     was_training = model.training
     model.eval()
     try:
@@ -245,7 +291,8 @@ def collect_statistics(model: torch.nn.Module, batches: Iterable) -> Statistics:
     return out
 
 
-def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor]) -> Statistics:
+def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor],
+                       second_moments: bool = False) -> Statistics:
     """:func:`collect_statistics` of an ``.mlpackage`` run by the package runtime (fp32): its conv/linear ops
     call F.conv*/F.linear with the stored weights and Core ML's own padding, so no torch model is needed."""
     from ..evaluation.backends import PackageBackend
@@ -254,7 +301,7 @@ def package_statistics(path: str | os.PathLike, batches: Iterable[torch.Tensor])
     batches = list(batches)
     with torch.no_grad():
         backend(batches[0][:2])  # the runtime's one-time batching check runs outside the recording
-        recorder = _Recorder()
+        recorder = _Recorder(second_moments)
         with recorder:
             for batch in batches:
                 backend(batch)

@@ -5,6 +5,8 @@
   mean im2col patch of the layer's input (see :mod:`.calibration`; exact at padded borders).
   ``params["bias_delta"]`` holds -(W_q - W) E[x] per output channel; :func:`corrected_bias` is
   the one rounding both the simulation and the package use.
+- ``+gptq``: the ``+aw`` LUT, then indices by GPTQ error feedback and LUTs refit by least squares on the
+  layer's full input second moment (:mod:`.gptq`); shipped like ``+aw``.
 - ``+aw``: activation-aware LUT: per group, 1-D k-means of the weights weighted by E[x^2] of each
   weight's input position (the diagonal of the layer's input Hessian, as in AWQ/GPTQ-style objectives;
   Var[x] under ``+aw+bc``, since the bias then absorbs the mean), solved exactly by the optimal 1-D
@@ -22,6 +24,7 @@ from ..spec import CompensatedSpec, PalettizeSpec, channel_axis
 from ..storage import _tensors
 from .calibration import LayerStats, active_statistics
 from .core import SimResult, handler_for, register_handler, skipped
+from .gptq import gptq_palettize
 from .numerics import h
 from .optimal1d import cluster, fp16_unique
 from .palettize import Palettized, per_channel_scale
@@ -112,8 +115,10 @@ def aware_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats:
 @register_handler(CompensatedSpec)
 def simulate_compensated(spec: CompensatedSpec, w16: torch.Tensor, op_type: str, kmeans: str) -> SimResult:
     stats = _stats_for(spec, w16)
-    if spec.activation_aware:
+    if spec.activation_aware or spec.error_feedback:
         found = aware_palettize(spec.base, w16, op_type, stats, centred=spec.bias_correction)
+        if spec.error_feedback and not isinstance(found, str):
+            found = gptq_palettize(spec.base, w16, op_type, stats, spec.bias_correction, found)
         if isinstance(found, str):
             return skipped(w16, found, spec)
         result = SimResult(found.dense(), {**found.params(), "aware_groups": _group_table(found, spec.base, w16,

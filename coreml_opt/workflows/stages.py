@@ -104,16 +104,17 @@ def _data_free(stage: StageConfig, ctx: StageContext, output: Path) -> StageOutc
     from ..compress import compress
 
     from ..compress import needs_statistics
-    from ..simulate.calibration import package_statistics
+    from ..simulate.calibration import needs_second_moments, package_statistics
 
     plan = dataclasses.replace(ctx.plan, kmeans=stage.options.get("kmeans", ctx.plan.kmeans))
     statistics = None
-    if needs_statistics(plan):  # +aw/+bc: statistics of the package's own layer inputs over the stage's data
+    if needs_statistics(plan):  # +aw/+gptq/+bc: statistics of the package's own layer inputs over the stage's data
         if "data" not in stage.options:
-            raise PlanError(f"stage {stage.name}", "has compensated specs (+aw, +bc) that need calibration data",
+            raise PlanError(f"stage {stage.name}", "has compensated specs (+aw, +gptq, +bc) that need calibration data",
                             "add `data:` (the data the plan was made on) to the data_free stage")
         data = ctx.load_data(stage.options["data"])
-        statistics = package_statistics(ctx.base_package, [x for x, _ in data.batches(32)])
+        statistics = package_statistics(ctx.base_package, [x for x, _ in data.batches(32)],
+                                        second_moments=needs_second_moments(plan._all_specs()))
     report = compress(ctx.base_package, plan, output, statistics=statistics)
     model = package_weights_model(output, ctx.reference)
     notes = [f"left {name} in fp16, as coremltools would: {why}" for name, why in report.skipped.items()]
