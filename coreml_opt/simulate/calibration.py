@@ -192,9 +192,10 @@ class _Accumulator:
             step = max(1, (1 << 24) // max(1, x[0].numel() * math.prod(kernel)))
             for i in range(0, x.shape[0], step):
                 cols = F.unfold(x[i:i + step], kernel, dilation=dilation, padding=padding, stride=stride)
-                cols = cols.reshape(cols.shape[0], groups, per, -1)  # (N, G, D, L)
-                gram += torch.einsum("ngdl,ngel->gde", cols, cols)
-                positions += cols.shape[0] * cols.shape[-1]
+                n, length = cols.shape[0], cols.shape[-1]
+                cols = cols.reshape(n, groups, per, length).permute(1, 2, 0, 3).reshape(groups, per, n * length)
+                gram += torch.bmm(cols, cols.transpose(1, 2))  # (G, D, D): one batched GEMM
+                positions += n * length
         self.gram = gram if self.gram is None else self.gram + gram
         self.positions += positions
 
