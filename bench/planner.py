@@ -8,9 +8,11 @@ model: accuracy saturates on the plan half, most single-layer drops are 0, and p
   solved   the planner's plan (exact knapsack, validated),
   uniform  one spec for every swept layer: the smallest uniform plan at least as large as the solved one,
   greedy   least-harmful (layer, spec) pairs applied in order until the budget is met.
+All three choose from the same candidates: by default the product's default for a sweep with data (each layer
+kind's calibrated ladder, ``+gptq+bc`` rungs), or ``--candidates`` (e.g. the plain LUT set ``CANDIDATES``).
 The last line is a JSON object of the measured accuracies ({bpw: {plan: {half: accuracy}}}). It asserts nothing.
 
-usage: python bench/planner.py [--out out/bench-planner] [--plot front.png]
+usage: python bench/planner.py [--out out/bench-planner] [--plot front.png] [--candidates ladder|SPECS]
 """
 from __future__ import annotations
 
@@ -39,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sweep's (and planner's) metric, default kl: accuracy saturates on the plan half "
                              "(most single-layer drops 0), so the plans it ranks tie; accuracy is what is reported")
     parser.add_argument("--plot", help="Pareto plot PNG (default OUT/front.png)")
+    parser.add_argument("--candidates", default="ladder",
+                        help="specs every plan chooses from: 'ladder' (default), the product's calibrated per-kind "
+                             f"default a sweep with data gets; or comma-separated specs, e.g. {','.join(CANDIDATES)}")
     args = parser.parse_args(argv)
+    candidates = args.candidates if args.candidates == "ladder" else args.candidates.split(",")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
@@ -50,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     sweep_dir = out / "sweep"
-    analyse(MODEL, (1, 1, 8, 8), PLAN_HALF, args.metric, candidates=CANDIDATES, out_dir=sweep_dir,
-            progress=False)  # resumes from its store when present
+    swept = analyse(MODEL, (1, 1, 8, 8), PLAN_HALF, args.metric, candidates=candidates, out_dir=sweep_dir,
+                    progress=False)  # resumes from its store when present
     session = PlanningSession.open(sweep_dir)
     problem = session.problem
     evaluators = {f"{half}{suffix}": make_evaluator(MODEL, data, metric)
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"digits CNN: {len(problem.layers)} swept layers + {len(problem.fixed)} fixed fp16 weights, "
           f"{problem.total_params:,} weights, fp16 {problem.fp16_bytes:,} bytes; baseline accuracy "
           f"{both({})['plan']:.4f} on the plan half, {both({})['report']:.4f} on the report half; planned on "
-          f"{problem.metric} (baseline {problem.baseline:.4g}); candidates {', '.join(CANDIDATES)}")
+          f"{problem.metric} (baseline {problem.baseline:.4g}); candidates {', '.join(swept.candidates)}")
     rows, results = [], {}
     for bits in BITS:
         max_bytes = problem.budget_bytes(bpw=bits)
