@@ -121,7 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if calibrated:  # +aw/+bc specs: statistics of the package's own layer inputs over --data
         if args.data is None:
             given = f"--spec {args.spec}" if args.spec else f"-c {args.config}"
-            raise CoreMLOptError(given, "has compensated specs (+aw, +bc) that need calibration data",
+            raise CoreMLOptError(given, "has compensated specs (+aw, +gptq, +bc) that need calibration data",
                                  "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
         statistics = calibration_statistics(args.model, args.data, specs=plan._all_specs())
     measure = None

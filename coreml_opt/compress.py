@@ -101,7 +101,7 @@ def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
         aware = _aware_lut_function(tables)
 
         def lut_function(spec: Spec) -> Callable | None:
-            if getattr(spec, "activation_aware", False) or getattr(spec, "error_feedback", False):
+            if getattr(spec, "calibrated_lut", False):
                 return aware
             return _fast_lut_function(spec) if fast else None
 

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import PlanError, SpecError
 from .model.inventory import Inventory, WeightInfo
-from .spec import NoneSpec, Spec, parse_spec
+from .spec import CompensatedSpec, NoneSpec, Spec, parse_spec
 from .storage import predicted_bytes
 from .targets import target_rank
 from .yaml_files import read_yaml_mapping
@@ -322,8 +322,7 @@ class Plan:
         if self.single_technique() is None:
             raise PlanError("plan", "mixes techniques or uses joint specs, which is a sequence of passes",
                             "export each pass with to_coreml(), or use a single-technique plan")
-        compensated = [str(s) for s in self._all_specs() if getattr(s, "bias_correction", False)
-                       or getattr(s, "activation_aware", False) or getattr(s, "error_feedback", False)]
+        compensated = [str(s) for s in self._all_specs() if isinstance(s, CompensatedSpec)]
         if compensated:
             raise PlanError(f"spec {compensated[0]}", "compensates from calibration data (biases, LUTs chosen by input "
                             "statistics), which no OptimizationConfig can express",

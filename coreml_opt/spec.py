@@ -565,7 +565,7 @@ class CompensatedSpec(Spec):
         if self.base.is_none or isinstance(self.base, CompensatedSpec):
             raise SpecError(f"spec {str(self)!r}", "compensation needs one compression to compensate",
                             "write it after a spec, e.g. pal4+aw+bc")
-        if (self.activation_aware or self.error_feedback) and not (
+        if self.calibrated_lut and not (
                 isinstance(self.base, PalettizeSpec) and self.base.mode == "kmeans" and self.base.cluster_dim == 1):
             flag = "+aw weights the k-means of" if self.activation_aware else "+gptq chooses the indices of"
             raise SpecError(f"spec {str(self)!r}", f"{flag} a scalar LUT",
@@ -587,6 +587,12 @@ class CompensatedSpec(Spec):
     def nbits(self) -> int | None:
         return getattr(self.base, "nbits", None)
 
+    @property
+    def calibrated_lut(self) -> bool:
+        """Whether the LUT and indices come from the calibration statistics (``+aw``, ``+gptq``), so the package
+        gets them through a ``lut_function`` rather than coremltools' own k-means."""
+        return self.activation_aware or self.error_feedback
+
     def __str__(self) -> str:
         return (str(self.base) + ("+aw" if self.activation_aware else "") + ("+gptq" if self.error_feedback else "")
                 + ("+bc" if self.bias_correction else ""))
@@ -602,20 +608,18 @@ class CompensatedSpec(Spec):
     def coreml_config(self, weight_threshold: int = 2048, lut_function: Callable | None = None) -> Any:
         if lut_function is not None:
             return self.base.coreml_config(weight_threshold, lut_function=lut_function)
-        if self.activation_aware or self.error_feedback:
+        if self.calibrated_lut:
             raise SpecError(str(self), "a calibrated LUT (+aw, +gptq) is shipped through its own lut_function",
                             "compress it with coreml_opt.compress.compress(..., statistics=...)")
         return self.base.coreml_config(weight_threshold)
 
     def shape_problem(self, shape: Sequence[int], op_type: str) -> str | None:
-        if self.error_feedback and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
-            return f"GPTQ error feedback applies to weights read by conv and linear ops only, not {op_type}"
-        if self.error_feedback and "+" in op_type:
-            return "GPTQ error feedback needs a weight read by one op (one input Hessian)"
-        if self.bias_correction and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
-            return f"bias correction applies to weights read by conv and linear ops only, not {op_type}"
-        if self.bias_correction and "+" in op_type:
-            return "bias correction needs a weight read by one op (its bias is that op's)"
+        for used, what, why_one_op in ((self.error_feedback, "GPTQ error feedback", "one input Hessian"),
+                                       (self.bias_correction, "bias correction", "its bias is that op's")):
+            if used and any(t not in ("conv", "linear") for t, _ in readers(op_type)):
+                return f"{what} applies to weights read by conv and linear ops only, not {op_type}"
+            if used and "+" in op_type:
+                return f"{what} needs a weight read by one op ({why_one_op})"
         return self.base.shape_problem(shape, op_type)
 
 

@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "or package.module:fn (model -> float, higher is better); "
                                                     "default top1 (agreement with the fp32 model)")
     p.add_argument("--candidates", help="comma-separated specs, e.g. int8,int4/block32,pal4,pal2,prune50; "
-                                        "default with --data and a built-in metric: each layer kind's ladder (int8+bc, pal6/4/3/2 with "
-                                        "+gptq+bc; see the README); without data int8,int4/block32,pal6,pal4,pal2,"
-                                        "prune50; both filtered to --target")
+                                        "default with --data and a built-in metric: each layer kind's ladder "
+                                        "(int8+bc, pal6/4/3/2 with +gptq+bc; see the README); without data "
+                                        "int8,int4/block32,pal6,pal4,pal2,prune50; both filtered to --target")
     p.add_argument("--reference", help="package sweeps: the model proxy metrics compare against (an .mlpackage or "
                                        "package.module:factory); default the uncompressed package itself")
     p.add_argument("--target", default=None, help="deployment target, e.g. iOS16, iOS17, iOS18 (default iOS18; a package's own)")

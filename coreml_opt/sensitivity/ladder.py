@@ -1,8 +1,8 @@
 """The default candidate ladder, per layer kind (conv, depthwise conv, linear, embedding).
 
-A sweep without ``--candidates`` tries on each layer only its kind's ladder; the ladders were chosen by
-measurement on pretrained EfficientNet-Lite0 (``bench/compensation.py``; see the README, "Default
-candidate ladder"). Compensated rungs (``+gptq``, ``+bc``) need calibration data: a sweep without data (or a
+A sweep with data and a built-in metric but no ``--candidates`` tries on each layer only its kind's
+ladder; the ladders were chosen by measurement on pretrained EfficientNet-Lite0 (``bench/compensation.py``,
+``bench/imagenet.py``; see the README, "Default candidate ladder"). Compensated rungs (``+gptq``, ``+bc``) need calibration data: a sweep without data (or a
 package-only sweep, or a workflow whose compress stages run data-free) tries their plain base instead.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..spec import readers
 # README's "Default candidate ladder"): bias correction (+bc) matters even at 8 bits (int8 on every layer: KL
 # 0.027, int8+bc: 0.0044), and GPTQ error feedback with a refit LUT (+gptq) is what makes 3 and 4 bits usable
 # (the 11 largest layers at pal4/g8, the rest int8+bc: KL 0.066 with +aw+bc, 0.018 with +gptq+bc; at pal3/g8
-# 0.295 and 0.065). Grouped-channel LUTs (/g8) pay on wide layers; per-tensor LUTs stay for narrow ones, where
+# 0.295 and 0.053). Grouped-channel LUTs (/g8) pay on wide layers; per-tensor LUTs stay for narrow ones, where
 # eight rows' LUT would cost more than it saves (the planner counts every LUT byte). Embeddings (gather) have no
 # bias and no input Hessian: plain rungs.
 LADDERS: dict[str, tuple[str, ...]] = {

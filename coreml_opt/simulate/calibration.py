@@ -180,18 +180,11 @@ class _Accumulator:
             flat = x.reshape(-1, x.shape[-1])
             gram, positions = (flat.T @ flat)[None], flat.shape[0]
         else:
-            g = self.geometry
-            kernel = tuple(weight_shape[2:])
-            if len(kernel) == 1:  # conv1d as a conv2d of height 1
-                x = x[:, :, None, :]
-                kernel, stride, padding, dilation = (1, *kernel), (1, *g["stride"]), (0, *g["padding"]), (1, *g["dilation"])
-            else:
-                stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
-            groups, per = g["groups"], weight_shape[1] * math.prod(kernel)
+            groups, per = self.geometry["groups"], math.prod(weight_shape[1:])
             gram, positions = torch.zeros(groups, per, per, dtype=torch.float64), 0
-            step = max(1, (1 << 24) // max(1, x[0].numel() * math.prod(kernel)))
+            step = max(1, (1 << 24) // max(1, x[0].numel() * math.prod(weight_shape[2:])))
             for i in range(0, x.shape[0], step):
-                cols = F.unfold(x[i:i + step], kernel, dilation=dilation, padding=padding, stride=stride)
+                cols = self._unfold(x[i:i + step], weight_shape)  # (N, C*prod(k), L)
                 n, length = cols.shape[0], cols.shape[-1]
                 cols = cols.reshape(n, groups, per, length).permute(1, 2, 0, 3).reshape(groups, per, n * length)
                 gram += torch.bmm(cols, cols.transpose(1, 2))  # (G, D, D): one batched GEMM
@@ -199,23 +192,24 @@ class _Accumulator:
         self.gram = gram if self.gram is None else self.gram + gram
         self.positions += positions
 
+    def _unfold(self, x: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """im2col of a conv input (N, C, *spatial) as the op sees it: (N, C*prod(kernel), positions)."""
+        g = self.geometry
+        kernel = tuple(weight_shape[2:])
+        if len(kernel) == 1:  # conv1d as a conv2d of height 1
+            x = x[:, :, None, :]
+            kernel, stride, padding, dilation = (1, *kernel), (1, *g["stride"]), (0, *g["padding"]), (1, *g["dilation"])
+        else:
+            stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
     def finish(self, weight_shape: tuple[int, ...]) -> LayerStats:
         mean, sq = self.total / self.count, self.total_sq / self.count
         gram = None if self.gram is None else (self.gram / self.positions).contiguous()
         if self.op == "linear":
             return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count, gram)
-        g = self.geometry
-        kernel = tuple(weight_shape[2:])
-        two_d = len(kernel) == 1  # conv1d as a conv2d of height 1
-        maps = torch.stack([mean, sq])  # (2, C, *spatial)
-        if two_d:
-            maps = maps[:, :, None, :]
-            kernel, stride, padding, dilation = (1, *kernel), (1, *g["stride"]), (0, *g["padding"]), (1, *g["dilation"])
-        else:
-            stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
-        cols = F.unfold(maps, kernel, dilation=dilation, padding=padding, stride=stride).mean(-1)  # (2, C*prod(k))
-        groups = g["groups"]
-        shape = (groups, weight_shape[1], *weight_shape[2:])
+        cols = self._unfold(torch.stack([mean, sq]), weight_shape).mean(-1)  # (2, C*prod(k))
+        shape = (self.geometry["groups"], weight_shape[1], *weight_shape[2:])
         return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count, gram)
 
 

@@ -115,7 +115,7 @@ def aware_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats:
 @register_handler(CompensatedSpec)
 def simulate_compensated(spec: CompensatedSpec, w16: torch.Tensor, op_type: str, kmeans: str) -> SimResult:
     stats = _stats_for(spec, w16)
-    if spec.activation_aware or spec.error_feedback:
+    if spec.calibrated_lut:
         found = aware_palettize(spec.base, w16, op_type, stats, centred=spec.bias_correction)
         if spec.error_feedback and not isinstance(found, str):
             found = gptq_palettize(spec.base, w16, op_type, stats, spec.bias_correction, found)

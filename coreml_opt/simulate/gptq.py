@@ -13,8 +13,9 @@ is kept, so ``+gptq`` never does worse than ``+aw`` on it. Columns go in GPTQ's 
 H diagonal) where one Hessian serves every row: on EfficientNet-Lite0 it cut the objective 10-20 % on 1x1
 convs and 6x on the classifier. Damping is 10 % of the mean diagonal, not GPTQ's 1 %: the Hessian comes from
 the plan data only, and on held-out photos (the 11 largest layers at pal4/g8 and pal3/g8, rest int8+bc) 10 %
-gave KL 0.018 / 0.053 against 0.022 / 0.054 at 1 %, 0.019 / 0.064 at 30 %, 0.023 / 0.086 at 100 %. Everything is float64 in a fixed order. Changing the algorithm changes the
-values a sweep stored: bump its entry in ``sensitivity.store.ALGORITHM_VERSIONS``.
+gave KL 0.018 / 0.053 against 0.022 / 0.054 at 1 %, 0.019 / 0.064 at 30 %, 0.023 / 0.086 at 100 %.
+Everything is float64 in a fixed order. Changing the algorithm changes the values a sweep stored: bump its
+entry in ``sensitivity.store.ALGORITHM_VERSIONS``.
 """
 from __future__ import annotations
 
