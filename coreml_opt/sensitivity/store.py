@@ -18,7 +18,7 @@ from ..errors import DataError
 STORE_NAME = "sensitivity.sqlite"
 # Compensations whose algorithm changed since a store may have been written: their rows are stored under
 # ``spec@version``, so a changed simulation never reuses a stale value (plain specs are coremltools' own).
-ALGORITHM_VERSIONS = {"+gptq": "gptq4"}
+ALGORITHM_VERSIONS = {"+gptq": "gptq3"}
 
 
 def stored_spec(spec: str) -> str:

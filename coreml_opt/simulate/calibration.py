@@ -38,7 +38,6 @@ class LayerStats:
     # E[patch patch^T] per group, (G, D, D) with D = I/G * prod(kernel) in the weight's C order; only when
     # collected with ``second_moments`` (the input Hessian of GPTQ, ``+gptq``), else None
     patch_gram: torch.Tensor | None = None
-    gram_vectors: int = 0  # input vectors summed into patch_gram: linear rows, or conv im2col positions
 
     @property
     def groups(self) -> int:
@@ -63,7 +62,6 @@ class Statistics:
             digest.update(stats.patch_sq.numpy().tobytes())
             if stats.patch_gram is not None:
                 digest.update(stats.patch_gram.numpy().tobytes())
-                digest.update(str(stats.gram_vectors).encode())
         return digest.hexdigest()
 
     def get(self, weight: torch.Tensor) -> LayerStats | None:
@@ -209,11 +207,10 @@ class _Accumulator:
         mean, sq = self.total / self.count, self.total_sq / self.count
         gram = None if self.gram is None else (self.gram / self.positions).contiguous()
         if self.op == "linear":
-            return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count, gram, self.positions)
+            return LayerStats(mean[None].contiguous(), sq[None].contiguous(), self.count, gram)
         cols = self._unfold(torch.stack([mean, sq]), weight_shape).mean(-1)  # (2, C*prod(k))
         shape = (self.geometry["groups"], weight_shape[1], *weight_shape[2:])
-        return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count, gram,
-                          self.positions)
+        return LayerStats(cols[0].reshape(shape).contiguous(), cols[1].reshape(shape).contiguous(), self.count, gram)
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:

@@ -14,17 +14,10 @@ H diagonal) where one Hessian serves every row: on EfficientNet-Lite0 it cut the
 convs and 6x on the classifier. Damping is 10 % of the mean diagonal, not GPTQ's 1 %: the Hessian comes from
 the plan data only, and on held-out photos (the 11 largest layers at pal4/g8 and pal3/g8, rest int8+bc) 10 %
 gave KL 0.018 / 0.053 against 0.022 / 0.054 at 1 %, 0.019 / 0.064 at 30 %, 0.023 / 0.086 at 100 %.
-GPTQ needs more input vectors than the Hessian has columns (``MIN_VECTORS_PER_COLUMN``); below that, e.g. a
-classifier after global pooling calibrated on 128 images (128 vectors, 1280 columns), the rounding error goes
-into directions the data never visits, where the calibration data cannot see it: on EfficientNet-Lite0 the
-classifier at pal2/g8+gptq+bc cost nothing on the 128 plan photos and 0.011 KL on the report half, so the plan
-kept it at 2 bits. Such a layer keeps the activation-aware LUT (``+aw``), whose cost the data do show.
 Everything is float64 in a fixed order. Changing the algorithm changes the values a sweep stored: bump its
 entry in ``sensitivity.store.ALGORITHM_VERSIONS``.
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 
@@ -34,12 +27,9 @@ from .calibration import LayerStats
 from .numerics import h
 from .palettize import Palettized
 
-logger = logging.getLogger(__name__)
-
 ROUNDS = 2  # assign, refit; assign, refit; then a last assign on the final LUTs
 DAMP = 0.1  # dampening: 10 % of the mean diagonal of H is added to it (GPTQ uses 1 %; see below)
 BLOCK = 128  # columns per lazy update (GPTQ's B)
-MIN_VECTORS_PER_COLUMN = 2  # fewer input vectors per Hessian column: keep the +aw LUT (see above)
 ACT_ORDER = True  # GPTQ's "act-order": columns by decreasing H diagonal (one conv group only)
 
 
@@ -139,10 +129,6 @@ def gptq_palettize(spec: PalettizeSpec, w16: torch.Tensor, op_type: str, stats: 
     if rows % conv_groups or columns * rows != w16.numel():
         raise SpecError("+gptq", f"statistics of shape {tuple(hessian.shape)} do not fit the weight {shape}",
                         "collect statistics on the model the package was converted from")
-    if stats.gram_vectors < MIN_VECTORS_PER_COLUMN * columns:
-        logger.debug("+gptq: %d calibration vectors for %d Hessian columns (%s): kept the +aw LUT",
-                     stats.gram_vectors, columns, shape)
-        return start
     values = w16 if start.pcs is None else h(w16 / start.pcs)
     weight = values.reshape(rows, columns).to(torch.float64)
     if start.pcs is not None:  # q = s * c: the error of the LUT value costs s_i s_j in H
