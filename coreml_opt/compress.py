@@ -96,16 +96,14 @@ def _compress(model: str | os.PathLike, plan: Plan, output: str | os.PathLike,
     predicted = plan.predicted_bytes(before, loaded.weight_values, resolved=resolved)
     deltas, tables = _compensations(loaded, resolved, statistics, model, plan.kmeans)
     fast = plan.kmeans == "fast"
-    lut_function = None
-    if tables or fast:
-        aware = _aware_lut_function(tables)
+    aware = _aware_lut_function(tables) if tables or fast else None
 
-        def lut_function(spec: Spec) -> Callable | None:
-            if getattr(spec, "calibrated_lut", False):
-                return aware
-            return _fast_lut_function(spec) if fast else None
+    def lut_function(spec: Spec) -> Callable | None:
+        if getattr(spec, "calibrated_lut", False):
+            return aware
+        return _fast_lut_function(spec) if fast else None
 
-    passes = plan.to_coreml(before, lut_function=lut_function, resolved=resolved)
+    passes = plan.to_coreml(before, lut_function=lut_function if aware is not None else None, resolved=resolved)
     mlmodel = loaded.mlmodel
     if deltas:
         from .model.bias import write_biases
@@ -145,8 +143,8 @@ def _compensations(loaded, resolved: dict[str, Spec], statistics, model, kmeans:
         values = torch.from_numpy(loaded.weight_values(name).astype("float32"))
         if statistics.get(values) is None:
             raise PlanError(f"layer {weight.torch_name or name} (spec {spec})",
-                            f"has no calibration statistics: no conv/linear of the calibration model holds "
-                            f"these weights", f"collect statistics on the model {model} was converted from")
+                            "has no calibration statistics: no conv/linear of the calibration model holds "
+                            "these weights", f"collect statistics on the model {model} was converted from")
         result = default_cache().get(spec, values, weight.reader_type, kmeans, precision=weight.dtype)
         if result.skipped:
             continue
