@@ -173,6 +173,31 @@ def test_gptq_lowers_the_output_error_below_the_activation_aware_lut():
     assert torch.equal(lut, lut.half().float())  # fp16 LUT values, as the package stores them
 
 
+def test_a_gptq_hessian_with_fewer_vectors_than_columns_is_named_in_one_warning(caplog):
+    """A pooled classifier on a few images: its GPTQ figures on the calibration data are optimistic, and the sweep
+    says which weight and why (bench/imagenet.py's classifier: 128 vectors for 1,280 columns)."""
+    import logging
+
+    from coreml_opt.simulate.calibration import statistics_if_needed
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 40), nn.ReLU(),
+                          nn.Linear(40, 4))
+    gen = torch.Generator().manual_seed(8)
+    for images, expected in ((16, ["1 weight has", "5.weight: 16 vectors for 40 columns"]), (48, [])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):
+            stats = statistics_if_needed(["pal4+gptq"], model, [torch.randn(images, 3, 6, 6, generator=gen)])
+        layer = stats.get(model[5].weight)
+        assert layer.gram_vectors == images and stats.get(model[0].weight).gram_vectors == images * 16
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == (1 if expected else 0), warned
+        assert all(e in warned[0] for e in expected)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):
+        statistics_if_needed(["pal4+aw"], model, [torch.randn(4, 3, 6, 6, generator=gen)])  # no Hessian, no warning
+    assert not caplog.records
+
+
 def test_store_never_reads_a_gptq_row_of_an_older_algorithm(tmp_path):
     from coreml_opt.sensitivity.store import ResultStore, stored_spec
 
