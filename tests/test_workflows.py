@@ -151,6 +151,26 @@ def test_auto_plan_runs_sensitivity_then_the_planner_before_the_stages(tmp_path)
     assert 8 * stage.total_bytes / stage.total_params <= 3.0 + 1e-9
 
 
+def test_auto_plan_with_calibration_data_in_its_data_free_stage_plans_compensated_specs(tmp_path):
+    """Every stage data_free with the calibration `data:` it needs: the auto-plan's sweep tries the calibrated
+    ladder (+gptq, +bc rungs), and the stage ships them from that data's statistics."""
+    spec = {"model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8], "target": "iOS18",
+            "auto_plan": {"sensitivity": {"metric": "kl", "data": "digits-test"}, "budget": {"bpw": 4}},
+            "eval": {"data": "digits-test", "metric": "accuracy"}, "stages": [{"data_free": {"data": "digits-test"}}]}
+    workflow = parse_workflow(spec, str(tmp_path / "wf.yaml"))
+    result = run_workflow(workflow, out=tmp_path / "out", progress=False)
+    assert result.ok, result.failed and result.failed.error
+    tried = {t["spec"] for t in json.loads((tmp_path / "out" / "sensitivity" / "trials.json").read_text())}
+    assert "int8+bc" in tried and "pal4+gptq+bc" in tried
+    chosen = {str(s) for s in Plan.load(tmp_path / "out" / "plan.yaml").layers.values()}
+    assert any("+bc" in s for s in chosen), chosen
+    stage = load_package(tmp_path / "out" / "data_free.mlpackage", load_weights=False).inventory
+    assert 8 * stage.total_bytes / stage.total_params <= 4.0 + 1e-9
+    data_free_only = parse_workflow({**spec, "stages": [{"data_free": {}}]}, str(tmp_path / "wf.yaml"))
+    run_workflow(data_free_only, out=tmp_path / "plain", progress=False)
+    assert not any("+" in s for s in (str(v) for v in Plan.load(tmp_path / "plain" / "plan.yaml").layers.values()))
+
+
 def test_auto_plan_budget_is_validated():
     with pytest.raises(WorkflowError, match="auto_plan.budget: needs one of bpw, size, ratio"):
         parse_workflow({"model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],

@@ -151,7 +151,9 @@ def _auto_plan(workflow: Workflow, out_dir: Path, progress: bool) -> dict[str, A
     source = sweep_options.pop("data", workflow.eval_data)
     data = load_data(source) if isinstance(source, str) and source in BUILTIN_DATA else source
     sweep_dir = out_dir / "sensitivity"
-    sweep_options.setdefault("compensate", False)  # the workflow's compress stages run without calibration data
+    # Compensated rungs (+gptq, +bc) only where every stage can ship them: data_free stages that name the
+    # calibration data their statistics are collected on (calibration and fine-tuning stages compress themselves)
+    sweep_options.setdefault("compensate", all(s.kind == "data_free" and "data" in s.options for s in workflow.stages))
     analyse(workflow.model, workflow.input_shape, data, target=workflow.target, out_dir=sweep_dir, progress=progress,
             **sweep_options)
     model = workflow.model if not isinstance(workflow.model, str) else None
