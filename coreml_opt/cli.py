@@ -209,6 +209,9 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
     try:
         model, plan, workflow, output = resolve_arguments(args.model, args.config, args.output, os.environ,
                                                           workflow=args.workflow)
+        if workflow is not None and args.data is not None:
+            raise CoreMLOptError(f"--data {args.data}", "applies to plans (-c) only",
+                                 "name the calibration data in the workflow's data_free stage (`data:`)")
         if workflow is not None:
             result = prepare_workflow(workflow, output, stage=args.stage, model=model, force=args.force,
                                       env=os.environ)
@@ -216,14 +219,15 @@ def cmd_xcode_prep(args: argparse.Namespace) -> int:
             raise CoreMLOptError(f"--stage {args.stage}", "applies to workflows only",
                                  "pass -w workflow.yaml, or drop --stage")
         else:
-            result = prepare(model, plan, output, force=args.force, env=os.environ)
+            result = prepare(model, plan, output, data=args.data, force=args.force, env=os.environ)
     except CoreMLOptError as exc:
         print(issue_for_error(exc, plan, workflow=workflow), file=sys.stderr)
         return 2
     for issue in result.warnings:
         print(issue, file=sys.stderr)
     if result.status == "up-to-date":
-        inputs = ("workflow, plan, data, model state" if workflow is not None else "model, plan")
+        inputs = ("workflow, plan, data, model state" if workflow is not None
+                  else "model, plan, data" if args.data is not None else "model, plan")
         print(f"coreml-opt: {result.output} is up to date ({inputs} and versions unchanged)")
     elif result.workflow is not None:
         outcome = next(s.outcome for s in result.workflow.stages if s.name == result.stage)
@@ -359,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "stage's package (default: a .yaml input with stages:)")
     p.add_argument("--stage", metavar="NAME", help="with -w: the stage whose package to take (default: the last)")
     p.add_argument("-o", "--output", help="output .mlpackage (default: SCRIPT_OUTPUT_FILE_0)")
+    p.add_argument("--data", metavar="DATA", help="with -c: calibration data (FOLDER|FILE.npz|package.module:fn) for a "
+                                                  "plan with +aw, +gptq or +bc specs, the data the plan was made on; "
+                                                  "a change to it reruns the step (list it under Input Files)")
     p.add_argument("--force", action="store_true", help="compress even when the inputs are unchanged")
     p.set_defaults(func=cmd_xcode_prep)
 

@@ -166,10 +166,19 @@ def _stamped(output: Path, inputs: dict[str, Any], force: bool, build: Callable[
 
 
 def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.PathLike, *,
-            force: bool = False, env: Mapping[str, str] | None = None) -> PrepResult:
-    """Compress ``model`` by the plan file into ``output`` unless the stamp shows identical inputs and output."""
+            data: str | os.PathLike | None = None, force: bool = False,
+            env: Mapping[str, str] | None = None) -> PrepResult:
+    """Compress ``model`` by the plan file into ``output`` unless the stamp shows identical inputs and output.
+
+    ``data`` (a folder, .npz or ``package.module:fn``) is the calibration data a plan with compensated specs
+    (``+aw``, ``+gptq``, ``+bc``) needs, the data the plan was made on; a path is fingerprinted with the rest."""
+    from .compress import needs_statistics
+    from .plan import Plan
+
     model, plan, output = (Path(p).absolute() for p in (model, plan, output))
-    warnings = declared_file_warnings([model, plan], output, env if env is not None else {})
+    data_path = Path(data).absolute() if data is not None and Path(data).exists() else None
+    declared = [model, plan, *([data_path] if data_path is not None else [])]
+    warnings = declared_file_warnings(declared, output, env if env is not None else {})
     if not model.is_dir():
         from .model.package import load_package
 
@@ -178,15 +187,24 @@ def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.
         raise PlanError(str(plan), "does not exist", "check the path of the plan file")
     if output.resolve() == model.resolve():
         raise PlanError(str(output), "is the input model", "write the compressed model to another path")
+    loaded = Plan.load(plan)
+    calibrated = needs_statistics(loaded)
+    if calibrated and data is None:
+        raise PlanError(str(plan), "has compensated specs (+aw, +gptq, +bc) that need calibration data",
+                        "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
+    inputs: dict[str, Any] = input_fingerprint(model, plan)
+    if calibrated:  # the statistics, so the compressed values, follow the data
+        inputs["data"] = ({"path": str(data_path), "sha256": tree_sha256(data_path)} if data_path is not None
+                          else {"name": str(data)})
 
     def build() -> Any:
-        from .compress import compress
-        from .plan import Plan
+        from .compress import calibration_statistics, compress
 
         logger.info("compressing %s by %s into %s", model, plan, output)
-        return compress(model, Plan.load(plan), output)  # atomic, single-threaded, reproducible bytes
+        statistics = calibration_statistics(model, data, specs=loaded._all_specs()) if calibrated else None
+        return compress(model, loaded, output, statistics=statistics)  # atomic, single-threaded, reproducible
 
-    report = _stamped(output, input_fingerprint(model, plan), force, build, {"model": str(model), "plan": str(plan)})
+    report = _stamped(output, inputs, force, build, {"model": str(model), "plan": str(plan)})
     if report is None:
         return PrepResult(output, "up-to-date", stamp_path(output), warnings=warnings)
     if all(w.spec == "none" for w in report.weights):

@@ -292,3 +292,40 @@ def test_workflow_inputs_are_found_among_script_files(tmp_path, workflow_file, p
         "/p/Models/Digits.mlpackage", str(plan_file), None, "/d/Digits.mlpackage")
     without = {**env, "SCRIPT_INPUT_FILE_COUNT": "2"}
     assert resolve_arguments(None, None, None, without).plan == str(plan_file)
+
+
+def test_a_compensated_plan_takes_its_calibration_data_and_reruns_when_the_data_change(tmp_path, example_mlpackage):
+    """A plan with +gptq/+bc specs (what `plan` writes from a sweep with data) compresses from --data, exactly as
+    `compress --data` does; the data are an input of the stamp; without them, one line and nothing written."""
+    import shutil
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("target: iOS18\nglobal: pal4+gptq+bc\n")
+    data = tmp_path / "calib"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "calibration_data" / "digits", data)
+    output = tmp_path / "derived" / "Digits.mlpackage"
+    args = ["xcode-prep", str(example_mlpackage), "-c", str(plan), "-o", str(output)]
+    code, out, err = run_cli(*args)
+    assert code == 2 and "need calibration data" in err and "--data" in err and err.count("\n") == 1, err
+    assert not output.exists() and not stamp_path(output).exists()
+
+    code, out, err = run_cli(*args, "--data", str(data))
+    assert code == 0 and f"wrote {output}" in out, err
+    reference = tmp_path / "reference.mlpackage"
+    code, _, err = run_cli("compress", str(example_mlpackage), "-c", str(plan), "--data", str(data), "-o",
+                           str(reference))
+    assert code == 0, err
+    weights = "Data/com.apple.CoreML/weights/weight.bin"
+    assert _contents(output)[weights] == _contents(reference)[weights]
+
+    code, out, err = run_cli(*args, "--data", str(data))
+    assert code == 0 and "is up to date (model, plan, data" in out, err
+    first, second = sorted(data.glob("*.png"))[:2]
+    shutil.copyfile(second, first)  # other calibration data: other statistics, other biases
+    code, out, err = run_cli(*args, "--data", str(data))
+    assert code == 0 and f"wrote {output}" in out, err
+    assert _contents(output)[weights] != _contents(reference)[weights]
+
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "digits-pal2.yaml"
+    code, out, err = run_cli("xcode-prep", "-w", str(workflow), "-o", str(tmp_path / "w.mlpackage"), "--data", str(data))
+    assert code == 2 and "applies to plans (-c) only" in err and err.count("\n") == 1, err
