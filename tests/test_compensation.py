@@ -183,6 +183,7 @@ def test_a_gptq_hessian_with_fewer_vectors_than_columns_is_named_in_one_warning(
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 40), nn.ReLU(),
                           nn.Linear(40, 4))
     gen = torch.Generator().manual_seed(8)
+    __import__("coreml_opt.simulate.calibration", fromlist=["_WARNED"])._WARNED.clear()
     for images, expected in ((16, ["1 weight has", "5.weight: 16 vectors for 40 columns"]), (48, [])):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):
@@ -195,6 +196,10 @@ def test_a_gptq_hessian_with_fewer_vectors_than_columns_is_named_in_one_warning(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):
         statistics_if_needed(["pal4+aw"], model, [torch.randn(4, 3, 6, 6, generator=gen)])  # no Hessian, no warning
+    assert not caplog.records
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):  # said once per process
+        statistics_if_needed(["pal4+gptq"], model, [torch.randn(16, 3, 6, 6, generator=gen)])
     assert not caplog.records
 
 

@@ -75,10 +75,11 @@ def test_example_workflow_emits_packages_compressed_as_planned(path, tmp_path):
 
 
 def _failing_yaml(tmp_path: Path) -> Path:
+    (tmp_path / "empty-data").mkdir(exist_ok=True)  # exists (checked when the workflow loads), holds no images
     doc = {"name": "fails-last", "model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
            "plan": {"global": "pal4"},
            "stages": [{"data_free": {}},
-                      {"finetune": {"method": "dkm", "data": str(tmp_path / "no-such-data"), "max_steps": 1}}],
+                      {"finetune": {"method": "dkm", "data": str(tmp_path / "empty-data"), "max_steps": 1}}],
            "out": str(tmp_path / "out")}
     path = tmp_path / "fails.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -88,7 +89,7 @@ def _failing_yaml(tmp_path: Path) -> Path:
 def test_failing_last_stage_keeps_earlier_outputs_and_names_the_stage(tmp_path):
     code, out, err = run_cli("run", str(_failing_yaml(tmp_path)))
     assert code == 1
-    assert "stage finetune-dkm failed" in err and "no-such-data" in err and "does not exist" in err
+    assert "stage finetune-dkm failed" in err and "empty-data" in err and "contains no images" in err
     assert (tmp_path / "out" / "data_free.mlpackage" / "Manifest.json").is_file()
     assert not (tmp_path / "out" / "finetune-dkm.mlpackage").exists()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -114,6 +115,27 @@ def test_bad_workflow_values_are_one_line_errors_naming_file_and_key(tmp_path, c
     assert str(info.value).startswith(f"{path}: {key}:")
     code, out, err = run_cli("run", str(path))
     assert code == 2 and err.count("\n") == 1 and key in err
+
+
+@pytest.mark.parametrize("where", ["stage", "auto_plan", "eval"])
+def test_a_missing_data_path_fails_when_the_workflow_loads_and_nothing_is_written(tmp_path, where):
+    """Checked before the sweep or any stage runs: one line naming the file, the key and the resolved path."""
+    doc = {"name": "missing", "model": "coreml_opt.zoo:digits_cnn", "input_shape": [1, 1, 8, 8],
+           "auto_plan": {"sensitivity": {"metric": "kl", "data": "digits-test"}, "budget": {"bpw": 4}},
+           "stages": [{"data_free": {"data": "digits-test"}}], "out": str(tmp_path / "out")}
+    key = {"stage": "stages[0].data_free.data", "auto_plan": "auto_plan.sensitivity.data", "eval": "eval.data"}[where]
+    if where == "stage":
+        doc["stages"][0]["data_free"]["data"] = "calib"
+    elif where == "auto_plan":
+        doc["auto_plan"]["sensitivity"]["data"] = "calib"
+    else:
+        doc["eval"] = {"data": "calib", "metric": "kl"}
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, out, err = run_cli("run", str(path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{path}: {key}: {tmp_path / 'calib'} does not exist" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_top_level_key_is_rejected():

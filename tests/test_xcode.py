@@ -235,9 +235,10 @@ def test_changed_workflow_reruns_and_a_failing_stage_leaves_output_untouched(tmp
     assert weight_bytes[1] < weight_bytes[0] and _contents(output) != pal4
     before, stamp = _snapshot(output), stamp_path(output).read_bytes()
 
-    missing = tmp_path / "no-such-calibration-data"
+    empty = tmp_path / "calibration-data-without-images"  # exists (checked at load), fails when the stage reads it
+    empty.mkdir()
     workflow_file.write_text(WORKFLOW.replace("global: pal4", "global: pal2")
-                             + f"  - calibration: {{method: skm, data: {missing}}}\n")
+                             + f"  - calibration: {{method: skm, data: {empty}}}\n")
     code, out, err = run_cli("xcode-prep", "-w", str(workflow_file), "-o", str(output))
     assert code != 0 and "wrote" not in out
     assert _error_line(err).startswith(f"{workflow_file}:9: error: stages[1]: stage calibration-skm failed: DataError: ")

@@ -145,12 +145,18 @@ def statistics_if_needed(specs: Iterable, model: torch.nn.Module, batches: list 
     stats = collect_statistics(model, batches, second_moments=needs_second_moments(specs))
     few = underdetermined(stats, model)
     if few:
-        logger.warning("+gptq: %s %s fewer calibration input vectors than input columns (%s), so %s figures on "
-                       "this data are optimistic for other inputs (EfficientNet-Lite0's classifier at pal2/g8 on 128 "
-                       "photos: KL 0 on them, 0.011 on others); more calibration data narrows the gap",
-                       f"{len(few)} weights" if len(few) > 1 else "1 weight", "have" if len(few) > 1 else "has",
-                       "; ".join(few), "their" if len(few) > 1 else "its")
+        many = len(few) > 1
+        message = (f"+gptq: {len(few)} weight{'s' if many else ''} {'have' if many else 'has'} fewer calibration "
+                   f"input vectors than input columns ({'; '.join(few)}), so {'their' if many else 'its'} figures on "
+                   "this data are optimistic for other inputs (EfficientNet-Lite0's classifier at pal2/g8 on 128 "
+                   "photos: KL 0 on them, 0.011 on others); more calibration data narrows the gap")
+        if message not in _WARNED:  # a workflow's sweep and plan collect the same statistics: say it once
+            _WARNED.add(message)
+            logger.warning("%s", message)
     return stats
+
+
+_WARNED: set[str] = set()
 
 
 def underdetermined(stats: Statistics, model: torch.nn.Module) -> list[str]:

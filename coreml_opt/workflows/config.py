@@ -85,6 +85,19 @@ def _fail(source: str, key: str, problem: str, fix: str) -> WorkflowError:
     return WorkflowError(f"{source}: {key}" if key else source, problem, fix)
 
 
+def _data(value: Any, base: Path, source: str, key: str) -> Any:
+    """A ``data:`` value resolved beside the workflow file (:func:`data_beside`); a path (or a ``file.py:fn``
+    factory's file) that does not exist fails here, before any stage runs."""
+    resolved = data_beside(value, base, BUILTIN_DATA)
+    if isinstance(resolved, str) and resolved not in BUILTIN_DATA and os.path.isabs(resolved):
+        head, sep, _ = resolved.rpartition(":")
+        path = head if sep and head.endswith(".py") else resolved
+        if not os.path.exists(path):
+            raise _fail(source, key, f"{path} does not exist (relative paths resolve beside the workflow file)",
+                        "fix the path, or name a built-in set (digits-train, digits-test) or package.module:fn")
+    return resolved
+
+
 def _check_keys(data: Any, allowed: set[str], source: str, where: str) -> dict[str, Any]:
     if data is None:
         return {}
@@ -137,7 +150,7 @@ def _parse_auto_plan(value: Any, source: str, base: Path) -> dict[str, Any] | No
     value = _check_keys(value, _AUTO_PLAN_KEYS, source, "auto_plan")
     sweep = _check_keys(value.get("sensitivity") or {}, _SWEEP_OPTIONS, source, "auto_plan.sensitivity")
     if "data" in sweep:
-        sweep["data"] = data_beside(sweep["data"], base, BUILTIN_DATA)
+        sweep["data"] = _data(sweep["data"], base, source, "auto_plan.sensitivity.data")
     budget = _check_keys(value.get("budget"), _BUDGET_KEYS, source, "auto_plan.budget")
     sizes = [k for k in ("bpw", "size", "ratio") if k in budget]
     if len(sizes) > 1 or not (sizes or "max_drop" in budget):
@@ -166,7 +179,7 @@ def _parse_stage(item: Any, index: int, source: str, base: Path) -> StageConfig:
     if kind in ("calibration", "finetune") and options.get("data") is None:
         raise _fail(source, f"{prefix}.data", "is missing", "name a calibration folder, an .npz, or digits-train")
     if "data" in options:
-        options["data"] = data_beside(options["data"], base, BUILTIN_DATA)
+        options["data"] = _data(options["data"], base, source, f"{prefix}.data")
     for key in ("samples", "batch_size", "epochs", "max_steps"):
         if key in options:
             options[key] = _positive_int(options[key], source, f"{prefix}.{key}")
@@ -228,7 +241,7 @@ def parse_workflow(data: Any, source: str = "workflow", base: Path | None = None
         raise _fail(source, "seed", f"must be an integer, got {seed!r}", "e.g. 0")
     return Workflow(name=name, model=model, input_shape=tuple(shape), plan=plan, stages=parsed, auto_plan=auto_plan,
                     out=path_beside(data["out"], base) if data.get("out") else Path("out") / name, target=target,
-                    eval_data=data_beside(evaluation.get("data", "digits-test"), base, BUILTIN_DATA),
+                    eval_data=_data(evaluation.get("data", "digits-test"), base, source, "eval.data"),
                     metric=evaluation.get("metric", "accuracy"),
                     eval_batch_size=_positive_int(evaluation.get("batch_size", 512), source, "eval.batch_size"),
                     measure=_flag(evaluation.get("measure", False), source, "eval.measure"),
