@@ -108,7 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import calibration_statistics, compress, needs_statistics
+    from .compress import calibration_statistics, compress, missing_calibration_data, needs_statistics
     from .plan import load_plan
     from .report.tables import compression_table
 
@@ -121,8 +121,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if calibrated:  # +aw/+bc specs: statistics of the package's own layer inputs over --data
         if args.data is None:
             given = f"--spec {args.spec}" if args.spec else f"-c {args.config}"
-            raise CoreMLOptError(given, "has compensated specs (+aw, +gptq, +bc) that need calibration data",
-                                 "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
+            raise missing_calibration_data(given)
         statistics = calibration_statistics(args.model, args.data, specs=plan._all_specs())
     measure = None
     if args.measure:  # data, metric and reference are checked before anything is written

@@ -162,6 +162,14 @@ def needs_statistics(plan: Plan) -> bool:
     return any_compensated(plan._all_specs())
 
 
+DATA_FIX = "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)"
+
+
+def missing_calibration_data(given: str, fix: str = DATA_FIX) -> PlanError:
+    """The one-line error for a plan (named by ``given``) with compensated specs and no calibration data."""
+    return PlanError(given, "has compensated specs (+aw, +gptq, +bc) that need calibration data", fix)
+
+
 def calibration_statistics(model: str | os.PathLike, data, batch_size: int = 32,
                            specs: "Iterable | None" = None) -> "Statistics":
     """Input statistics of every conv/linear weight of the package ``model`` over ``data`` (a folder, .npz or

@@ -172,7 +172,7 @@ def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.
 
     ``data`` (a folder, .npz or ``package.module:fn``) is the calibration data a plan with compensated specs
     (``+aw``, ``+gptq``, ``+bc``) needs, the data the plan was made on; a path is fingerprinted with the rest."""
-    from .compress import needs_statistics
+    from .compress import missing_calibration_data, needs_statistics
     from .plan import Plan
 
     model, plan, output = (Path(p).absolute() for p in (model, plan, output))
@@ -190,8 +190,7 @@ def prepare(model: str | os.PathLike, plan: str | os.PathLike, output: str | os.
     loaded = Plan.load(plan)
     calibrated = needs_statistics(loaded)
     if calibrated and data is None:
-        raise PlanError(str(plan), "has compensated specs (+aw, +gptq, +bc) that need calibration data",
-                        "pass --data FOLDER|FILE.npz|package.module:fn (the data the plan was made on)")
+        raise missing_calibration_data(str(plan))
     inputs: dict[str, Any] = input_fingerprint(model, plan)
     if calibrated:  # the statistics, so the compressed values, follow the data
         inputs["data"] = ({"path": str(data_path), "sha256": tree_sha256(data_path)} if data_path is not None

@@ -178,12 +178,13 @@ def test_a_gptq_hessian_with_fewer_vectors_than_columns_is_named_in_one_warning(
     says which weight and why (bench/imagenet.py's classifier: 128 vectors for 1,280 columns)."""
     import logging
 
+    from coreml_opt.simulate import calibration
     from coreml_opt.simulate.calibration import statistics_if_needed
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 40), nn.ReLU(),
                           nn.Linear(40, 4))
     gen = torch.Generator().manual_seed(8)
-    __import__("coreml_opt.simulate.calibration", fromlist=["_WARNED"])._WARNED.clear()
+    calibration._WARNED.clear()  # said once per process: start from none said
     for images, expected in ((16, ["1 weight has", "5.weight: 16 vectors for 40 columns"]), (48, [])):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="coreml_opt.simulate.calibration"):

@@ -163,13 +163,16 @@ def underdetermined(stats: Statistics, model: torch.nn.Module) -> list[str]:
     """``"NAME: N vectors for D columns"`` for each weight whose input second moment (GPTQ's Hessian) has fewer
     calibration vectors than columns, e.g. a classifier after global pooling: GPTQ then rounds into directions
     the data never visit, and the sweep and plan, measured on that data, cannot see the cost."""
+    short = {key: layer for key, layer in stats.layers.items()
+             if layer.patch_gram is not None and layer.gram_vectors < layer.patch_gram.shape[-1]}
+    if not short:  # the usual case: no weight of the model is hashed for its name
+        return []
     names: dict[str, str] = {}
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             names.setdefault(weight_key(param.detach()), name)
     return [f"{names.get(key, key)}: {layer.gram_vectors} vectors for {layer.patch_gram.shape[-1]} columns"
-            for key, layer in stats.layers.items()
-            if layer.patch_gram is not None and layer.gram_vectors < layer.patch_gram.shape[-1]]
+            for key, layer in short.items()]
 
 
 class _Accumulator:

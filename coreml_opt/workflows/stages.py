@@ -101,17 +101,15 @@ def run_stage(stage: StageConfig, ctx: StageContext) -> StageOutcome:
 
 
 def _data_free(stage: StageConfig, ctx: StageContext, output: Path) -> StageOutcome:
-    from ..compress import compress
-
-    from ..compress import needs_statistics
+    from ..compress import compress, missing_calibration_data, needs_statistics
     from ..simulate.calibration import needs_second_moments, package_statistics
 
     plan = dataclasses.replace(ctx.plan, kmeans=stage.options.get("kmeans", ctx.plan.kmeans))
     statistics = None
     if needs_statistics(plan):  # +aw/+gptq/+bc: statistics of the package's own layer inputs over the stage's data
         if "data" not in stage.options:
-            raise PlanError(f"stage {stage.name}", "has compensated specs (+aw, +gptq, +bc) that need calibration data",
-                            "add `data:` (the data the plan was made on) to the data_free stage")
+            raise missing_calibration_data(f"stage {stage.name}",
+                                           "add `data:` (the data the plan was made on) to the data_free stage")
         data = ctx.load_data(stage.options["data"])
         statistics = package_statistics(ctx.base_package, [x for x, _ in data.batches(32)],
                                         second_moments=needs_second_moments(plan._all_specs()))
